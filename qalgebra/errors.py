@@ -1,0 +1,40 @@
+"""The qalgebra exception hierarchy.
+
+Everything qalgebra raises on purpose derives from :class:`QAlgebraError`, so callers can catch one
+type. Subclasses say which phase refused: building a pattern, matching, or lowering a graph.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "QAlgebraError",
+    "PatternError",
+    "MatchError",
+    "LoweringError",
+    "InvalidQParamsError",
+    "UnsupportedGraphError",
+]
+
+
+class QAlgebraError(Exception):
+    """Root of every error qalgebra raises deliberately."""
+
+
+class PatternError(QAlgebraError, TypeError):
+    """A pattern was malformed at construction (bad target, Var typed twice, bad optional...)."""
+
+
+class MatchError(QAlgebraError, LookupError):
+    """A match result was used wrongly (reading a Var the match did not bind, ...)."""
+
+
+class LoweringError(QAlgebraError):
+    """`qalgebra.lower` refused its input."""
+
+
+class InvalidQParamsError(LoweringError, ValueError):
+    """Quantization parameters are invalid (scale <= 0 or NaN, zero point out of range...)."""
+
+
+class UnsupportedGraphError(LoweringError):
+    """The input is not something qalgebra can lower (not a GraphModule, ...)."""
