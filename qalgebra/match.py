@@ -1,0 +1,586 @@
+"""The matcher: find pattern matches in ``torch.fx`` graphs, and explain why one failed.
+
+- ``find_matches(pattern, graph)`` returns non-overlapping matches, in graph order. Candidate roots
+  come from one pass over the graph filtered by the pattern's possible root targets; larger
+  matches win because candidates are tried from the end of the graph backwards.
+- ``match_node(pattern, node)`` tries one node; ``explain(pattern, node)`` returns the deepest
+  ``Mismatch`` (reason, pattern path such as ``root.args[0].args[1]``, graph value) or None.
+
+Matching is a backtracking search written with generators: optional nodes try "present" then
+"absent", alternatives are tried in order, commutative calls try both operand orders, and a Var
+bound twice must bind equal values. Bindings live in persistent maps, so a failed branch leaves
+nothing behind and captures exist only in the final ``Match``.
+
+>>> import torch
+>>> from qalgebra import Var, call
+>>> class M(torch.nn.Module):
+...     def forward(self, a: torch.Tensor) -> torch.Tensor:
+...         return torch.ops.aten.relu.default(torch.ops.aten.mul.Tensor(a, 2.0))
+>>> gm = torch.fx.symbolic_trace(M())
+>>> k = Var("k", float)
+>>> [m[k] for m in find_matches(call(torch.ops.aten.mul.Tensor, k, Var("a", torch.fx.Node)), gm)]
+[2.0]
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Collection, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple, TypeAlias
+
+import torch
+from pyrsistent import PMap, PVector, pmap, pvector
+from torch import fx
+from torch._ops import OpOverload, OpOverloadPacket
+
+from qalgebra.errors import PatternError
+from qalgebra.pattern import (
+    AnyOf,
+    Call,
+    Capture,
+    DtypeOf,
+    Ignored,
+    ListOf,
+    Literal,
+    Match,
+    Mismatch,
+    Optional,
+    Pattern,
+    Reciprocal,
+    Tag,
+    Var,
+    Where,
+)
+
+__all__ = ["explain", "find_matches", "iter_matches", "match_node"]
+
+Path: TypeAlias = tuple[str, ...]
+_MISSING = object()
+
+
+# --------------------------------------------------------------------------------------------
+# Graph facts
+# --------------------------------------------------------------------------------------------
+
+
+class _Arg(NamedTuple):
+    name: str
+    kwarg_only: bool
+    has_default: bool
+    default: object
+
+
+@functools.cache
+def _schema_args(op: OpOverload[..., Any]) -> tuple[_Arg, ...]:
+    out: list[_Arg] = []
+    for a in op._schema.arguments:
+        has_default = a.has_default_value()
+        out.append(_Arg(a.name, a.kwarg_only, has_default, a.default_value if has_default else None))
+    return tuple(out)
+
+
+#: Ops whose output dtype is one of their arguments (read by ``dtype_of``).
+_DTYPE_ARGUMENT = "dtype"
+
+
+def _output_dtype_from_args(node: fx.Node, args: dict[str, object] | None) -> torch.dtype | None:
+    if args is None:
+        return None
+    value = args.get(_DTYPE_ARGUMENT)
+    return value if isinstance(value, torch.dtype) else None
+
+
+def _const_eq(a: object, b: object) -> bool:
+    """Equality of graph constants: numbers by value, bools only with bools, nodes by identity."""
+    if isinstance(a, fx.Node) or isinstance(b, fx.Node):
+        return a is b
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return (
+            isinstance(a, torch.Tensor)
+            and isinstance(b, torch.Tensor)
+            and a.shape == b.shape
+            and a.dtype == b.dtype
+            and bool(torch.equal(a, b))
+        )
+    if isinstance(a, bool) or isinstance(b, bool):
+        return type(a) is type(b) and a == b
+    if isinstance(a, int | float) and isinstance(b, int | float):
+        return a == b
+    if isinstance(a, list | tuple) and isinstance(b, list | tuple):
+        return len(a) == len(b) and all(_const_eq(x, y) for x, y in zip(a, b, strict=True))
+    return type(a) is type(b) and bool(a == b)
+
+
+@dataclass(slots=True)
+class _Context:
+    """Per-search caches (graph facts) and the deepest failure seen, for ``explain``."""
+
+    module: torch.nn.Module | None
+    record: bool
+    deepest: Mismatch | None = None
+    _normalized: dict[fx.Node, dict[str, object] | None] = field(default_factory=dict)
+    _order: dict[fx.Node, int] | None = None
+
+    def fail(self, path: Path, at: object, template: str, *args: object) -> None:
+        if self.record and (self.deepest is None or len(path) > len(self.deepest.path)):
+            self.deepest = Mismatch(template, args, path, at)
+
+    def arguments(self, node: fx.Node) -> dict[str, object] | None:
+        """The node's arguments by schema name with defaults filled in (None: no schema)."""
+        try:
+            return self._normalized[node]
+        except KeyError:
+            pass
+        result: dict[str, object] | None = None
+        target = node.target
+        if isinstance(target, OpOverload):
+            schema = _schema_args(target)
+            positional = [a for a in schema if not a.kwarg_only]
+            if len(node.args) <= len(positional):
+                result = {a.name: v for a, v in zip(positional, node.args, strict=False)}
+                result.update(node.kwargs)
+                for a in schema:
+                    if a.name not in result:
+                        if not a.has_default:
+                            result = None
+                            break
+                        result[a.name] = a.default
+        self._normalized[node] = result
+        return result
+
+    def attr(self, node: fx.Node) -> object:
+        if self.module is None or not isinstance(node.target, str):
+            return _MISSING
+        obj: object = self.module
+        for part in node.target.split("."):
+            obj = getattr(obj, part, _MISSING)
+            if obj is _MISSING:
+                return _MISSING
+        return obj
+
+    def dtype(self, value: object) -> torch.dtype | None:
+        if isinstance(value, torch.Tensor):
+            return value.dtype
+        if not isinstance(value, fx.Node):
+            return None
+        for key in ("val", "tensor_meta"):
+            meta = value.meta.get(key)
+            dt = getattr(meta, "dtype", None)
+            if isinstance(dt, torch.dtype):
+                return dt
+        if value.op == "get_attr":
+            t = self.attr(value)
+            return t.dtype if isinstance(t, torch.Tensor) else None
+        if value.op == "call_function":
+            return _output_dtype_from_args(value, self.arguments(value))
+        return None
+
+    def order(self, node: fx.Node) -> int:
+        if self._order is None:
+            self._order = {n: i for i, n in enumerate(node.graph.nodes)}
+        return self._order.get(node, -1)
+
+
+def _coerce(tp: type[Any], value: object, ctx: _Context) -> tuple[bool, object]:
+    """Convert ``value`` to what a ``Var`` of type ``tp`` binds, or report it cannot."""
+    if tp is fx.Node:
+        return isinstance(value, fx.Node), value
+    if isinstance(value, fx.Node):
+        if value.op != "get_attr":
+            return False, None
+        t = ctx.attr(value)
+        if not isinstance(t, torch.Tensor):
+            return False, None
+        if tp is torch.Tensor or tp is object:
+            return True, t
+        if tp is float and t.numel() == 1 and t.dtype.is_floating_point:
+            return True, float(t.item())
+        if tp is int and t.numel() == 1 and not t.dtype.is_floating_point and t.dtype != torch.bool:
+            return True, int(t.item())
+        return False, None
+    if isinstance(value, bool):
+        return tp is bool or tp is object, value
+    if tp is float:
+        return (True, float(value)) if isinstance(value, int | float) else (False, None)
+    if tp is int:
+        return isinstance(value, int), value
+    if tp is list:
+        return (True, list(value)) if isinstance(value, list | tuple) else (False, None)
+    if tp is tuple:
+        return (True, tuple(value)) if isinstance(value, list | tuple) else (False, None)
+    return isinstance(value, tp), value
+
+
+def _same(a: object, b: object) -> bool:
+    return a is b or _const_eq(a, b)
+
+
+# --------------------------------------------------------------------------------------------
+# Search state
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _State:
+    bindings: PMap[Var[Any], object]
+    per_element: PMap[Var[Any], tuple[object, ...]]
+    nodes: PVector[fx.Node]
+
+    def bind(self, var: Var[Any], value: object) -> _State:
+        return _State(self.bindings.set(var, value), self.per_element, self.nodes)
+
+    def with_node(self, node: fx.Node) -> _State:
+        return _State(self.bindings, self.per_element, self.nodes.append(node))
+
+
+_EMPTY = _State(pmap(), pmap(), pvector())
+
+_Matcher: TypeAlias = Callable[[Any, object, _State, Path, _Context], Iterator[_State]]
+
+
+def _bind(
+    var: Var[Any], raw: object, st: _State, path: Path, ctx: _Context, coerce: bool = True
+) -> _State | None:
+    if coerce:
+        ok, value = _coerce(var.type, raw, ctx)
+        if not ok:
+            ctx.fail(path, raw, "Var {} expects a {}, got {}", var.name, var.type.__name__, raw)
+            return None
+    else:
+        value = raw
+    existing = st.bindings.get(var, _MISSING)
+    if existing is _MISSING:
+        return st.bind(var, value)
+    if _same(existing, value):
+        return st
+    ctx.fail(path, raw, "Var {} is already bound to {}, here it would be {}", var.name, existing, value)
+    return None
+
+
+def _m(p: Pattern, value: object, st: _State, path: Path, ctx: _Context) -> Iterator[_State]:
+    return _DISPATCH[type(p)](p, value, st, path, ctx)
+
+
+def _m_var(p: Var[Any], value: object, st: _State, path: Path, ctx: _Context) -> Iterator[_State]:
+    out = _bind(p, value, st, path, ctx)
+    if out is not None:
+        yield out
+
+
+def _m_ignored(p: Ignored, value: object, st: _State, path: Path, ctx: _Context) -> Iterator[_State]:
+    yield st
+
+
+def _m_literal(p: Literal, value: object, st: _State, path: Path, ctx: _Context) -> Iterator[_State]:
+    if _const_eq(p.value, value):
+        yield st
+    else:
+        ctx.fail(path, value, "expected {}, got {}", p.value, value)
+
+
+def _target_ok(targets: Collection[object], target: object) -> bool:
+    if target in targets:
+        return True
+    return isinstance(target, OpOverload) and target.overloadpacket in targets
+
+
+def _call_pairs(
+    p: Call, node: fx.Node, path: Path, ctx: _Context
+) -> list[tuple[Pattern, object, str]] | None:
+    """(pattern, graph value, path step) for each argument, or None after recording why not."""
+    pairs: list[tuple[Pattern, object, str]] = []
+    if isinstance(node.target, OpOverload):
+        args = ctx.arguments(node)
+        if args is None:
+            ctx.fail(path, node, "the arguments of {} do not fit its schema", node)
+            return None
+        schema = _schema_args(node.target)
+        positional = [a.name for a in schema if not a.kwarg_only]
+        if len(p.args) > len(positional):
+            ctx.fail(path, node, "{} takes {} positional arguments, the pattern gives {}",
+                     node, len(positional), len(p.args))
+            return None
+        specified = set(positional[: len(p.args)])
+        for i, sub in enumerate(p.args):
+            pairs.append((sub, args[positional[i]], f".args[{i}]"))
+        for name in sorted(p.kwargs):
+            if name not in args:
+                ctx.fail(path, node, "{} has no argument {}", node, name)
+                return None
+            pairs.append((p.kwargs[name], args[name], f".{name}"))
+            specified.add(name)
+        for a in schema:
+            if a.name not in specified and a.has_default and not _const_eq(a.default, args[a.name]):
+                ctx.fail(path + (f".{a.name}",), args[a.name],
+                         "argument {} is {}, the pattern leaves it at its default {}",
+                         a.name, args[a.name], a.default)
+                return None
+        return pairs
+    if len(node.args) != len(p.args) or set(node.kwargs) != set(p.kwargs):
+        ctx.fail(path, node, "{} has {} args and kwargs {}, the pattern expects {} and {}",
+                 node, len(node.args), sorted(node.kwargs), len(p.args), sorted(p.kwargs))
+        return None
+    pairs.extend((sub, node.args[i], f".args[{i}]") for i, sub in enumerate(p.args))
+    pairs.extend((p.kwargs[k], node.kwargs[k], f".{k}") for k in sorted(p.kwargs))
+    return pairs
+
+
+def _m_seq(
+    pairs: Sequence[tuple[Pattern, object, str]], i: int, st: _State, path: Path, ctx: _Context
+) -> Iterator[_State]:
+    if i == len(pairs):
+        yield st
+        return
+    sub, value, step = pairs[i]
+    for st2 in _m(sub, value, st, path + (step,), ctx):
+        yield from _m_seq(pairs, i + 1, st2, path, ctx)
+
+
+def _m_call(p: Call, value: object, st: _State, path: Path, ctx: _Context) -> Iterator[_State]:
+    if not isinstance(value, fx.Node) or value.op != "call_function":
+        ctx.fail(path, value, "expected a call to {}, got {}", p.target_repr(), value)
+        return
+    if not _target_ok(p.targets, value.target):
+        ctx.fail(path, value, "expected a call to {}, got {}", p.target_repr(), value)
+        return
+    if p.users is not None and len(value.users) != p.users:
+        ctx.fail(path, value, "expected {} user(s), {} has {}", p.users, value.name, len(value.users))
+        return
+    pairs = _call_pairs(p, value, path, ctx)
+    if pairs is None:
+        return
+    orders = [pairs]
+    if p.commutative:
+        (a, va, sa), (b, vb, sb) = pairs
+        orders.append([(a, vb, sb), (b, va, sa)])
+    for order in orders:
+        for st2 in _m_seq(order, 0, st, path, ctx):
+            yield st2 if value in st2.nodes else st2.with_node(value)
+
+
+def _m_any_of(p: AnyOf, value: object, st: _State, path: Path, ctx: _Context) -> Iterator[_State]:
+    for alt in p.alternatives:
+        yield from _m(alt, value, st, path, ctx)
+
+
+def _m_optional(p: Optional, value: object, st: _State, path: Path, ctx: _Context) -> Iterator[_State]:
+    yield from _m(p.present, value, st, path, ctx)
+    for st2 in _m(p.absent, value, st, path, ctx):
+        out: _State | None = st2
+        for var, default in p.defaults.items():
+            assert out is not None
+            out = _bind(var, default, out, path, ctx, coerce=False)
+            if out is None:
+                break
+        if out is not None:
+            yield out
+
+
+def _m_list_of(p: ListOf, value: object, st: _State, path: Path, ctx: _Context) -> Iterator[_State]:
+    if not isinstance(value, list | tuple) or not value:
+        ctx.fail(path, value, "expected a non-empty list, got {}", value)
+        return
+    per_element = {v: list(st.per_element.get(v, ())) for v in p.element.vars}
+    nodes = st.nodes
+    for i, item in enumerate(value):
+        first = next(_m(p.element, item, _EMPTY, path + (f"[{i}]",), ctx), None)
+        if first is None:
+            return
+        for v in p.element.vars:
+            per_element[v].append(first.bindings.get(v))
+        nodes = nodes.extend(n for n in first.nodes if n not in nodes)
+    yield _State(
+        st.bindings, st.per_element.update({v: tuple(vals) for v, vals in per_element.items()}), nodes
+    )
+
+
+def _m_capture(p: Capture, value: object, st: _State, path: Path, ctx: _Context) -> Iterator[_State]:
+    for st2 in _m(p.pattern, value, st, path, ctx):
+        out = _bind(p.var, value, st2, path, ctx)
+        if out is not None:
+            yield out
+
+
+def _m_tag(p: Tag, value: object, st: _State, path: Path, ctx: _Context) -> Iterator[_State]:
+    for st2 in _m(p.pattern, value, st, path, ctx):
+        out = _bind(p.var, p.value, st2, path, ctx, coerce=False)
+        if out is not None:
+            yield out
+
+
+def _m_where(p: Where, value: object, st: _State, path: Path, ctx: _Context) -> Iterator[_State]:
+    for st2 in _m(p.pattern, value, st, path, ctx):
+        root = value if isinstance(value, fx.Node) else (st2.nodes[-1] if st2.nodes else None)
+        if root is None:
+            ctx.fail(path, value, "a check needs a matched node, got {}", value)
+            continue
+        why = p.check.failure(Match(root, st2.bindings, st2.per_element, tuple(st2.nodes)))
+        if why is None:
+            yield st2
+        else:
+            ctx.fail(path + ("<check>",), value, "check failed: {}", _Text(why))
+
+
+class _Text(str):
+    """A reason that should be shown as-is, not repr'd."""
+
+    def __repr__(self) -> str:
+        return str(self)
+
+
+def _m_dtype_of(p: DtypeOf, value: object, st: _State, path: Path, ctx: _Context) -> Iterator[_State]:
+    for st2 in _m(p.pattern, value, st, path, ctx):
+        dt = ctx.dtype(value)
+        if dt is None:
+            ctx.fail(path, value, "the dtype of {} is unknown (no meta['val'])", value)
+            continue
+        out = _bind(p.var, dt, st2, path, ctx, coerce=False)
+        if out is not None:
+            yield out
+
+
+def _m_reciprocal(
+    p: Reciprocal, value: object, st: _State, path: Path, ctx: _Context
+) -> Iterator[_State]:
+    ok, number = _coerce(float, value, ctx)
+    if not ok or number == 0.0:
+        ctx.fail(path, value, "expected a non-zero number (1/{}), got {}", p.var.name, value)
+        return
+    assert isinstance(number, float)
+    out = _bind(p.var, 1.0 / number, st, path, ctx, coerce=False)
+    if out is not None:
+        yield out
+
+
+_DISPATCH: dict[type[Any], _Matcher] = {
+    Var: _m_var,
+    Ignored: _m_ignored,
+    Literal: _m_literal,
+    Call: _m_call,
+    AnyOf: _m_any_of,
+    Optional: _m_optional,
+    ListOf: _m_list_of,
+    Capture: _m_capture,
+    Tag: _m_tag,
+    Where: _m_where,
+    DtypeOf: _m_dtype_of,
+    Reciprocal: _m_reciprocal,
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Root index
+# --------------------------------------------------------------------------------------------
+
+
+@functools.cache
+def _roots(p: Pattern) -> frozenset[object] | None:
+    """Targets a matched root node may have; None when any node may be a root."""
+    if isinstance(p, Call):
+        return frozenset(p.targets)
+    if isinstance(p, AnyOf):
+        out: frozenset[object] = frozenset()
+        for alt in p.alternatives:
+            sub = _roots(alt)
+            if sub is None:
+                return None
+            out |= sub
+        return out
+    if isinstance(p, Optional):
+        present, absent = _roots(p.present), _roots(p.absent)
+        return None if present is None or absent is None else present | absent
+    if isinstance(p, Capture | Tag | Where | DtypeOf):
+        return _roots(p.pattern)
+    return None
+
+
+@functools.cache
+def _validate(p: Pattern) -> None:
+    """Refuse Vars used both inside a list_of (bound per element) and outside it."""
+    reachable: set[Var[Any]] = set()
+    stack = [p]
+    while stack:
+        q = stack.pop()
+        if isinstance(q, ListOf):
+            continue
+        if isinstance(q, Var):
+            reachable.add(q)
+        if isinstance(q, Capture | Tag | DtypeOf | Reciprocal):
+            reachable.add(q.var)
+        stack.extend(q.children())
+    both = reachable & p.element_vars
+    if both:
+        names = ", ".join(sorted(v.name for v in both))
+        raise PatternError(f"Var(s) {names} are used both inside and outside a list_of")
+
+
+def _context_for(node: fx.Node, record: bool) -> _Context:
+    return _Context(node.graph.owning_module, record)
+
+
+def _to_match(root: fx.Node, st: _State, ctx: _Context) -> Match:
+    nodes = tuple(sorted(st.nodes, key=ctx.order))
+    return Match(root, st.bindings, st.per_element, nodes)
+
+
+def _check_pattern(pattern: object) -> Pattern:
+    if not isinstance(pattern, Pattern):
+        raise PatternError(f"expected a Pattern, got {pattern!r} ({type(pattern).__name__})")
+    _validate(pattern)
+    return pattern
+
+
+def iter_matches(pattern: Pattern, node: fx.Node) -> Iterator[Match]:
+    """Every way ``pattern`` matches with ``node`` as its root, in preference order."""
+    pattern = _check_pattern(pattern)
+    ctx = _context_for(node, record=False)
+    for st in _m(pattern, node, _EMPTY, (), ctx):
+        yield _to_match(node, st, ctx)
+
+
+def match_node(pattern: Pattern, node: fx.Node) -> Match | None:
+    """The preferred match of ``pattern`` rooted at ``node``, or None."""
+    return next(iter_matches(pattern, node), None)
+
+
+def explain(pattern: Pattern, node: fx.Node) -> Mismatch | None:
+    """Why ``pattern`` does not match at ``node`` (the deepest failure), or None if it matches."""
+    pattern = _check_pattern(pattern)
+    ctx = _context_for(node, record=True)
+    if next(_m(pattern, node, _EMPTY, (), ctx), None) is not None:
+        return None
+    return ctx.deepest or Mismatch("no alternative matched {}", (node,), (), node)
+
+
+def find_matches(pattern: Pattern, graph: fx.Graph | fx.GraphModule) -> list[Match]:
+    """Non-overlapping matches of ``pattern`` in ``graph``, in graph order of their roots.
+
+    Roots are tried from the end of the graph backwards so that a match is preferred over any
+    match it contains; a node already claimed by a match cannot be part of another.
+    """
+    pattern = _check_pattern(pattern)
+    if isinstance(graph, fx.GraphModule):
+        module: torch.nn.Module | None = graph
+        g = graph.graph
+    elif isinstance(graph, fx.Graph):
+        g = graph
+        module = graph.owning_module
+    else:
+        raise PatternError(f"find_matches: expected an fx.Graph or fx.GraphModule, got {graph!r}")
+    roots = _roots(pattern)
+    ctx = _Context(module, record=False)
+    claimed: set[fx.Node] = set()
+    found: list[Match] = []
+    for node in reversed(g.nodes):
+        if node in claimed:
+            continue
+        if roots is not None and not (node.op == "call_function" and _target_ok(roots, node.target)):
+            continue
+        for st in _m(pattern, node, _EMPTY, (), ctx):
+            if not claimed.intersection(st.nodes):
+                claimed.update(st.nodes)
+                found.append(_to_match(node, st, ctx))
+                break
+    found.reverse()
+    return found
