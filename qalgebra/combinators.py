@@ -168,15 +168,16 @@ def dequantize_per_tensor(x: PatternLike, qp: QParams) -> Pattern:
     """A per-tensor dequantize of ``x`` in op form (scalar or tensor qparams) or decomposed.
 
     Decomposed: ``mul(sub(convert(x, float32), zp), scale)``, the ``sub`` absent when zp == 0;
-    the dtype is read from ``x`` (its meta, or the conversion that produced it).
+    the dtype is read from ``x`` (its meta, or the conversion that produced it). Only the op
+    form names quant_min/quant_max, so only it binds them.
     """
     op_form = call(
         (qd.dequantize_per_tensor.default, qd.dequantize_per_tensor.tensor),
         x,
         qp.scale,
         qp.zero_point,
-        ignored(),
-        ignored(),
+        qp.quant_min,
+        qp.quant_max,
         qp.dtype,
     )
     to_float = dtype_convert(dtype_of(x, qp.dtype), literal(torch.float32))

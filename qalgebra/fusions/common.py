@@ -1,0 +1,154 @@
+"""Pieces the conv and linear families share: their Vars, input/weight/output patterns, checks.
+
+Every family is ``[quantize] <- [unary] <- [binary] <- compute(dequant(x), dequant(w), bias)``;
+the Vars below name the parts, so replacement code reads ``m[X_SCALE]``-style typed values.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import fx
+
+from qalgebra.combinators import (
+    ChannelQParams,
+    QParams,
+    Unary,
+    channel_qparams,
+    dequantize_per_tensor,
+    qparams,
+    quantize_per_tensor,
+    weight_dequant,
+    with_dtype_convert,
+    with_output_quant,
+)
+from qalgebra.fusions.base import Refusal, Rewriter
+from qalgebra.isa import pair_sum_may_saturate
+from qalgebra.match import match_node
+from qalgebra.pattern import Match, Pattern, Var, any_of, ignored, literal
+
+X = Var("x", fx.Node)
+XQ: QParams = qparams("x")
+ACT_DTYPE = Var("act_dtype", torch.dtype)
+W = Var("w", torch.Tensor)
+WQ: ChannelQParams = channel_qparams("w")
+W_DTYPE = Var("w_compute_dtype", torch.dtype)
+BIAS = Var("bias", torch.Tensor)
+BIAS_DTYPE = Var("bias_dtype", torch.dtype)
+OQ: QParams = qparams("out")
+OUT_CONVERT = Var("out_convert_dtype", torch.dtype)
+UNARY = Var("unary", Unary)
+OTHER = Var("other", fx.Node)
+OTHER_Q: QParams = qparams("other")
+
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def activation() -> Pattern:
+    """The dequantized activation, optionally converted to bf16 (int8-mixed-bf16)."""
+    return with_dtype_convert(dequantize_per_tensor(X, XQ), ACT_DTYPE)
+
+
+def weight() -> Pattern:
+    """The dequantized weight, optionally cloned to channels_last and converted."""
+    return weight_dequant(W, WQ, compute_dtype=W_DTYPE)
+
+
+def bias_or_none() -> Pattern:
+    """A constant bias (optionally converted to the compute dtype) or None."""
+    return any_of(literal(None), with_dtype_convert(BIAS, BIAS_DTYPE))
+
+
+def maybe_output_quant(p: Pattern) -> Pattern:
+    """``p`` quantized per tensor (tried first: the larger match) or ``p`` with float output."""
+    return any_of(with_output_quant(p, OQ), p)
+
+
+def output_qparams(m: Match) -> tuple[float, int, torch.dtype]:
+    """(scale, zero point, dtype) of the fused op's output: the quant's, or float identity."""
+    if OQ.scale in m:
+        return m[OQ.scale], m[OQ.zero_point], m[OQ.dtype]
+    return 1.0, 0, m[ACT_DTYPE]
+
+
+def check_common(m: Match, *, allowed_act: tuple[torch.dtype, ...]) -> None:
+    """Refuse what oneDNN would compute wrongly or not at all; reasons reach the report."""
+    _check_qparams(m, XQ, "input")
+    if OQ.scale in m:
+        _check_qparams(m, OQ, "output")
+    act = m[XQ.dtype]
+    if act not in allowed_act:
+        raise Refusal(f"activation dtype {act} is not supported (expected one of {allowed_act})")
+    if m[WQ.dtype] != torch.int8 or m[W].dtype != torch.int8:
+        raise Refusal(f"weight dtype {m[W].dtype} is not int8")
+    if m[ACT_DTYPE] not in _FLOAT_DTYPES or m[W_DTYPE] != m[ACT_DTYPE]:
+        raise Refusal(
+            f"compute dtypes differ or are unsupported: activation {m[ACT_DTYPE]}, "
+            f"weight {m[W_DTYPE]}"
+        )
+    if BIAS in m and m[BIAS].dtype not in _FLOAT_DTYPES:
+        raise Refusal(f"bias dtype {m[BIAS].dtype} is not a float dtype")
+    if m[WQ.axis] != 0:
+        raise Refusal(f"weight quantized along axis {m[WQ.axis]}, expected 0 (output channels)")
+    if bool((m[WQ.zero_points] != 0).any()):
+        raise Refusal("weight zero points are not all 0 (oneDNN needs symmetric weights)")
+    max_act = _max_abs_activation(m)
+    if pair_sum_may_saturate(max_act, m[W]):
+        raise Refusal(
+            "this CPU's int8 kernels add products in saturating int16 pairs (no AVX512-VNNI/AMX): "
+            f"activations up to {max_act} times weights up to "
+            f"{int(m[W].to(torch.int16).abs().max())} would overflow; quantize activations to "
+            "7 bits (reduce_range=True) or lower on a VNNI/AMX CPU"
+        )
+
+
+_PRODUCER_Q = qparams("producer")
+_PRODUCER = quantize_per_tensor(ignored(), _PRODUCER_Q)
+
+
+def _max_abs_activation(m: Match) -> int:
+    """The largest |value| the quantized activation can hold: from its qparams or producer."""
+    if XQ.quant_min in m:
+        return _max_abs(m[XQ.quant_min], m[XQ.quant_max])
+    producer = match_node(_PRODUCER, m[X])
+    if producer is not None:
+        return _max_abs(producer[_PRODUCER_Q.quant_min], producer[_PRODUCER_Q.quant_max])
+    info = torch.iinfo(m[XQ.dtype])
+    return max(abs(info.min), abs(info.max))
+
+
+def _max_abs(low: int, high: int) -> int:
+    return max(abs(low), abs(high))
+
+
+def _check_qparams(m: Match, qp: QParams, what: str) -> None:
+    scale = m[qp.scale]
+    if not (scale > 0 and scale != float("inf")):
+        raise Refusal(f"{what} scale {scale!r} is not a finite positive number")
+    dtype = m[qp.dtype]
+    if dtype not in (torch.uint8, torch.int8):
+        raise Refusal(f"{what} quantized dtype {dtype} is not uint8/int8")
+    info = torch.iinfo(dtype)
+    zp = m[qp.zero_point]
+    if not info.min <= zp <= info.max:
+        raise Refusal(f"{what} zero point {zp} is outside the range of {dtype}")
+    if qp.quant_min in m and not m[qp.quant_min] <= zp <= m[qp.quant_max]:
+        raise Refusal(f"{what} zero point {zp} is outside [{m[qp.quant_min]}, {m[qp.quant_max]}]")
+
+
+def unary_args(m: Match) -> tuple[str, list[float], str]:
+    """oneDNN's (post-op name, scalars, algorithm) for the matched unary post-op."""
+    u = m[UNARY]
+    return u.onednn_name, [m[v] for v in u.scalar_vars], u.algorithm
+
+
+def weight_constants(m: Match, rw: Rewriter, packed: torch.Tensor, hint: str) -> tuple[Any, ...]:
+    """get_attr nodes for the packed weight, its scales and zero points, and the bias (or None)."""
+    bias = rw.constant(f"{hint}_bias", m[BIAS]) if BIAS in m else None
+    return (
+        rw.constant(f"{hint}_packed_weight", packed),
+        rw.constant(f"{hint}_w_scales", m[WQ.scales]),
+        rw.constant(f"{hint}_w_zps", m[WQ.zero_points]),
+        bias,
+    )

@@ -1,0 +1,115 @@
+"""The quantized convolution family, from one definition.
+
+``[quant] <- [unary] <- conv(dequant(x), dequant(w), bias)`` in every spelling (``conv1d/2d/3d``
+as ``convert_pt2e`` leaves them, ``aten.convolution`` as decompositions leave them), fp32 or
+int8-mixed-bf16, int8 or float output, post-ops none / relu / hardtanh (relu6) / hardswish / silu
+-- the ones oneDNN's quantized conv accepts -- lowers to ``onednn.qconv_pointwise`` with the
+weight prepacked by ``onednn.qconv_prepack`` at lowering time.
+
+The binary (residual add) variant lives in :mod:`qalgebra.fusions.conv_binary`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import fx
+
+from qalgebra.combinators import Unary, with_unary
+from qalgebra.fusions.base import Fusion, Refusal, Rewriter
+from qalgebra.fusions.common import (
+    UNARY,
+    WQ,
+    W,
+    XQ,
+    X,
+    activation,
+    bias_or_none,
+    check_common,
+    maybe_output_quant,
+    output_qparams,
+    unary_args,
+    weight,
+    weight_constants,
+)
+from qalgebra.pattern import Match, Pattern, Var, any_of, call, ignored
+
+__all__ = ["CONV_UNARIES", "QCONV", "conv", "conv_geometry"]
+
+aten = torch.ops.aten
+onednn = torch.ops.onednn
+
+STRIDE = Var("stride", list)
+PADDING = Var("padding", list)
+DILATION = Var("dilation", list)
+GROUPS = Var("groups", int)
+
+#: Post-ops oneDNN's quantized conv accepts (checked against the op: gelu, leaky_relu and tanh
+#: are refused by ``onednn.qconv_pointwise``).
+CONV_UNARIES = (Unary.NONE, Unary.RELU, Unary.HARDTANH, Unary.HARDSWISH, Unary.SILU)
+
+
+def conv() -> Pattern:
+    """A convolution of the dequantized activation and weight, in either spelling."""
+    x, w, b = activation(), weight(), bias_or_none()
+    return any_of(
+        call(
+            (aten.conv1d.default, aten.conv2d.default, aten.conv3d.default),
+            x, w, b, STRIDE, PADDING, DILATION, GROUPS,
+        ),
+        call(aten.convolution.default, x, w, b, STRIDE, PADDING, DILATION, False, ignored(), GROUPS),
+    )
+
+
+def conv_geometry(m: Match) -> tuple[list[int], list[int], list[int], int]:
+    """(stride, padding, dilation, groups), each list expanded to the spatial rank."""
+    spatial = m[W].dim() - 2
+    return (
+        _expand(m[STRIDE], spatial, "stride"),
+        _expand(m[PADDING], spatial, "padding"),
+        _expand(m[DILATION], spatial, "dilation"),
+        m[GROUPS],
+    )
+
+
+def _expand(values: list[Any], n: int, what: str) -> list[int]:
+    if not all(isinstance(v, int) for v in values):
+        raise Refusal(f"{what} {values} is not a list of constant ints")
+    if len(values) == 1:
+        return [int(values[0])] * n
+    if len(values) != n:
+        raise Refusal(f"{what} {values} does not have {n} entries")
+    return [int(v) for v in values]
+
+
+def prepack_conv(m: Match) -> torch.Tensor:
+    """The oneDNN-packed weight (no activation shape: symbolic shapes stay symbolic)."""
+    stride, padding, dilation, groups = conv_geometry(m)
+    packed: torch.Tensor = onednn.qconv_prepack(
+        m[W], m[WQ.scales], m[XQ.scale], m[XQ.zero_point], stride, padding, dilation, groups, None
+    )
+    return packed
+
+
+def _rewrite_qconv(m: Match, rw: Rewriter) -> fx.Node:
+    check_common(m, allowed_act=(torch.uint8,))
+    stride, padding, dilation, groups = conv_geometry(m)
+    packed, w_scales, w_zps, bias = weight_constants(m, rw, prepack_conv(m), "qconv")
+    out_scale, out_zp, out_dtype = output_qparams(m)
+    attr, scalars, algorithm = unary_args(m)
+    return rw.call(
+        onednn.qconv_pointwise.default,
+        m[X], m[XQ.scale], m[XQ.zero_point], packed, w_scales, w_zps, bias,
+        stride, padding, dilation, groups,
+        out_scale, out_zp, out_dtype, attr, scalars, algorithm,
+    )
+
+
+QCONV = Fusion(
+    name="qconv",
+    family="qconv",
+    pattern=maybe_output_quant(with_unary(conv(), UNARY, *CONV_UNARIES)),
+    rewrite=_rewrite_qconv,
+    doc="dequant -> conv -> [unary] -> [quant]  =>  onednn.qconv_pointwise",
+)
