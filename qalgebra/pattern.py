@@ -587,7 +587,17 @@ class Optional(Pattern):
         return f"optional {self.present.describe()}"
 
 
+def _frozen_default(var: object, value: object) -> object:
+    """Defaults are stored hashable (lists as tuples, ints for float Vars as floats)."""
+    if isinstance(var, Var) and var.type is float and isinstance(value, int):
+        if not isinstance(value, bool):
+            return float(value)
+    return _freeze(value)
+
+
 def _default_fits(var: Var[Any], value: object) -> bool:
+    if var.type in (list, tuple):
+        return isinstance(value, list | tuple)
     if var.type is float:
         return isinstance(value, int | float) and not isinstance(value, bool)
     if var.type is int:
@@ -601,8 +611,7 @@ def optional(
     """``present`` or, when that call is absent, its argument ``through`` (see :class:`Optional`)."""
     if not isinstance(present, Pattern):
         raise PatternError(f"optional: expected a call pattern, got {present!r}")
-    frozen = {k: (float(v) if isinstance(k, Var) and k.type is float and isinstance(v, int)
-                  and not isinstance(v, bool) else v) for k, v in (defaults or {}).items()}
+    frozen = {k: _frozen_default(k, v) for k, v in (defaults or {}).items()}
     return Optional(present, through, pmap(frozen))
 
 

@@ -7,8 +7,9 @@ backwards, so a match is always preferred over the matches it contains.
 
 from qalgebra.fusions.base import Fusion, Refusal, Rewriter
 from qalgebra.fusions.conv import QCONV
+from qalgebra.fusions.linear import QLINEAR
 
 __all__ = ["DEFAULT_FUSIONS", "Fusion", "Refusal", "Rewriter"]
 
 #: The catalog, in the order the lowering applies it.
-DEFAULT_FUSIONS: tuple[Fusion, ...] = (QCONV,)
+DEFAULT_FUSIONS: tuple[Fusion, ...] = (QCONV, QLINEAR)

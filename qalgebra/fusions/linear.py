@@ -1,0 +1,120 @@
+"""The quantized linear family, from one definition.
+
+``[quant] <- [unary] <- linear(dequant(x), dequant(w), bias)`` in every spelling:
+
+- ``aten.linear`` on 2-D or N-D input, as ``convert_pt2e`` leaves it;
+- ``addmm(bias, x, w.T)`` / ``mm(x, w.T)`` on 2-D input, the transpose as ``permute`` or ``t``;
+- ``view -> addmm/mm -> view`` around an N-D input, as export's decompositions leave it (through
+  ``view``, ``reshape`` or ``_unsafe_view``);
+
+fp32 or int8-mixed-bf16, int8 or float output, and every unary post-op oneDNN's qlinear accepts
+(relu, gelu erf/tanh, leaky_relu, tanh, hardtanh/relu6, hardswish, silu as ``swish``; checked
+against the op) -> ``onednn.qlinear_pointwise`` with the weight prepacked by
+``onednn.qlinear_prepack``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import fx
+
+from qalgebra.combinators import Unary, with_dtype_convert, with_reshape, with_unary
+from qalgebra.fusions.base import Fusion, Rewriter
+from qalgebra.fusions.common import (
+    BIAS,
+    BIAS_DTYPE,
+    UNARY,
+    WQ,
+    XQ,
+    W,
+    X,
+    activation,
+    bias_or_none,
+    check_common,
+    maybe_output_quant,
+    output_qparams,
+    unary_args,
+    weight,
+    weight_constants,
+)
+from qalgebra.pattern import Match, Pattern, Var, any_of, call
+
+__all__ = ["LINEAR_UNARIES", "QLINEAR", "linear"]
+
+aten = torch.ops.aten
+onednn = torch.ops.onednn
+
+X_SHAPE = Var("x_2d_shape", list)
+OUT_SHAPE = Var("out_shape", list)
+
+#: Post-ops oneDNN's qlinear accepts (checked against the op; it refuses silu and sigmoid by
+#: those names: silu is spelled ``swish``).
+LINEAR_UNARIES = (
+    Unary.NONE,
+    Unary.RELU,
+    Unary.GELU,
+    Unary.GELU_TANH,
+    Unary.LEAKY_RELU,
+    Unary.TANH,
+    Unary.HARDTANH,
+    Unary.HARDSWISH,
+    Unary.SILU,
+)
+
+
+def _transposed_weight() -> Pattern:
+    w = weight()
+    return any_of(call(aten.permute.default, w, [1, 0]), call(aten.t.default, w))
+
+
+def linear() -> Pattern:
+    """A linear of the dequantized activation and weight, in every spelling."""
+    x = activation()
+    direct = call(aten.linear.default, x, weight(), bias_or_none())
+    x2d = with_reshape(x, X_SHAPE)
+    w_t = _transposed_weight()
+    matmul = any_of(
+        call(aten.addmm.default, with_dtype_convert(BIAS, BIAS_DTYPE), x2d, w_t),
+        call(aten.mm.default, x2d, w_t),
+    )
+    return any_of(direct, with_reshape(matmul, OUT_SHAPE))
+
+
+def prepack_linear(m: Match) -> torch.Tensor:
+    """The oneDNN-packed weight (no activation shape: symbolic shapes stay symbolic)."""
+    packed: torch.Tensor = onednn.qlinear_prepack(m[W], None)
+    return packed
+
+
+def _shape(m: Match, var: Var[list[Any]]) -> list[Any]:
+    return m[var] if var in m else []
+
+
+def _rewrite_qlinear(m: Match, rw: Rewriter) -> fx.Node:
+    check_common(m, allowed_act=(torch.uint8, torch.int8))
+    packed, w_scales, w_zps, bias = weight_constants(m, rw, prepack_linear(m), "qlinear")
+    out_scale, out_zp, out_dtype = output_qparams(m)
+    post_op, scalars, algorithm = unary_args(m)
+    x = m[X]
+    if _shape(m, X_SHAPE):
+        x = rw.call(aten.reshape.default, x, m[X_SHAPE])
+    y = rw.call(
+        onednn.qlinear_pointwise.default,
+        x, m[XQ.scale], m[XQ.zero_point], packed, w_scales, w_zps, bias,
+        out_scale, out_zp, out_dtype, post_op, scalars, algorithm,
+    )
+    if _shape(m, OUT_SHAPE):
+        y = rw.call(aten.reshape.default, y, m[OUT_SHAPE])
+    return y
+
+
+QLINEAR = Fusion(
+    name="qlinear",
+    family="qlinear",
+    pattern=maybe_output_quant(with_unary(linear(), UNARY, *LINEAR_UNARIES)),
+    rewrite=_rewrite_qlinear,
+    doc="dequant -> linear | [view] mm/addmm [view] -> [unary] -> [quant]  =>  "
+    "onednn.qlinear_pointwise",
+)
