@@ -1,0 +1,53 @@
+"""Test-wide configuration: the Hypothesis profiles.
+
+``QALGEBRA_HYPOTHESIS_PROFILE`` picks one (an unknown name is an error); without it the profile is
+``ci`` when the ``CI`` variable is set, else ``dev``:
+
+- ``ci``: derandomized (the same examples every run), 30 examples, no deadline, failing examples
+  printed as reproduction blobs, and no example database unless ``QALGEBRA_HYPOTHESIS_DB`` names
+  one, so a run depends on nothing but the commit;
+- ``dev``: 100 random examples, no deadline;
+- ``fuzz``: 5000 random examples, no deadline, for long campaigns.
+
+``dev`` and ``fuzz`` save failing examples in ``QALGEBRA_HYPOTHESIS_DB`` (a directory, default
+``.hypothesis/examples``), which several machines may share.
+"""
+
+from __future__ import annotations
+
+import os
+
+from hypothesis import HealthCheck, settings
+from hypothesis.database import DirectoryBasedExampleDatabase
+
+_DEFAULT_DB = ".hypothesis/examples"
+
+
+def _database(*, explicit_only: bool) -> DirectoryBasedExampleDatabase | None:
+    path = os.environ.get("QALGEBRA_HYPOTHESIS_DB", "")
+    if not path and explicit_only:
+        return None
+    return DirectoryBasedExampleDatabase(path or _DEFAULT_DB)
+
+
+def _default_profile() -> str:
+    in_ci = os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+    return "ci" if in_ci else "dev"
+
+
+settings.register_profile(
+    "ci",
+    derandomize=True,
+    deadline=None,
+    max_examples=30,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow],
+    database=_database(explicit_only=True),
+)
+settings.register_profile(
+    "dev", max_examples=100, deadline=None, database=_database(explicit_only=False)
+)
+settings.register_profile(
+    "fuzz", max_examples=5000, deadline=None, database=_database(explicit_only=False)
+)
+settings.load_profile(os.environ.get("QALGEBRA_HYPOTHESIS_PROFILE") or _default_profile())
