@@ -1,0 +1,45 @@
+"""The torch operator namespaces qalgebra uses, with precise static types.
+
+At runtime each name is the ``torch.ops`` namespace itself::
+
+    >>> from qalgebra.ops import aten, onednn, quantized_decomposed
+    >>> onednn.qconv_prepack.default is torch.ops.onednn.qconv_prepack.default
+    True
+    >>> quantized_decomposed.dequantize_per_tensor.tensor
+    <OpOverload(op='quantized_decomposed.dequantize_per_tensor', overload='tensor')>
+
+For mypy each name is typed by the generated stub package ``qalgebra_opstubs`` (``stubs/``, found
+through ``mypy_path``; regenerate it with ``python scripts/gen_stubs.py``): every overload is an
+``OpOverload`` subclass whose ``__call__`` mirrors its schema, every packet an ``OpOverloadPacket``
+subclass with one attribute per overload, and a misspelt op or overload name is a type error::
+
+    onednn.qconv_prepack.default(w, w_scales, x_scale, x_zp, stride, padding, dilation, groups)
+    # -> torch.Tensor; ``x_scale`` must be a float, ``stride`` a sequence of ints, ...
+
+Importing this module registers ``quantized_decomposed`` (a library torch defines in Python, which
+``torch.ops`` does not know until ``torch.ao.quantization.fx._decomposed`` is imported).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, cast
+
+import torch
+
+# Registers the ``quantized_decomposed`` library (the same one torchao's convert_pt2e produces).
+import torch.ao.quantization.fx._decomposed
+
+if TYPE_CHECKING:
+    from qalgebra_opstubs import aten as _aten
+    from qalgebra_opstubs import onednn as _onednn
+    from qalgebra_opstubs import prims as _prims
+    from qalgebra_opstubs import quantized as _quantized
+    from qalgebra_opstubs import quantized_decomposed as _quantized_decomposed
+
+__all__ = ["aten", "onednn", "prims", "quantized", "quantized_decomposed"]
+
+aten = cast("_aten.Namespace", torch.ops.aten)
+prims = cast("_prims.Namespace", torch.ops.prims)
+quantized_decomposed = cast("_quantized_decomposed.Namespace", torch.ops.quantized_decomposed)
+onednn = cast("_onednn.Namespace", torch.ops.onednn)
+quantized = cast("_quantized.Namespace", torch.ops.quantized)
