@@ -29,6 +29,7 @@ from qalgebra.errors import UnsupportedGraphError
 from qalgebra.fusions import DEFAULT_FUSIONS
 from qalgebra.fusions.base import Fusion, Refusal, Rewriter
 from qalgebra.match import find_matches
+from qalgebra.shapes import SHAPE_KEY, known_shape
 
 __all__ = ["DEFAULT_FUSIONS", "LoweringReport", "lower", "lower_with_report"]
 
@@ -122,6 +123,9 @@ def _apply(fusion: Fusion, gm: fx.GraphModule, report: LoweringReport) -> None:
             raise
         if new is not m.root:
             new.meta.update({k: v for k, v in m.root.meta.items() if k in ("val", "tensor_meta")})
+            shape = known_shape(m.root)
+            if shape is not None:
+                new.meta[SHAPE_KEY] = shape
             m.root.replace_all_uses_with(new)
             replaced[m.root] = new
         report.fired[fusion.name] += 1

@@ -6,10 +6,19 @@ backwards, so a match is always preferred over the matches it contains.
 """
 
 from qalgebra.fusions.base import Fusion, Refusal, Rewriter
+from qalgebra.fusions.binary import ACCUM_CLONE_ELISION, QCONV_BINARY, QLINEAR_BINARY
 from qalgebra.fusions.conv import QCONV
 from qalgebra.fusions.linear import QLINEAR
+from qalgebra.fusions.promotion import DEQUANT_PROMOTION
 
 __all__ = ["DEFAULT_FUSIONS", "Fusion", "Refusal", "Rewriter"]
 
 #: The catalog, in the order the lowering applies it.
-DEFAULT_FUSIONS: tuple[Fusion, ...] = (QCONV, QLINEAR)
+DEFAULT_FUSIONS: tuple[Fusion, ...] = (
+    DEQUANT_PROMOTION,
+    QCONV_BINARY,
+    QLINEAR_BINARY,
+    QCONV,
+    QLINEAR,
+    ACCUM_CLONE_ELISION,
+)

@@ -9,7 +9,7 @@ takes the place of ``m.root``. Replacement code that finds the match unsafe rais
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -90,6 +90,19 @@ class Rewriter:
             node = self.gm.graph.get_attr(name)
         self._created.append(node)
         return node
+
+    def duplicate(self, nodes: Sequence[fx.Node]) -> fx.Node:
+        """Copies of ``nodes`` (in graph order, each reading earlier ones) before the anchor.
+
+        Returns the copy of the last node; inputs from outside ``nodes`` are shared.
+        """
+        copies: dict[fx.Node, fx.Node] = {}
+        for n in nodes:
+            with self.gm.graph.inserting_before(self.anchor):
+                copy = self.gm.graph.node_copy(n, lambda a: copies.get(a, self.node(a)))
+            copies[n] = copy
+            self._created.append(copy)
+        return copies[nodes[-1]]
 
     def rollback(self) -> None:
         """Erase every node and constant this rewriter created."""

@@ -88,7 +88,8 @@ def prepack_linear(m: Match) -> torch.Tensor:
     return packed
 
 
-def _shape(m: Match, var: Var[list[Any]]) -> list[Any]:
+def shape_or_empty(m: Match, var: Var[list[Any]]) -> list[Any]:
+    """The reshape target a match bound, or [] when the reshape was absent."""
     return m[var] if var in m else []
 
 
@@ -98,14 +99,14 @@ def _rewrite_qlinear(m: Match, rw: Rewriter) -> fx.Node:
     out_scale, out_zp, out_dtype = output_qparams(m)
     post_op, scalars, algorithm = unary_args(m)
     x = m[X]
-    if _shape(m, X_SHAPE):
+    if shape_or_empty(m, X_SHAPE):
         x = rw.call(aten.reshape.default, x, m[X_SHAPE])
     y = rw.call(
         onednn.qlinear_pointwise.default,
         x, m[XQ.scale], m[XQ.zero_point], packed, w_scales, w_zps, bias,
         out_scale, out_zp, out_dtype, post_op, scalars, algorithm,
     )
-    if _shape(m, OUT_SHAPE):
+    if shape_or_empty(m, OUT_SHAPE):
         y = rw.call(aten.reshape.default, y, m[OUT_SHAPE])
     return y
 

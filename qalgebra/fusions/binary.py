@@ -1,0 +1,191 @@
+"""Binary (residual add) variants of the conv and linear families, from one definition.
+
+``[quant] <- [relu] <- add(compute, other)`` with ``other`` in either operand order. With an int8
+output, ``other`` must be a dequantized tensor; with a float output it may be any tensor.
+
+What oneDNN does, checked against the ops (see tests/test_lower_binary.py):
+
+- ``qconv2d_pointwise.binary`` accepts only ``sum``, which writes the result **into** the
+  accumulator, requires it channels_last-contiguous and of the output dtype. qalgebra therefore
+  accumulates into a ``clone(memory_format=channels_last)`` the lowered graph makes itself, never
+  into a caller's tensor or one read later; ``ACCUM_CLONE_ELISION`` removes the clone when the
+  accumulator is a oneDNN conv output that nothing reads afterwards.
+- ``qlinear_pointwise.binary`` with ``add`` and a float ``other`` is out of place and exact for
+  float and uint8 outputs; ``sum`` is in place and ``add`` with a uint8 ``other`` ignores its
+  scale, so qalgebra only emits ``add`` with a float ``other``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import fx
+
+from qalgebra.checks import satisfies
+from qalgebra.combinators import (
+    Unary,
+    dequantize_per_tensor,
+    with_binary,
+    with_dtype_convert,
+    with_output_quant,
+    with_unary,
+)
+from qalgebra.fusions.base import Fusion, Refusal, Rewriter
+from qalgebra.fusions.common import (
+    ACT_DTYPE,
+    OQ,
+    OTHER,
+    OTHER_Q,
+    UNARY,
+    WQ,
+    XQ,
+    W,
+    X,
+    check_common,
+    output_qparams,
+    unary_args,
+    weight_constants,
+)
+from qalgebra.fusions.conv import conv, conv_geometry, prepack_conv
+from qalgebra.fusions.linear import OUT_SHAPE, X_SHAPE, linear, prepack_linear, shape_or_empty
+from qalgebra.shapes import known_shape
+from qalgebra.pattern import Match, Pattern, Var, any_of, call, capture, dtype_of, ignored, where
+
+__all__ = ["ACCUM_CLONE_ELISION", "QCONV_BINARY", "QLINEAR_BINARY"]
+
+aten = torch.ops.aten
+onednn = torch.ops.onednn
+
+OTHER_X = Var("other_x", fx.Node)
+OTHER_DTYPE = Var("other_compute_dtype", torch.dtype)
+BINARY_UNARIES = (Unary.NONE, Unary.RELU)
+
+
+def with_residual(core: Pattern) -> Pattern:
+    """``core + other`` then optional relu; int8 output (quantized other) tried first."""
+    quantized_other = capture(
+        OTHER, with_dtype_convert(dequantize_per_tensor(OTHER_X, OTHER_Q), OTHER_DTYPE)
+    )
+    int8_out = with_output_quant(
+        with_unary(with_binary(core, quantized_other), UNARY, *BINARY_UNARIES), OQ
+    )
+    float_out = with_unary(with_binary(core, dtype_of(OTHER, OTHER_DTYPE)), UNARY, *BINARY_UNARIES)
+    return any_of(int8_out, float_out)
+
+
+def _check_other(m: Match) -> None:
+    other = known_shape(m[OTHER])
+    if other is None:
+        raise Refusal(f"the shape of the added tensor {m[OTHER].name} is unknown (no meta['val'])")
+    result = known_shape(m.root)
+    if result is not None and other != result:
+        raise Refusal(
+            f"the added tensor has shape {list(other)}, the result {list(result)}: "
+            "oneDNN's binary post-op does not broadcast"
+        )
+    other_dtype = m[OTHER_DTYPE]
+    if other_dtype != m[ACT_DTYPE]:
+        raise Refusal(f"the added tensor is {other_dtype}, the computation {m[ACT_DTYPE]}")
+
+
+def _rewrite_qconv_binary(m: Match, rw: Rewriter) -> fx.Node:
+    check_common(m, allowed_act=(torch.uint8,))
+    if m[W].dim() != 4:
+        raise Refusal("oneDNN's quantized conv binary post-op exists for conv2d only")
+    _check_other(m)
+    stride, padding, dilation, groups = conv_geometry(m)
+    packed, w_scales, w_zps, bias = weight_constants(m, rw, prepack_conv(m), "qconv_binary")
+    out_scale, out_zp, out_dtype = output_qparams(m)
+    if OQ.scale in m:
+        accum_source, accum_scale, accum_zp = m[OTHER_X], m[OTHER_Q.scale], m[OTHER_Q.zero_point]
+        if m[OTHER_Q.dtype] != out_dtype:
+            raise Refusal(f"accumulator dtype {m[OTHER_Q.dtype]} differs from output {out_dtype}")
+    else:
+        accum_source, accum_scale, accum_zp = m[OTHER], 1.0, 0
+    accum = rw.call(aten.clone.default, accum_source, memory_format=torch.channels_last)
+    accum.meta["qalgebra_accumulator"] = True
+    unary, scalars, algorithm = unary_args(m)
+    return rw.call(
+        onednn.qconv2d_pointwise.binary,
+        m[X], m[XQ.scale], m[XQ.zero_point], packed, w_scales, w_zps, accum, bias,
+        stride, padding, dilation, groups, out_scale, out_zp, out_dtype,
+        accum_scale, accum_zp, "sum", 1.0, unary, scalars, algorithm,
+    )
+
+
+def _rewrite_qlinear_binary(m: Match, rw: Rewriter) -> fx.Node:
+    check_common(m, allowed_act=(torch.uint8, torch.int8))
+    _check_other(m)
+    packed, w_scales, w_zps, bias = weight_constants(m, rw, prepack_linear(m), "qlinear_binary")
+    out_scale, out_zp, out_dtype = output_qparams(m)
+    unary, scalars, algorithm = unary_args(m)
+    x, other = m[X], m[OTHER]
+    if shape_or_empty(m, X_SHAPE):
+        x = rw.call(aten.reshape.default, x, m[X_SHAPE])
+        other = rw.call(aten.reshape.default, other, [-1, m[WQ.scales].shape[0]])
+    y = rw.call(
+        onednn.qlinear_pointwise.binary,
+        x, m[XQ.scale], m[XQ.zero_point], packed, w_scales, w_zps, other, bias,
+        out_scale, out_zp, out_dtype, 1.0, 0, "add", 1.0, unary, scalars, algorithm,
+    )
+    if shape_or_empty(m, OUT_SHAPE):
+        y = rw.call(aten.reshape.default, y, m[OUT_SHAPE])
+    return y
+
+
+QCONV_BINARY = Fusion(
+    name="qconv_binary",
+    family="qconv binary",
+    pattern=with_residual(conv()),
+    rewrite=_rewrite_qconv_binary,
+    doc="dequant -> conv -> add(., other) -> [relu] -> [quant]  =>  "
+    "onednn.qconv2d_pointwise.binary (sum into a tensor the graph owns)",
+)
+
+QLINEAR_BINARY = Fusion(
+    name="qlinear_binary",
+    family="qlinear binary",
+    pattern=with_residual(linear()),
+    rewrite=_rewrite_qlinear_binary,
+    doc="dequant -> linear -> add(., other) -> [relu] -> [quant]  =>  "
+    "onednn.qlinear_pointwise.binary (add, out of place)",
+)
+
+
+# --------------------------------------------------------------------------------------------
+# Accumulator clone elision
+# --------------------------------------------------------------------------------------------
+
+_CLONE = Var("accum_clone", fx.Node)
+_SOURCE = Var("accum_source", fx.Node)
+#: oneDNN conv outputs are channels_last; argument counts of the two overloads' schemas.
+_CONV_OUTPUT = call(onednn.qconv_pointwise.default, *([ignored()] * 17)) | call(
+    onednn.qconv2d_pointwise.binary, *([ignored()] * 22)
+)
+
+
+def _last_reader(m: Match) -> bool:
+    clone, source = m[_CLONE], m[_SOURCE]
+    if not clone.meta.get("qalgebra_accumulator"):
+        return False
+    order = {n: i for i, n in enumerate(clone.graph.nodes)}
+    consumer = next(iter(clone.users), None)
+    if consumer is None or len(clone.users) != 1:
+        return False
+    return all(
+        u is clone or (u.op != "output" and order[u] < order[consumer]) for u in source.users
+    )
+
+
+ACCUM_CLONE_ELISION = Fusion(
+    name="accum_clone_elision",
+    family="qconv binary",
+    pattern=where(
+        capture(
+            _CLONE,
+            call(aten.clone.default, capture(_SOURCE, _CONV_OUTPUT), memory_format=torch.channels_last),
+        ),
+        satisfies(_last_reader, "the accumulator is a oneDNN conv output nothing reads later"),
+    ),
+    rewrite=lambda m, rw: rw.node(m[_SOURCE]),
+    doc="clone(channels_last) of a oneDNN conv output read by nobody after  =>  the output",
+)
