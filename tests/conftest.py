@@ -4,8 +4,9 @@
 ``ci`` when the ``CI`` variable is set, else ``dev``:
 
 - ``ci``: derandomized (the same examples every run), 30 examples, no deadline, failing examples
-  printed as reproduction blobs, and no example database unless ``QALGEBRA_HYPOTHESIS_DB`` names
-  one, so a run depends on nothing but the commit;
+  printed as reproduction blobs, and no example database, so a run depends on nothing but the
+  commit. If ``QALGEBRA_HYPOTHESIS_DB`` is set explicitly, ``ci`` replays that database instead
+  and is no longer derandomized (Hypothesis allows one or the other);
 - ``dev``: 100 random examples, no deadline;
 - ``fuzz``: 5000 random examples, no deadline, for long campaigns.
 
@@ -35,14 +36,16 @@ def _default_profile() -> str:
     return "ci" if in_ci else "dev"
 
 
+_ci_database = _database(explicit_only=True)
 settings.register_profile(
     "ci",
-    derandomize=True,
+    # Hypothesis refuses derandomize together with a database: an explicit database wins.
+    derandomize=_ci_database is None,
     deadline=None,
     max_examples=30,
     print_blob=True,
     suppress_health_check=[HealthCheck.too_slow],
-    database=_database(explicit_only=True),
+    database=_ci_database,
 )
 settings.register_profile(
     "dev", max_examples=100, deadline=None, database=_database(explicit_only=False)
