@@ -51,6 +51,7 @@ from qalgebra.pattern import (
     Tag,
     Var,
     Where,
+    _target_name,
 )
 
 __all__ = ["explain", "find_matches", "iter_matches", "match_node"]
@@ -87,6 +88,15 @@ _DTYPE_ARGUMENT = "dtype"
 def _output_dtype_from_args(node: fx.Node, args: dict[str, object] | None) -> torch.dtype | None:
     if args is None:
         return None
+    target = node.target
+    if isinstance(target, OpOverload) and target.namespace == "quantized_decomposed":
+        # The `dtype` of a dequantize is its *input's* quantized dtype; it outputs `out_dtype`
+        # (None: float32). choose_qparams & co. output qparams, not a tensor of `dtype`.
+        if target._opname.startswith("dequantize"):
+            out = args.get("out_dtype")
+            return out if isinstance(out, torch.dtype) else torch.float32
+        if not target._opname.startswith("quantize"):
+            return None
     value = args.get(_DTYPE_ARGUMENT)
     return value if isinstance(value, torch.dtype) else None
 
@@ -119,12 +129,26 @@ class _Context:
     module: torch.nn.Module | None
     record: bool
     deepest: Mismatch | None = None
+    _deepest_rank: tuple[int, int] = (-1, -1)
     _normalized: dict[fx.Node, dict[str, object] | None] = field(default_factory=dict)
+    #: (pattern, node, bindings of its Vars) that were tried and yielded nothing: trying them
+    #: again cannot succeed, and without this k nested optionals cost 2^k on a failing graph.
+    failed: set[tuple[object, ...]] = field(default_factory=set)
     _order: dict[fx.Node, int] | None = None
 
-    def fail(self, path: Path, at: object, template: str, *args: object) -> None:
-        if self.record and (self.deepest is None or len(path) > len(self.deepest.path)):
+    def fail(self, st: _State, path: Path, at: object, template: str, *args: object) -> None:
+        """Record a failure; ``explain`` reports the one reached after the most progress.
+
+        Progress is what the search had matched when it failed (nodes and bindings), then the
+        depth of the path: a later alternative that fails early at a deep place (another spelling
+        of a conversion tried after the first one matched) must not hide the real failure.
+        """
+        if not self.record:
+            return
+        rank = (len(st.nodes) + len(st.bindings), len(path))
+        if self.deepest is None or rank > self._deepest_rank:
             self.deepest = Mismatch(template, args, path, at)
+            self._deepest_rank = rank
 
     def arguments(self, node: fx.Node) -> dict[str, object] | None:
         """The node's arguments by schema name with defaults filled in (None: no schema)."""
@@ -245,7 +269,8 @@ def _bind(
     if coerce:
         ok, value = _coerce(var.type, raw, ctx)
         if not ok:
-            ctx.fail(path, raw, "Var {} expects a {}, got {}", var.name, var.type.__name__, raw)
+            ctx.fail(st, path, raw, "Var {} expects type {}, got {}",
+                     _Text(var.name), _Text(var.type.__name__), raw)
             return None
     else:
         value = raw
@@ -254,12 +279,60 @@ def _bind(
         return st.bind(var, value)
     if _same(existing, value):
         return st
-    ctx.fail(path, raw, "Var {} is already bound to {}, here it would be {}", var.name, existing, value)
+    ctx.fail(st, path, raw, "Var {} is already bound to {}, here it would be {}",
+             _Text(var.name), existing, value)
     return None
 
 
 def _m(p: Pattern, value: object, st: _State, path: Path, ctx: _Context) -> Iterator[_State]:
-    return _DISPATCH[type(p)](p, value, st, path, ctx)
+    if type(p) is not Optional or not isinstance(value, fx.Node):
+        return _DISPATCH[type(p)](p, value, st, path, ctx)
+    memo_vars = _memo_vars(p)
+    if memo_vars is None:
+        return _DISPATCH[type(p)](p, value, st, path, ctx)
+    bound = st.bindings
+    key: tuple[object, ...] = (p, value)
+    if bound:
+        key += tuple((type(b), _hashable(b)) for b in map(bound.get, memo_vars))
+    try:
+        if key in ctx.failed:
+            return iter(())
+    except TypeError:  # an unhashable bound value: no memo
+        return _DISPATCH[type(p)](p, value, st, path, ctx)
+    return _remember_failure(p, value, st, path, ctx, key)
+
+
+@functools.cache
+def _memo_vars(p: Pattern) -> tuple[Var[Any], ...] | None:
+    """The Vars a sub-search of ``p`` depends on, or None when it is not worth memoizing.
+
+    Only optional nodes are memoized (they are what makes the search branch at one node); one
+    with a ``where`` check inside is not (a check may read any binding or the matched nodes).
+    """
+    if not isinstance(p, Optional):
+        return None
+    stack: list[Pattern] = [p]
+    while stack:
+        q = stack.pop()
+        if isinstance(q, Where):
+            return None
+        stack.extend(q.children())
+    return tuple(sorted(p.vars, key=lambda v: v.name))
+
+
+def _hashable(value: object) -> object:
+    return tuple(value) if isinstance(value, list) else value
+
+
+def _remember_failure(
+    p: Pattern, value: object, st: _State, path: Path, ctx: _Context, key: tuple[object, ...]
+) -> Iterator[_State]:
+    found = False
+    for out in _DISPATCH[type(p)](p, value, st, path, ctx):
+        found = True
+        yield out
+    if not found:
+        ctx.failed.add(key)
 
 
 def _m_var(p: Var[Any], value: object, st: _State, path: Path, ctx: _Context) -> Iterator[_State]:
@@ -276,7 +349,19 @@ def _m_literal(p: Literal, value: object, st: _State, path: Path, ctx: _Context)
     if _const_eq(p.value, value):
         yield st
     else:
-        ctx.fail(path, value, "expected {}, got {}", p.value, value)
+        ctx.fail(st, path, value, "expected {}, got {}", p.value, value)
+
+
+class _TargetNames:
+    """The targets of a call pattern in English (``aten.relu.default``), named only if shown."""
+
+    __slots__ = ("call",)
+
+    def __init__(self, call: Call) -> None:
+        self.call = call
+
+    def __repr__(self) -> str:
+        return " | ".join(_target_name(t) for t in self.call.targets)
 
 
 def _target_ok(targets: Collection[object], target: object) -> bool:
@@ -286,19 +371,19 @@ def _target_ok(targets: Collection[object], target: object) -> bool:
 
 
 def _call_pairs(
-    p: Call, node: fx.Node, path: Path, ctx: _Context
+    p: Call, node: fx.Node, st: _State, path: Path, ctx: _Context
 ) -> list[tuple[Pattern, object, str]] | None:
     """(pattern, graph value, path step) for each argument, or None after recording why not."""
     pairs: list[tuple[Pattern, object, str]] = []
     if isinstance(node.target, OpOverload):
         args = ctx.arguments(node)
         if args is None:
-            ctx.fail(path, node, "the arguments of {} do not fit its schema", node)
+            ctx.fail(st, path, node, "the arguments of {} do not fit its schema", node)
             return None
         schema = _schema_args(node.target)
         positional = [a.name for a in schema if not a.kwarg_only]
         if len(p.args) > len(positional):
-            ctx.fail(path, node, "{} takes {} positional arguments, the pattern gives {}",
+            ctx.fail(st, path, node, "{} takes {} positional arguments, the pattern gives {}",
                      node, len(positional), len(p.args))
             return None
         specified = set(positional[: len(p.args)])
@@ -306,19 +391,19 @@ def _call_pairs(
             pairs.append((sub, args[positional[i]], f".args[{i}]"))
         for name in sorted(p.kwargs):
             if name not in args:
-                ctx.fail(path, node, "{} has no argument {}", node, name)
+                ctx.fail(st, path, node, "{} has no argument {}", node, _Text(name))
                 return None
             pairs.append((p.kwargs[name], args[name], f".{name}"))
             specified.add(name)
         for a in schema:
             if a.name not in specified and a.has_default and not _const_eq(a.default, args[a.name]):
-                ctx.fail(path + (f".{a.name}",), args[a.name],
+                ctx.fail(st, path + (f".{a.name}",), args[a.name],
                          "argument {} is {}, the pattern leaves it at its default {}",
-                         a.name, args[a.name], a.default)
+                         _Text(a.name), args[a.name], a.default)
                 return None
         return pairs
     if len(node.args) != len(p.args) or set(node.kwargs) != set(p.kwargs):
-        ctx.fail(path, node, "{} has {} args and kwargs {}, the pattern expects {} and {}",
+        ctx.fail(st, path, node, "{} has {} args and kwargs {}, the pattern expects {} and {}",
                  node, len(node.args), sorted(node.kwargs), len(p.args), sorted(p.kwargs))
         return None
     pairs.extend((sub, node.args[i], f".args[{i}]") for i, sub in enumerate(p.args))
@@ -339,15 +424,16 @@ def _m_seq(
 
 def _m_call(p: Call, value: object, st: _State, path: Path, ctx: _Context) -> Iterator[_State]:
     if not isinstance(value, fx.Node) or value.op != "call_function":
-        ctx.fail(path, value, "expected a call to {}, got {}", p.target_repr(), value)
+        ctx.fail(st, path, value, "expected a call to {}, got {}", _TargetNames(p), value)
         return
     if not _target_ok(p.targets, value.target):
-        ctx.fail(path, value, "expected a call to {}, got {}", p.target_repr(), value)
+        ctx.fail(st, path, value, "expected a call to {}, got {}", _TargetNames(p), value)
         return
     if p.users is not None and len(value.users) != p.users:
-        ctx.fail(path, value, "expected {} user(s), {} has {}", p.users, value.name, len(value.users))
+        ctx.fail(st, path, value, "expected {} user(s), {} has {}",
+                 p.users, _Text(value.name), len(value.users))
         return
-    pairs = _call_pairs(p, value, path, ctx)
+    pairs = _call_pairs(p, value, st, path, ctx)
     if pairs is None:
         return
     orders = [pairs]
@@ -379,7 +465,7 @@ def _m_optional(p: Optional, value: object, st: _State, path: Path, ctx: _Contex
 
 def _m_list_of(p: ListOf, value: object, st: _State, path: Path, ctx: _Context) -> Iterator[_State]:
     if not isinstance(value, list | tuple) or not value:
-        ctx.fail(path, value, "expected a non-empty list, got {}", value)
+        ctx.fail(st, path, value, "expected a non-empty list, got {}", value)
         return
     per_element = {v: list(st.per_element.get(v, ())) for v in p.element.vars}
     nodes = st.nodes
@@ -413,13 +499,13 @@ def _m_where(p: Where, value: object, st: _State, path: Path, ctx: _Context) -> 
     for st2 in _m(p.pattern, value, st, path, ctx):
         root = value if isinstance(value, fx.Node) else (st2.nodes[-1] if st2.nodes else None)
         if root is None:
-            ctx.fail(path, value, "a check needs a matched node, got {}", value)
+            ctx.fail(st2, path, value, "a check needs a matched node, got {}", value)
             continue
         why = p.check.failure(Match(root, st2.bindings, st2.per_element, tuple(st2.nodes)))
         if why is None:
             yield st2
         else:
-            ctx.fail(path + ("<check>",), value, "check failed: {}", _Text(why))
+            ctx.fail(st2, path + ("<check>",), value, "check failed: {}", _Text(why))
 
 
 class _Text(str):
@@ -433,7 +519,7 @@ def _m_dtype_of(p: DtypeOf, value: object, st: _State, path: Path, ctx: _Context
     for st2 in _m(p.pattern, value, st, path, ctx):
         dt = ctx.dtype(value)
         if dt is None:
-            ctx.fail(path, value, "the dtype of {} is unknown (no meta['val'])", value)
+            ctx.fail(st2, path, value, "the dtype of {} is unknown (no meta['val'])", value)
             continue
         out = _bind(p.var, dt, st2, path, ctx, coerce=False)
         if out is not None:
@@ -445,7 +531,8 @@ def _m_reciprocal(
 ) -> Iterator[_State]:
     ok, number = _coerce(float, value, ctx)
     if not ok or number == 0.0:
-        ctx.fail(path, value, "expected a non-zero number (1/{}), got {}", p.var.name, value)
+        ctx.fail(st, path, value, "expected a non-zero number (1/{}), got {}",
+                 _Text(p.var.name), value)
         return
     assert isinstance(number, float)
     out = _bind(p.var, 1.0 / number, st, path, ctx, coerce=False)
@@ -573,7 +660,7 @@ def find_matches(pattern: Pattern, graph: fx.Graph | fx.GraphModule) -> list[Mat
     claimed: set[fx.Node] = set()
     found: list[Match] = []
     for node in reversed(g.nodes):
-        if node in claimed:
+        if node in claimed or node.op == "output":  # the output node is not a value
             continue
         if roots is not None and not (node.op == "call_function" and _target_ok(roots, node.target)):
             continue
