@@ -287,11 +287,31 @@ class Literal(Pattern):
         except TypeError:
             raise PatternError(f"literal: expected a hashable constant, got {self.value!r}") from None
 
+    # Python has True == 1 and hash(True) == hash(1), but literal(True) and literal(1) match
+    # different values (bools only equal bools), so they must differ as patterns too (otherwise
+    # any_of(literal(1), literal(True)) would drop its second alternative).
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Literal):
+            return NotImplemented
+        return _literal_key(self.value) == _literal_key(other.value)
+
+    def __hash__(self) -> int:
+        return hash((Literal, _literal_key(self.value)))
+
     def __repr__(self) -> str:
         return f"literal({_value_repr(self.value)})"
 
     def describe(self) -> str:
         return _value_repr(self.value)
+
+
+def _literal_key(value: object) -> object:
+    """``value`` with bools told apart from the numbers they equal."""
+    if isinstance(value, bool):
+        return (bool, value)
+    if isinstance(value, tuple):
+        return tuple(_literal_key(v) for v in value)
+    return value
 
 
 # --------------------------------------------------------------------------------------------
