@@ -205,7 +205,7 @@ def render_type(
 
 @dataclass(frozen=True, slots=True)
 class Signature:
-    """A rendered ``__call__``: receiver, parameters (with ``/`` and ``*`` markers), return."""
+    """A rendered ``__call__``: parameters (receiver, ``/`` and ``*`` included) and return type."""
 
     params: tuple[str, ...]
     returns: str
@@ -224,8 +224,9 @@ def signature(schema: torch._C.FunctionSchema, q: Qualify) -> Signature:
     for name in names:
         if keyword.iskeyword(name) or not name.isidentifier():
             raise StubGenerationError(f"{schema}: argument {name!r} is not a Python identifier")
-    receiver = "self" if "self" not in names else "_self"
-    if receiver in names[1:] or (receiver == "_self" and "_self" in names):
+    # torch's own ``__call__`` takes its receiver positional-only so an argument may be ``self``.
+    receiver = "_self" if "self" in names else "self"
+    if receiver in names:
         raise StubGenerationError(f"{schema}: no free name for the receiver")
     typevars: set[str] = set()
     params = [receiver, "/"]
