@@ -8,6 +8,7 @@ backwards, so a match is always preferred over the matches it contains.
 from qalgebra.fusions.base import Fusion, Refusal, Rewriter
 from qalgebra.fusions.binary import ACCUM_CLONE_ELISION, QCONV_BINARY, QLINEAR_BINARY
 from qalgebra.fusions.conv import QCONV
+from qalgebra.fusions.layout import VIEW_AS_RESHAPE
 from qalgebra.fusions.linear import QLINEAR
 from qalgebra.fusions.promotion import DEQUANT_PROMOTION
 
@@ -21,4 +22,5 @@ DEFAULT_FUSIONS: tuple[Fusion, ...] = (
     QCONV,
     QLINEAR,
     ACCUM_CLONE_ELISION,
+    VIEW_AS_RESHAPE,
 )

@@ -161,19 +161,32 @@ _SOURCE = Var("accum_source", fx.Node)
 _CONV_OUTPUT = call(onednn.qconv_pointwise.default, *([ignored()] * 17)) | call(
     onednn.qconv2d_pointwise.binary, *([ignored()] * 22)
 )
+#: Ops whose output may share storage with their input: a reader through one of them could
+#: see the in-place accumulation later, so the clone stays.
+_ALIASING = frozenset(
+    str(p)
+    for p in (
+        aten.view, aten.reshape, aten._unsafe_view, aten.permute, aten.expand, aten.slice,
+        aten.select, aten.t, aten.transpose, aten.squeeze, aten.unsqueeze, aten.as_strided,
+        aten.alias, aten.detach, aten.flatten, aten.unflatten, aten.narrow, aten.split,
+        aten.chunk, aten.unbind,
+    )
+)
 
 
 def _last_reader(m: Match) -> bool:
     clone, source = m[_CLONE], m[_SOURCE]
-    if not clone.meta.get("qalgebra_accumulator"):
+    if not clone.meta.get("qalgebra_accumulator") or len(clone.users) != 1:
         return False
+    consumer = next(iter(clone.users))
     order = {n: i for i, n in enumerate(clone.graph.nodes)}
-    consumer = next(iter(clone.users), None)
-    if consumer is None or len(clone.users) != 1:
-        return False
-    return all(
-        u is clone or (u.op != "output" and order[u] < order[consumer]) for u in source.users
-    )
+    for user in source.users:
+        if user is clone:
+            continue
+        aliasing = str(getattr(user.target, "overloadpacket", user.target)) in _ALIASING
+        if user.op != "call_function" or aliasing or order[user] > order[consumer]:
+            return False
+    return True
 
 
 ACCUM_CLONE_ELISION = Fusion(
