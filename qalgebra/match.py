@@ -436,6 +436,10 @@ def _m_call(p: Call, value: object, st: _State, path: Path, ctx: _Context) -> It
     pairs = _call_pairs(p, value, st, path, ctx)
     if pairs is None:
         return
+    # Leaves (constants, Vars) first: each matches at most one way, so the order of the results
+    # is unchanged, but a constant that differs ends the trial before every way of matching a
+    # deep argument is enumerated (else nested optionals told apart by a constant cost 2^k).
+    pairs.sort(key=_is_composite)
     orders = [pairs]
     if p.commutative:
         (a, va, sa), (b, vb, sb) = pairs
@@ -443,6 +447,10 @@ def _m_call(p: Call, value: object, st: _State, path: Path, ctx: _Context) -> It
     for order in orders:
         for st2 in _m_seq(order, 0, st, path, ctx):
             yield st2 if value in st2.nodes else st2.with_node(value)
+
+
+def _is_composite(pair: tuple[Pattern, object, str]) -> bool:
+    return not isinstance(pair[0], Var | Literal | Ignored | Reciprocal)
 
 
 def _m_any_of(p: AnyOf, value: object, st: _State, path: Path, ctx: _Context) -> Iterator[_State]:
