@@ -41,6 +41,7 @@ from qalgebra.fusions.common import (
     W,
     X,
     check_common,
+    clamp_to_quant_range,
     output_qparams,
     unary_args,
     weight_constants,
@@ -104,12 +105,13 @@ def _rewrite_qconv_binary(m: Match, rw: Rewriter) -> fx.Node:
     accum = rw.call(aten.clone.default, accum_source, memory_format=torch.channels_last)
     accum.meta["qalgebra_accumulator"] = True
     unary, scalars, algorithm = unary_args(m)
-    return rw.call(
+    fused = rw.call(
         onednn.qconv2d_pointwise.binary,
         m[X], m[XQ.scale], m[XQ.zero_point], packed, w_scales, w_zps, accum, bias,
         stride, padding, dilation, groups, out_scale, out_zp, out_dtype,
         accum_scale, accum_zp, "sum", 1.0, unary, scalars, algorithm,
     )
+    return clamp_to_quant_range(m, rw, fused)
 
 
 def _rewrite_qlinear_binary(m: Match, rw: Rewriter) -> fx.Node:
@@ -127,6 +129,7 @@ def _rewrite_qlinear_binary(m: Match, rw: Rewriter) -> fx.Node:
         x, m[XQ.scale], m[XQ.zero_point], packed, w_scales, w_zps, other, bias,
         out_scale, out_zp, out_dtype, 1.0, 0, "add", 1.0, unary, scalars, algorithm,
     )
+    y = clamp_to_quant_range(m, rw, y)
     if shape_or_empty(m, OUT_SHAPE):
         y = rw.call(aten.reshape.default, y, m[OUT_SHAPE])
     return y

@@ -72,6 +72,21 @@ def output_qparams(m: Match) -> tuple[float, int, torch.dtype]:
     return 1.0, 0, m[ACT_DTYPE]
 
 
+def clamp_to_quant_range(m: Match, rw: Rewriter, node: fx.Node) -> fx.Node:
+    """oneDNN's int8 outputs span the whole dtype; clamp when the quant's range is narrower.
+
+    A ``reduce_range`` quantize clamps to [0, 127], which the fused op cannot express: without
+    this clamp a value that rounds to 128 would come out as 128 instead of 127.
+    """
+    if OQ.scale not in m:
+        return node
+    low, high = m[OQ.quant_min], m[OQ.quant_max]
+    info = torch.iinfo(m[OQ.dtype])
+    if (low, high) == (info.min, info.max):
+        return node
+    return rw.call(torch.ops.aten.clamp.default, node, low, high)
+
+
 def check_common(m: Match, *, allowed_act: tuple[torch.dtype, ...]) -> None:
     """Refuse what oneDNN would compute wrongly or not at all; reasons reach the report."""
     _check_qparams(m, XQ, "input")

@@ -27,6 +27,7 @@ from qalgebra.fusions.common import (
     activation,
     bias_or_none,
     check_common,
+    clamp_to_quant_range,
     maybe_output_quant,
     output_qparams,
     unary_args,
@@ -98,12 +99,13 @@ def _rewrite_qconv(m: Match, rw: Rewriter) -> fx.Node:
     packed, w_scales, w_zps, bias = weight_constants(m, rw, prepack_conv(m), "qconv")
     out_scale, out_zp, out_dtype = output_qparams(m)
     attr, scalars, algorithm = unary_args(m)
-    return rw.call(
+    fused = rw.call(
         onednn.qconv_pointwise.default,
         m[X], m[XQ.scale], m[XQ.zero_point], packed, w_scales, w_zps, bias,
         stride, padding, dilation, groups,
         out_scale, out_zp, out_dtype, attr, scalars, algorithm,
     )
+    return clamp_to_quant_range(m, rw, fused)
 
 
 QCONV = Fusion(

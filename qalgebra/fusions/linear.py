@@ -33,6 +33,7 @@ from qalgebra.fusions.common import (
     activation,
     bias_or_none,
     check_common,
+    clamp_to_quant_range,
     maybe_output_quant,
     output_qparams,
     unary_args,
@@ -106,6 +107,7 @@ def _rewrite_qlinear(m: Match, rw: Rewriter) -> fx.Node:
         x, m[XQ.scale], m[XQ.zero_point], packed, w_scales, w_zps, bias,
         out_scale, out_zp, out_dtype, post_op, scalars, algorithm,
     )
+    y = clamp_to_quant_range(m, rw, y)
     if shape_or_empty(m, OUT_SHAPE):
         y = rw.call(aten.reshape.default, y, m[OUT_SHAPE])
     return y

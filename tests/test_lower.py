@@ -1,0 +1,307 @@
+"""The lowering on real torchao-quantized graphs, in every form the catalog accepts.
+
+Expected fusion counts are derived from each model's structure (see qalgebra/testing/models.py):
+e.g. ``ConvUnary`` is ``post(conv2(post(conv1(x))))``: conv1 with int8 output (conv2 reads it
+quantized), conv2 with float output -- two ``qconv`` fusions carrying the post-op.
+
+Numerics. oneDNN and the eager reference compute the same integer arithmetic, but float rounding
+may move a value across a rounding boundary, so a quantized intermediate may differ by one step.
+The bound used for float outputs is "one step on every input of the last layer":
+``2 * max_activation_scale * max_row_l1(weights)`` -- and, to catch systematic errors (a scale
+or zero point mixed up), at least 99% of the output elements must agree to 1e-4.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Sequence
+
+import pytest
+import torch
+from torch import fx
+
+from qalgebra.errors import UnsupportedGraphError
+from qalgebra.fusions import DEFAULT_FUSIONS, Fusion, Rewriter
+from qalgebra.isa import int8_pairs_saturate
+from qalgebra.lower import lower, lower_with_report
+from qalgebra.pattern import Match
+from qalgebra.testing.forms import FORMS, decompose_compute, to_decomposed
+from qalgebra.testing.models import MODELS
+from qalgebra.testing.quantize import quantize_pt2e
+
+onednn = torch.ops.onednn
+qd = torch.ops.quantized_decomposed
+
+
+@functools.cache
+def _quantized(name: str) -> tuple[fx.GraphModule, tuple[torch.Tensor, ...]]:
+    model, inputs = MODELS[name]()
+    return quantize_pt2e(model, inputs), inputs
+
+
+def _in_form(form: str, gm: fx.GraphModule, inputs: Sequence[torch.Tensor]) -> fx.GraphModule:
+    if form == "compute":  # what Inductor sees: aten.convolution, permute + addmm, decomposed q/dq
+        return decompose_compute(to_decomposed(gm), inputs)
+    return FORMS[form](gm)
+
+
+FORM_NAMES = (
+    "op",
+    "tensor_qparams",
+    "decomposed",
+    "decomposed_single_clamp",
+    "decomposed_keep_zero_zp",
+    "compute",
+)
+
+#: oneDNN post-op (name, scalars, algorithm) of each model post-op.
+CONV_ATTRS = {
+    "none": ("none", [], ""),
+    "relu": ("relu", [], ""),
+    "relu6": ("hardtanh", [0.0, 6.0], ""),
+    "hardtanh": ("hardtanh", [-1.0, 1.0], ""),
+    "hardswish": ("hardswish", [], ""),
+    "silu": ("swish", [], ""),
+}
+LINEAR_ATTRS = {
+    **CONV_ATTRS,
+    "gelu": ("gelu", [], "none"),
+    "gelu_tanh": ("gelu", [], "tanh"),
+    "leaky_relu": ("leaky_relu", [0.1], ""),
+    "tanh": ("tanh", [], ""),
+}
+
+EXPECTED: dict[str, dict[str, int]] = {
+    **{f"conv2d_{p}": {"qconv": 2} for p in CONV_ATTRS},
+    **{f"linear_{p}": {"qlinear": 2} for p in LINEAR_ATTRS},
+    "linear3d_relu": {"qlinear": 2},
+    "linear3d_gelu_tanh": {"qlinear": 2},
+    "linear3d_nobias_relu": {"qlinear": 2},
+    # conv(x) + dequant(y) -> relu -> quant -> head conv (float out)
+    "conv_add_dequant_rhs_relu": {"qconv_binary": 1, "qconv": 1},
+    "conv_add_dequant_lhs": {"qconv_binary": 1, "qconv": 1},
+    # main conv + quantized other conv -> head: the other conv and the head stay plain qconv
+    "conv_add_conv_lhs": {"qconv_binary": 1, "qconv": 2},
+    "conv_add_conv_rhs_relu_float_out": {"qconv_binary": 1, "qconv": 1},
+    # fc1(x) + y (float input) -> [relu] -> fc2: float-other binary, fc2 plain
+    "linear_add_input_rhs_relu": {"qlinear_binary": 1, "qlinear": 1},
+    "linear3d_add_input_lhs": {"qlinear_binary": 1, "qlinear": 1},
+    "resnet_like_2": {"qconv_binary": 2, "qconv": 3, "qlinear": 1},
+    "ffn_stack_2_3d": {"qlinear_binary": 2, "qlinear": 2},
+}
+
+
+def _max_activation_scale(gm: fx.GraphModule) -> float:
+    scales = [
+        float(n.args[1])
+        for n in gm.graph.nodes
+        if n.target is qd.quantize_per_tensor.default and isinstance(n.args[1], float)
+    ]
+    return max(scales)
+
+
+def _max_row_l1(gm: fx.GraphModule) -> float:
+    best = 0.0
+    for n in gm.graph.nodes:
+        if n.target is qd.dequantize_per_channel.default:
+            w, s = (getattr(gm, a.target) for a in n.args[:2])
+            dq = w.float() * s.reshape(-1, *([1] * (w.dim() - 1)))
+            best = max(best, float(dq.flatten(1).abs().sum(1).max()))
+    return best
+
+
+def assert_close_to_reference(
+    reference: torch.Tensor, lowered: torch.Tensor, op_form: fx.GraphModule
+) -> None:
+    assert lowered.shape == reference.shape and lowered.dtype == reference.dtype
+    diff = (lowered.float() - reference.float()).abs()
+    bound = 2 * _max_activation_scale(op_form) * _max_row_l1(op_form) + 1e-5
+    assert float(diff.max()) <= bound, f"max diff {float(diff.max())} > bound {bound}"
+    agree = float((diff <= 1e-4).float().mean())
+    assert agree >= 0.99, f"only {agree:.3f} of the elements agree to 1e-4"
+
+
+def _fused_nodes(gm: fx.GraphModule) -> list[fx.Node]:
+    return [
+        n for n in gm.graph.nodes if n.op == "call_function" and str(n.target).startswith("onednn")
+    ]
+
+
+@pytest.mark.parametrize("form", FORM_NAMES)
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_family_fires_in_every_form_with_reference_numerics(name: str, form: str) -> None:
+    op_form, inputs = _quantized(name)
+    graph = _in_form(form, op_form, inputs)
+    before = graph.code
+    lowered, report = lower_with_report(graph, inputs)
+    fired = {k: v for k, v in report.fired.items() if k in EXPECTED[name]}
+    assert fired == EXPECTED[name], report.summary()
+    assert not report.refused, report.summary()
+    assert graph.code == before
+    lowered.graph.lint()
+    assert_close_to_reference(graph(*inputs), lowered(*inputs), op_form)
+
+
+@pytest.mark.parametrize("post", sorted(CONV_ATTRS))
+def test_conv_post_op_attributes_and_output_dtypes(post: str) -> None:
+    gm, inputs = _quantized(f"conv2d_{post}")
+    convs = _fused_nodes(lower(gm, inputs))
+    assert [n.target for n in convs] == [onednn.qconv_pointwise.default] * 2
+    for node in convs:
+        assert tuple(node.args[14:17]) == CONV_ATTRS[post]
+    assert convs[0].args[13] == torch.uint8  # conv1 feeds conv2 quantized
+    assert convs[1].args[13] == torch.float32 and convs[1].args[11:13] == (1.0, 0)
+
+
+@pytest.mark.parametrize("post", sorted(LINEAR_ATTRS))
+def test_linear_post_op_attributes(post: str) -> None:
+    gm, inputs = _quantized(f"linear_{post}")
+    linears = _fused_nodes(lower(gm, inputs))
+    assert [n.target for n in linears] == [onednn.qlinear_pointwise.default] * 2
+    for node in linears:
+        name, scalars, algorithm = node.args[10:13]
+        expected_name, expected_scalars, expected_algorithm = LINEAR_ATTRS[post]
+        assert (name, algorithm) == (expected_name, expected_algorithm)
+        assert [round(float(s), 6) for s in scalars] == expected_scalars
+    assert linears[0].args[9] == torch.uint8 and linears[1].args[9] == torch.float32
+
+
+@pytest.mark.parametrize(
+    "name", ["conv_add_conv_rhs_relu_float_out", "linear_add_input_rhs_relu", "resnet_like_2"]
+)
+def test_never_writes_caller_tensors_nor_returns_an_alias(name: str) -> None:
+    gm, inputs = _quantized(name)
+    lowered = lower(gm, inputs)
+    mine = [t.clone() for t in inputs]
+    out = lowered(*mine)
+    for ours, original in zip(mine, inputs, strict=True):
+        assert torch.equal(ours, original)
+        assert out.untyped_storage().data_ptr() != ours.untyped_storage().data_ptr()
+    assert torch.equal(lowered(*mine), out)  # running twice gives the same result
+
+
+def test_conv_accumulates_into_a_tensor_the_graph_owns() -> None:
+    gm, inputs = _quantized("conv_add_conv_rhs_relu_float_out")
+    lowered = lower(gm, inputs)
+    (binary,) = [n for n in lowered.graph.nodes if n.target is onednn.qconv2d_pointwise.binary]
+    accum = binary.args[6]
+    assert isinstance(accum, fx.Node)
+    assert accum.target is torch.ops.aten.clone.default or str(accum.target).startswith("onednn")
+    assert accum.op == "call_function" and len(accum.users) == 1
+
+
+def test_dynamic_batch_stays_symbolic() -> None:
+    model, inputs = MODELS["resnet_like_2"]()
+    gm = quantize_pt2e(model, inputs, dynamic_batch=True)
+    lowered, report = lower_with_report(gm, inputs)
+    assert report.fired["qconv_binary"] == 2
+    bigger = (torch.randn(5, *inputs[0].shape[1:]),)
+    assert_close_to_reference(gm(*bigger), lowered(*bigger), gm)
+
+
+def test_graph_without_quantization_comes_back_equivalent() -> None:
+    model, inputs = MODELS["float_conv1d_relu"]()
+    gm = torch.export.export(model, inputs).module()
+    assert isinstance(gm, fx.GraphModule)
+    lowered, report = lower_with_report(gm, inputs)
+    assert report.total_fired == 0 and not report.refused
+    assert torch.equal(lowered(*inputs), gm(*inputs))
+
+
+def test_lowering_is_idempotent() -> None:
+    gm, inputs = _quantized("resnet_like_2")
+    once = lower(gm, inputs)
+    twice, report = lower_with_report(once, inputs)
+    family_counts = {k: v for k, v in report.fired.items() if k in EXPECTED["resnet_like_2"]}
+    assert family_counts == {}
+    assert torch.equal(twice(*inputs), once(*inputs))
+
+
+def test_not_a_graph_module_is_refused_clearly() -> None:
+    with pytest.raises(UnsupportedGraphError, match="expected a torch.fx.GraphModule"):
+        lower(torch.nn.ReLU(), (torch.randn(2),))  # type: ignore[arg-type]  # the bad input
+
+
+def _with_first_quant_args(gm: fx.GraphModule, scale: float, zp: int) -> fx.GraphModule:
+    new = FORMS["op"](gm)
+    for n in new.graph.nodes:
+        if n.target in (qd.quantize_per_tensor.default, qd.dequantize_per_tensor.default):
+            n.args = (n.args[0], scale, zp, *n.args[3:])
+    new.recompile()
+    return new
+
+
+@pytest.mark.parametrize(
+    ("scale", "zp", "reason"),
+    [(0.0, 0, "scale"), (math.nan, 0, "scale"), (0.02, 300, "zero point")],
+)
+def test_invalid_qparams_are_left_unlowered_with_a_reason(scale: float, zp: int, reason: str) -> None:
+    gm, inputs = _quantized("conv2d_relu")
+    bad = _with_first_quant_args(gm, scale, zp)
+    lowered, report = lower_with_report(bad, inputs)
+    assert report.fired["qconv"] == 0
+    assert report.refused and all(reason in r.reason for r in report.refused)
+    assert not _fused_nodes(lowered)
+
+
+def test_signed_int8_activation_conv_is_refused_not_crashing() -> None:
+    gm, inputs = _quantized("conv2d_relu")
+    signed = FORMS["op"](gm)
+    for n in signed.graph.nodes:
+        if n.target in (qd.quantize_per_tensor.default, qd.dequantize_per_tensor.default):
+            n.args = (*n.args[:2], 0, -128, 127, torch.int8)
+    signed.recompile()
+    lowered, report = lower_with_report(signed, inputs)
+    assert report.fired["qconv"] == 0
+    assert any("activation dtype torch.int8" in r.reason for r in report.refused)
+    assert torch.equal(lowered(*inputs), signed(*inputs))
+
+
+def test_saturating_cpu_refuses_full_range_activations() -> None:
+    model, inputs = MODELS["conv2d_relu"]()
+    full_range = quantize_pt2e(model, inputs, reduce_range=False)
+    lowered, report = lower_with_report(full_range, inputs)
+    if int8_pairs_saturate():
+        assert report.fired["qconv"] == 0
+        assert any("saturating" in r.reason for r in report.refused)
+    else:
+        assert report.fired["qconv"] == 2
+    assert_close_to_reference(full_range(*inputs), lowered(*inputs), full_range)
+
+
+def _failing_fusion() -> Fusion:
+    def explode(m: Match, rw: Rewriter) -> fx.Node:
+        rw.call(torch.ops.aten.relu.default, m.root)
+        raise RuntimeError("replacement bug")
+
+    conv = DEFAULT_FUSIONS[[f.name for f in DEFAULT_FUSIONS].index("qconv")]
+    return Fusion("exploding", "test", conv.pattern, explode)
+
+
+def test_a_failing_rewrite_leaves_the_caller_module_untouched() -> None:
+    gm, inputs = _quantized("conv2d_relu")
+    before, expected = gm.code, gm(*inputs)
+    state = {k: v.clone() for k, v in gm.state_dict().items()}
+    with pytest.raises(RuntimeError, match="replacement bug"):
+        lower(gm, inputs, fusions=(_failing_fusion(),))
+    assert gm.code == before
+    assert all(torch.equal(v, gm.state_dict()[k]) for k, v in state.items())
+    assert torch.equal(gm(*inputs), expected)
+
+
+def test_report_names_unfused_quant_nodes() -> None:
+    gm, inputs = _quantized("conv2d_relu")
+    _, report = lower_with_report(gm, inputs)
+    # The model input's quantize has no producer to fuse into: it stays, and is reported.
+    assert len(report.unfused_quant_nodes) == 1
+    assert "quantize_per_tensor" in report.unfused_quant_nodes[0]
+
+
+def test_user_fusions_replace_the_catalog() -> None:
+    gm, inputs = _quantized("conv2d_relu")
+    only_linear: Sequence[Fusion] = [f for f in DEFAULT_FUSIONS if f.name == "qlinear"]
+    _, report = lower_with_report(gm, inputs, fusions=only_linear)
+    assert report.total_fired == 0
+
+
