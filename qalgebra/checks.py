@@ -26,15 +26,17 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from pyrsistent import PVector, pvector
 from torch import fx
 
-from qalgebra.combinators import QParams
 from qalgebra.errors import PatternError
 from qalgebra.pattern import Match, Var
+
+if TYPE_CHECKING:  # combinators uses checks: importing it here at run time would be circular
+    from qalgebra.combinators import QParams
 
 __all__ = [
     "AllOf",
@@ -97,6 +99,9 @@ class AllOf(Check):
     def describe(self) -> str:
         return "(" + " and ".join(c.describe() for c in self.checks) + ")"
 
+    def __repr__(self) -> str:
+        return "(" + " & ".join(repr(c) for c in self.checks) + ")"
+
 
 @dataclass(frozen=True, slots=True)
 class AnyCheck(Check):
@@ -116,6 +121,9 @@ class AnyCheck(Check):
     def describe(self) -> str:
         return "(" + " or ".join(c.describe() for c in self.checks) + ")"
 
+    def __repr__(self) -> str:
+        return "(" + " | ".join(repr(c) for c in self.checks) + ")"
+
 
 @dataclass(frozen=True, slots=True)
 class Not(Check):
@@ -130,6 +138,9 @@ class Not(Check):
 
     def describe(self) -> str:
         return f"not ({self.check.describe()})"
+
+    def __repr__(self) -> str:
+        return f"~{self.check!r}"
 
 
 def _node(m: Match, var: Var[fx.Node]) -> fx.Node | str:
@@ -218,6 +229,9 @@ class _SameQParams(Check):
     def describe(self) -> str:
         return f"{self.a.scale.name[:-6]} and {self.b.scale.name[:-6]} share scale and zero point"
 
+    def __repr__(self) -> str:
+        return f"same_qparams({self.a!r}, {self.b!r})"
+
 
 def same_qparams(a: QParams, b: QParams) -> Check:
     """``a`` and ``b`` bind equal scales and zero points."""
@@ -248,6 +262,9 @@ class _ValidQParams(Check):
 
     def describe(self) -> str:
         return f"{self.qp.scale.name} > 0 and {self.qp.zero_point.name} in range"
+
+    def __repr__(self) -> str:
+        return f"valid_qparams({self.qp!r})"
 
 
 def valid_qparams(qp: QParams) -> Check:
@@ -282,6 +299,9 @@ class _SameShape(Check):
     def describe(self) -> str:
         return f"{self.a.name} and {self.b.name} have the same shape"
 
+    def __repr__(self) -> str:
+        return f"same_shape({self.a!r}, {self.b!r})"
+
 
 def same_shape(a: Var[fx.Node], b: Var[fx.Node]) -> Check:
     """Both nodes have known, equal shapes (``meta['val']``)."""
@@ -302,6 +322,9 @@ class _MadeByGraph(Check):
 
     def describe(self) -> str:
         return f"{self.var.name} is computed by the graph"
+
+    def __repr__(self) -> str:
+        return f"made_by_graph({self.var!r})"
 
 
 def made_by_graph(var: Var[fx.Node]) -> Check:
@@ -327,6 +350,9 @@ class _OnlyUsedBy(Check):
 
     def describe(self) -> str:
         return f"{self.var.name} is read only by {self.consumer.name}"
+
+    def __repr__(self) -> str:
+        return f"only_used_by({self.var!r}, {self.consumer!r})"
 
 
 def only_used_by(var: Var[fx.Node], consumer: Var[fx.Node]) -> Check:

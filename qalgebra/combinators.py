@@ -38,6 +38,7 @@ from typing import Any
 import torch
 import torch.ao.quantization.fx._decomposed  # noqa: F401  registers torch.ops.quantized_decomposed
 
+from qalgebra.checks import dtype_in
 from qalgebra.pattern import (
     Pattern,
     PatternLike,
@@ -50,6 +51,7 @@ from qalgebra.pattern import (
     optional,
     reciprocal,
     tag,
+    where,
 )
 
 __all__ = [
@@ -164,6 +166,18 @@ def clamp(x: PatternLike, low: PatternLike, high: PatternLike) -> Pattern:
 # --------------------------------------------------------------------------------------------
 
 
+#: The dtypes quantized_decomposed quantizes to.
+_QUANTIZED_DTYPES = (
+    torch.uint8,
+    torch.int8,
+    torch.uint16,
+    torch.int16,
+    torch.int32,
+    torch.float8_e5m2,
+    torch.float8_e4m3fn,
+)
+
+
 def dequantize_per_tensor(x: PatternLike, qp: QParams) -> Pattern:
     """A per-tensor dequantize of ``x`` in op form (scalar or tensor qparams) or decomposed.
 
@@ -180,7 +194,12 @@ def dequantize_per_tensor(x: PatternLike, qp: QParams) -> Pattern:
         qp.quant_max,
         qp.dtype,
     )
-    to_float = dtype_convert(dtype_of(x, qp.dtype), literal(torch.float32))
+    # Only a quantized dtype: else a bf16 -> fp32 conversion followed by the `mul(x, 1/scale)` of
+    # a decomposed quantize would read as a dequantize of bf16 with scale 1/scale.
+    to_float = where(
+        dtype_convert(dtype_of(x, qp.dtype), literal(torch.float32)),
+        dtype_in(qp.dtype, _QUANTIZED_DTYPES),
+    )
     shifted = optional(
         call(aten.sub.Tensor, to_float, qp.zero_point), through=0, defaults={qp.zero_point: 0}
     )

@@ -219,7 +219,7 @@ def test_lowering_is_idempotent() -> None:
 
 
 def test_not_a_graph_module_is_refused_clearly() -> None:
-    with pytest.raises(UnsupportedGraphError, match="expected a torch.fx.GraphModule"):
+    with pytest.raises(UnsupportedGraphError, match=r"expected a torch\.fx\.GraphModule"):
         lower(torch.nn.ReLU(), (torch.randn(2),))  # type: ignore[arg-type]  # the bad input
 
 
@@ -236,7 +236,9 @@ def _with_first_quant_args(gm: fx.GraphModule, scale: float, zp: int) -> fx.Grap
     ("scale", "zp", "reason"),
     [(0.0, 0, "scale"), (math.nan, 0, "scale"), (0.02, 300, "zero point")],
 )
-def test_invalid_qparams_are_left_unlowered_with_a_reason(scale: float, zp: int, reason: str) -> None:
+def test_invalid_qparams_are_left_unlowered_with_a_reason(
+    scale: float, zp: int, reason: str
+) -> None:
     gm, inputs = _quantized("conv2d_relu")
     bad = _with_first_quant_args(gm, scale, zp)
     lowered, report = lower_with_report(bad, inputs)
@@ -303,5 +305,3 @@ def test_user_fusions_replace_the_catalog() -> None:
     only_linear: Sequence[Fusion] = [f for f in DEFAULT_FUSIONS if f.name == "qlinear"]
     _, report = lower_with_report(gm, inputs, fusions=only_linear)
     assert report.total_fired == 0
-
-

@@ -74,7 +74,9 @@ class Rewriter:
         """A new ``call_function`` node before the anchor."""
         with self.gm.graph.inserting_before(self.anchor):
             node = self.gm.graph.call_function(
-                target, tuple(self._resolve(a) for a in args), {k: self._resolve(v) for k, v in kwargs.items()}
+                target,
+                tuple(self._resolve(a) for a in args),
+                {k: self._resolve(v) for k, v in kwargs.items()},
             )
         self._created.append(node)
         return node

@@ -48,8 +48,8 @@ from qalgebra.fusions.common import (
 )
 from qalgebra.fusions.conv import conv, conv_geometry, prepack_conv
 from qalgebra.fusions.linear import OUT_SHAPE, X_SHAPE, linear, prepack_linear, shape_or_empty
-from qalgebra.shapes import known_shape
 from qalgebra.pattern import Match, Pattern, Var, any_of, call, capture, dtype_of, ignored, where
+from qalgebra.shapes import known_shape
 
 __all__ = ["ACCUM_CLONE_ELISION", "QCONV_BINARY", "QLINEAR_BINARY"]
 
@@ -107,9 +107,28 @@ def _rewrite_qconv_binary(m: Match, rw: Rewriter) -> fx.Node:
     unary, scalars, algorithm = unary_args(m)
     fused = rw.call(
         onednn.qconv2d_pointwise.binary,
-        m[X], m[XQ.scale], m[XQ.zero_point], packed, w_scales, w_zps, accum, bias,
-        stride, padding, dilation, groups, out_scale, out_zp, out_dtype,
-        accum_scale, accum_zp, "sum", 1.0, unary, scalars, algorithm,
+        m[X],
+        m[XQ.scale],
+        m[XQ.zero_point],
+        packed,
+        w_scales,
+        w_zps,
+        accum,
+        bias,
+        stride,
+        padding,
+        dilation,
+        groups,
+        out_scale,
+        out_zp,
+        out_dtype,
+        accum_scale,
+        accum_zp,
+        "sum",
+        1.0,
+        unary,
+        scalars,
+        algorithm,
     )
     return clamp_to_quant_range(m, rw, fused)
 
@@ -126,8 +145,24 @@ def _rewrite_qlinear_binary(m: Match, rw: Rewriter) -> fx.Node:
         other = rw.call(aten.reshape.default, other, [-1, m[WQ.scales].shape[0]])
     y = rw.call(
         onednn.qlinear_pointwise.binary,
-        x, m[XQ.scale], m[XQ.zero_point], packed, w_scales, w_zps, other, bias,
-        out_scale, out_zp, out_dtype, 1.0, 0, "add", 1.0, unary, scalars, algorithm,
+        x,
+        m[XQ.scale],
+        m[XQ.zero_point],
+        packed,
+        w_scales,
+        w_zps,
+        other,
+        bias,
+        out_scale,
+        out_zp,
+        out_dtype,
+        1.0,
+        0,
+        "add",
+        1.0,
+        unary,
+        scalars,
+        algorithm,
     )
     y = clamp_to_quant_range(m, rw, y)
     if shape_or_empty(m, OUT_SHAPE):
@@ -169,10 +204,26 @@ _CONV_OUTPUT = call(onednn.qconv_pointwise.default, *([ignored()] * 17)) | call(
 _ALIASING = frozenset(
     str(p)
     for p in (
-        aten.view, aten.reshape, aten._unsafe_view, aten.permute, aten.expand, aten.slice,
-        aten.select, aten.t, aten.transpose, aten.squeeze, aten.unsqueeze, aten.as_strided,
-        aten.alias, aten.detach, aten.flatten, aten.unflatten, aten.narrow, aten.split,
-        aten.chunk, aten.unbind,
+        aten.view,
+        aten.reshape,
+        aten._unsafe_view,
+        aten.permute,
+        aten.expand,
+        aten.slice,
+        aten.select,
+        aten.t,
+        aten.transpose,
+        aten.squeeze,
+        aten.unsqueeze,
+        aten.as_strided,
+        aten.alias,
+        aten.detach,
+        aten.flatten,
+        aten.unflatten,
+        aten.narrow,
+        aten.split,
+        aten.chunk,
+        aten.unbind,
     )
 )
 
@@ -198,7 +249,11 @@ ACCUM_CLONE_ELISION = Fusion(
     pattern=where(
         capture(
             _CLONE,
-            call(aten.clone.default, capture(_SOURCE, _CONV_OUTPUT), memory_format=torch.channels_last),
+            call(
+                aten.clone.default,
+                capture(_SOURCE, _CONV_OUTPUT),
+                memory_format=torch.channels_last,
+            ),
         ),
         satisfies(_last_reader, "the accumulator is a oneDNN conv output nothing reads later"),
     ),

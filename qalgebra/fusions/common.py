@@ -44,6 +44,9 @@ OTHER_Q: QParams = qparams("other")
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16)
 
+#: meta key of a fused node's int8 output range (quant_min, quant_max), read by later fusions.
+QUANT_RANGE_KEY = "qalgebra_quant_range"
+
 
 def activation() -> Pattern:
     """The dequantized activation, optionally converted to bf16 (int8-mixed-bf16)."""
@@ -82,9 +85,10 @@ def clamp_to_quant_range(m: Match, rw: Rewriter, node: fx.Node) -> fx.Node:
         return node
     low, high = m[OQ.quant_min], m[OQ.quant_max]
     info = torch.iinfo(m[OQ.dtype])
-    if (low, high) == (info.min, info.max):
-        return node
-    return rw.call(torch.ops.aten.clamp.default, node, low, high)
+    if (low, high) != (info.min, info.max):
+        node = rw.call(torch.ops.aten.clamp.default, node, low, high)
+    node.meta[QUANT_RANGE_KEY] = (low, high)
+    return node
 
 
 def check_common(m: Match, *, allowed_act: tuple[torch.dtype, ...]) -> None:
@@ -126,6 +130,9 @@ def _max_abs_activation(m: Match) -> int:
     """The largest |value| the quantized activation can hold: from its qparams or producer."""
     if XQ.quant_min in m:
         return _max_abs(m[XQ.quant_min], m[XQ.quant_max])
+    recorded = m[X].meta.get(QUANT_RANGE_KEY)
+    if isinstance(recorded, tuple):
+        return _max_abs(*recorded)
     producer = match_node(_PRODUCER, m[X])
     if producer is not None:
         return _max_abs(producer[_PRODUCER_Q.quant_min], producer[_PRODUCER_Q.quant_max])
@@ -155,7 +162,7 @@ def _check_qparams(m: Match, qp: QParams, what: str) -> None:
 def unary_args(m: Match) -> tuple[str, list[float], str]:
     """oneDNN's (post-op name, scalars, algorithm) for the matched unary post-op."""
     u = m[UNARY]
-    return u.onednn_name, [m[v] for v in u.scalar_vars], u.algorithm
+    return u.onednn_name, u.scalars(m.__getitem__), u.algorithm
 
 
 def weight_constants(m: Match, rw: Rewriter, packed: torch.Tensor, hint: str) -> tuple[Any, ...]:

@@ -21,8 +21,8 @@ from qalgebra.fusions.base import Fusion, Refusal, Rewriter
 from qalgebra.fusions.common import (
     UNARY,
     WQ,
-    W,
     XQ,
+    W,
     X,
     activation,
     bias_or_none,
@@ -48,7 +48,14 @@ GROUPS = Var("groups", int)
 
 #: Post-ops oneDNN's quantized conv accepts (checked against the op: gelu, leaky_relu and tanh
 #: are refused by ``onednn.qconv_pointwise``).
-CONV_UNARIES = (Unary.NONE, Unary.RELU, Unary.HARDTANH, Unary.HARDSWISH, Unary.SILU)
+CONV_UNARIES = (
+    Unary.NONE,
+    Unary.RELU,
+    Unary.HARDTANH,
+    Unary.RELU6,
+    Unary.HARDSWISH,
+    Unary.SILU,
+)
 
 
 def conv() -> Pattern:
@@ -57,9 +64,17 @@ def conv() -> Pattern:
     return any_of(
         call(
             (aten.conv1d.default, aten.conv2d.default, aten.conv3d.default),
-            x, w, b, STRIDE, PADDING, DILATION, GROUPS,
+            x,
+            w,
+            b,
+            STRIDE,
+            PADDING,
+            DILATION,
+            GROUPS,
         ),
-        call(aten.convolution.default, x, w, b, STRIDE, PADDING, DILATION, False, ignored(), GROUPS),
+        call(
+            aten.convolution.default, x, w, b, STRIDE, PADDING, DILATION, False, ignored(), GROUPS
+        ),
     )
 
 
@@ -101,9 +116,23 @@ def _rewrite_qconv(m: Match, rw: Rewriter) -> fx.Node:
     attr, scalars, algorithm = unary_args(m)
     fused = rw.call(
         onednn.qconv_pointwise.default,
-        m[X], m[XQ.scale], m[XQ.zero_point], packed, w_scales, w_zps, bias,
-        stride, padding, dilation, groups,
-        out_scale, out_zp, out_dtype, attr, scalars, algorithm,
+        m[X],
+        m[XQ.scale],
+        m[XQ.zero_point],
+        packed,
+        w_scales,
+        w_zps,
+        bias,
+        stride,
+        padding,
+        dilation,
+        groups,
+        out_scale,
+        out_zp,
+        out_dtype,
+        attr,
+        scalars,
+        algorithm,
     )
     return clamp_to_quant_range(m, rw, fused)
 

@@ -26,7 +26,6 @@ from qalgebra.fusions.common import (
     BIAS,
     BIAS_DTYPE,
     UNARY,
-    WQ,
     XQ,
     W,
     X,
@@ -60,6 +59,7 @@ LINEAR_UNARIES = (
     Unary.LEAKY_RELU,
     Unary.TANH,
     Unary.HARDTANH,
+    Unary.RELU6,
     Unary.HARDSWISH,
     Unary.SILU,
 )
@@ -91,7 +91,7 @@ def prepack_linear(m: Match) -> torch.Tensor:
 
 def shape_or_empty(m: Match, var: Var[list[Any]]) -> list[Any]:
     """The reshape target a match bound, or [] when the reshape was absent."""
-    return m[var] if var in m else []
+    return m.get(var, [])
 
 
 def _rewrite_qlinear(m: Match, rw: Rewriter) -> fx.Node:
@@ -104,8 +104,19 @@ def _rewrite_qlinear(m: Match, rw: Rewriter) -> fx.Node:
         x = rw.call(aten.reshape.default, x, m[X_SHAPE])
     y = rw.call(
         onednn.qlinear_pointwise.default,
-        x, m[XQ.scale], m[XQ.zero_point], packed, w_scales, w_zps, bias,
-        out_scale, out_zp, out_dtype, post_op, scalars, algorithm,
+        x,
+        m[XQ.scale],
+        m[XQ.zero_point],
+        packed,
+        w_scales,
+        w_zps,
+        bias,
+        out_scale,
+        out_zp,
+        out_dtype,
+        post_op,
+        scalars,
+        algorithm,
     )
     y = clamp_to_quant_range(m, rw, y)
     if shape_or_empty(m, OUT_SHAPE):
