@@ -32,6 +32,7 @@ Var('x_scale', float)
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -291,6 +292,7 @@ class Unary(enum.Enum):
     NONE = "none"
     RELU = "relu"
     HARDTANH = "hardtanh"
+    RELU6 = "relu6"
     HARDSWISH = "hardswish"
     SILU = "swish"
     GELU = "gelu"
@@ -304,7 +306,7 @@ class Unary(enum.Enum):
     @property
     def onednn_name(self) -> str:
         """The post-op name oneDNN's ``attr`` / ``post_op_name`` argument takes."""
-        return "gelu" if self is Unary.GELU_TANH else self.value
+        return {Unary.GELU_TANH: "gelu", Unary.RELU6: "hardtanh"}.get(self, self.value)
 
     @property
     def algorithm(self) -> str:
@@ -320,6 +322,12 @@ class Unary(enum.Enum):
             return (LEAKY_SLOPE,)
         return ()
 
+    def scalars(self, bound: Callable[[Var[float]], float]) -> list[float]:
+        """oneDNN's scalars for this post-op; ``bound`` reads a scalar Var from the match."""
+        if self is Unary.RELU6:
+            return [0.0, 6.0]
+        return [bound(v) for v in self.scalar_vars]
+
     def applied_to(self, x: PatternLike) -> Pattern:
         """The post-op's graph spelling applied to ``x``."""
         if self is Unary.NONE:
@@ -334,6 +342,7 @@ LEAKY_SLOPE = Var("leaky_relu_slope", float)
 _UNARY_SPELLING = {
     Unary.RELU: lambda x: call(aten.relu.default, x),
     Unary.HARDTANH: lambda x: call(aten.hardtanh.default, x, HARDTANH_MIN, HARDTANH_MAX),
+    Unary.RELU6: lambda x: call(aten.relu6.default, x),
     Unary.HARDSWISH: lambda x: call(aten.hardswish.default, x),
     Unary.SILU: lambda x: call(aten.silu.default, x),
     Unary.GELU: lambda x: call(aten.gelu.default, x, approximate="none"),

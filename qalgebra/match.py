@@ -32,7 +32,7 @@ from typing import Any, NamedTuple, TypeAlias
 import torch
 from pyrsistent import PMap, PVector, pmap, pvector
 from torch import fx
-from torch._ops import OpOverload, OpOverloadPacket
+from torch._ops import OpOverload
 
 from qalgebra.errors import PatternError
 from qalgebra.pattern import (
@@ -464,7 +464,7 @@ def _m_optional(p: Optional, value: object, st: _State, path: Path, ctx: _Contex
         out: _State | None = st2
         for var, default in p.defaults.items():
             assert out is not None
-            out = _bind(var, default, out, path, ctx, coerce=False)
+            out = _bind(var, default, out, path, ctx)
             if out is None:
                 break
         if out is not None:
