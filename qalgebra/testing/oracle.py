@@ -1,0 +1,357 @@
+"""The numerics oracle: does a lowered (or rewritten) module compute what the reference does?
+
+A quantized graph cannot be compared with one float tolerance: a uint8 output that moved by one
+quantization step is as good as the reference (the kernel rounded ``x.5`` the other way), a
+float output that is a dequantized value may move by ``scale``, and a float output of a conv or
+linear (no quantize after it) should agree to float rounding. :func:`compare_outputs` applies
+the right rule per output and returns a :class:`Comparison` that says what it checked.
+
+Rules (DESIGN.md, "Lowering: numerics"):
+
+==================================  ===========================================================
+output                              accepted when
+==================================  ===========================================================
+int8 / uint8                        ``max |cand - ref| <= max_steps`` in integer units (1)
+float, ``quant_step`` given         ``|cand - ref| <= max_steps * quant_step + float_tol``
+(a dequantized value)
+float, ``quant_step=None``          ``|cand - ref| <= float_tol``
+==================================  ===========================================================
+
+``float_tol = atol + rtol * max|ref|``: relative to the output's largest magnitude, not to each
+element, because a value near zero produced by a long sum carries the absolute error of the sum.
+
+The defaults were measured (see docs/onednn_ops.md, "Measured agreement"): torchao's own
+lowering of every registry model that it lowers and runs agrees with the eager reference to
+``max|diff| <= 4.8e-7`` with ``max|diff| / max|ref| <= 3.7e-7`` (fp32 outputs, 7-bit activations
+on this AVX2 machine). ``FP32_RTOL = 1e-5`` leaves 25x headroom and is still ~400x tighter than
+one quantization step of an 8-bit output (``1/255`` of the range), so a flipped upstream int8
+value is caught. int8-mixed-bf16 graphs agree to ``max|diff| / max|ref| <= 1.2e-2`` (the
+reference rounds the conv result to bf16 before quantizing it, the fused kernel does not):
+``BF16_RTOL = 3e-2``, the default for bf16 outputs; pass it explicitly for an fp32 output of a
+bf16 graph.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal, TypeAlias
+
+import torch
+from torch import Tensor, fx
+
+__all__ = [
+    "BF16_RTOL",
+    "FLOAT_ATOL",
+    "FP32_RTOL",
+    "Comparison",
+    "OutputKind",
+    "assert_outputs_close",
+    "compare_outputs",
+    "output_quant_steps",
+]
+
+FP32_RTOL = 1e-5
+"""Relative (to ``max|ref|``) tolerance for fp32 outputs; measured agreement is <= 3.7e-7."""
+BF16_RTOL = 3e-2
+"""Relative tolerance for outputs of int8-mixed-bf16 graphs; measured agreement <= 1.2e-2."""
+FLOAT_ATOL = 1e-6
+"""Absolute floor, so an all-zero reference does not demand bit equality."""
+
+OutputKind: TypeAlias = Literal["quantized", "dequantized", "float", "mismatch"]
+"""What rule a comparison applied (``mismatch``: dtype or shape differ, nothing compared)."""
+
+_QUANTIZED = (torch.uint8, torch.int8)
+
+
+@dataclass(frozen=True, slots=True)
+class Comparison:
+    """The verdict on one output (or the worst of several), with the evidence.
+
+    ``max_abs_diff`` is in the output's units (integer levels for int8/uint8);
+    ``max_steps`` is that difference in quantization steps (integer levels for int8/uint8,
+    ``diff / quant_step`` for a dequantized float, NaN when no step is known); ``tolerance`` is
+    the largest accepted ``|diff|`` in output units; ``worst_index`` locates ``max_abs_diff``.
+    Truth-testing raises: write ``result.ok``, so ``assert compare_outputs(...)`` cannot pass
+    silently.
+    """
+
+    ok: bool
+    kind: OutputKind
+    max_abs_diff: float
+    max_steps: float
+    tolerance: float
+    worst_index: tuple[int, ...]
+    reference_value: float
+    candidate_value: float
+    dtype: str
+    shape: tuple[int, ...]
+    output_index: int | None = None
+    detail: str = ""
+
+    def __bool__(self) -> bool:
+        raise TypeError("a Comparison is not a bool: use `.ok` (and `.message` to report)")
+
+    @property
+    def message(self) -> str:
+        """One readable line: verdict, rule, worst element, and the allowed bound."""
+        where = "" if self.output_index is None else f"output {self.output_index}: "
+        verdict = "ok" if self.ok else "MISMATCH"
+        if self.kind == "mismatch":
+            return f"{verdict}: {where}{self.detail}"
+        shape = list(self.shape)
+        at = list(self.worst_index)
+        if self.kind == "quantized":
+            return (
+                f"{verdict}: {where}quantized {self.dtype}{shape}: max |diff| = "
+                f"{self.max_abs_diff:g} step(s) at {at} (reference {self.reference_value:g}, "
+                f"candidate {self.candidate_value:g}); allowed {self.tolerance:g}"
+            )
+        steps = "" if math.isnan(self.max_steps) else f" = {self.max_steps:.3g} step(s)"
+        return (
+            f"{verdict}: {where}{self.kind} {self.dtype}{shape}: max |diff| = "
+            f"{self.max_abs_diff:.3g}{steps} at {at} (reference {self.reference_value:.6g}, "
+            f"candidate {self.candidate_value:.6g}); allowed {self.tolerance:.3g}"
+            + (f" ({self.detail})" if self.detail else "")
+        )
+
+
+def _mismatch(reference: Tensor, detail: str) -> Comparison:
+    return Comparison(
+        ok=False,
+        kind="mismatch",
+        max_abs_diff=math.inf,
+        max_steps=math.inf,
+        tolerance=0.0,
+        worst_index=(),
+        reference_value=math.nan,
+        candidate_value=math.nan,
+        dtype=str(reference.dtype).removeprefix("torch."),
+        shape=tuple(reference.shape),
+        detail=detail,
+    )
+
+
+def _unravel(flat_index: int, shape: tuple[int, ...]) -> tuple[int, ...]:
+    index: list[int] = []
+    for size in reversed(shape):
+        index.append(flat_index % size if size else 0)
+        flat_index = flat_index // size if size else 0
+    return tuple(reversed(index))
+
+
+def _compare_one(
+    reference: Tensor,
+    candidate: Tensor,
+    quant_step: float | None,
+    max_steps: int,
+    rtol: float | None,
+    atol: float,
+) -> Comparison:
+    if not isinstance(reference, Tensor) or not isinstance(candidate, Tensor):
+        raise TypeError(
+            f"expected tensors, got {type(reference).__name__} and {type(candidate).__name__}"
+        )
+    if reference.dtype != candidate.dtype:
+        return _mismatch(reference, f"dtype {candidate.dtype} != reference {reference.dtype}")
+    if reference.shape != candidate.shape:
+        return _mismatch(
+            reference, f"shape {list(candidate.shape)} != reference {list(reference.shape)}"
+        )
+    if quant_step is not None and not (quant_step > 0 and math.isfinite(quant_step)):
+        raise ValueError(f"quant_step must be a positive finite float, got {quant_step!r}")
+    dtype = str(reference.dtype).removeprefix("torch.")
+    shape = tuple(reference.shape)
+    ref = reference.detach().to("cpu")
+    cand = candidate.detach().to("cpu")
+    if reference.dtype in _QUANTIZED:
+        diff = (cand.to(torch.int32) - ref.to(torch.int32)).abs()
+        kind: OutputKind = "quantized"
+        tolerance = float(max_steps)
+        detail = ""
+    else:
+        ref64, cand64 = ref.to(torch.float64), cand.to(torch.float64)
+        both_nan = torch.isnan(ref64) & torch.isnan(cand64)
+        same_inf = torch.isinf(ref64) & (ref64 == cand64)
+        diff = torch.where(both_nan | same_inf, 0.0, (cand64 - ref64).abs())
+        diff = torch.nan_to_num(diff, nan=math.inf)
+        finite = ref64[torch.isfinite(ref64)]
+        magnitude = float(finite.abs().max()) if finite.numel() else 0.0
+        if rtol is None:
+            rtol = BF16_RTOL if reference.dtype in (torch.bfloat16, torch.float16) else FP32_RTOL
+        float_tol = atol + rtol * magnitude
+        if quant_step is None:
+            kind = "float"
+            tolerance = float_tol
+        else:
+            kind = "dequantized"
+            tolerance = max_steps * quant_step + float_tol
+        detail = f"atol {atol:g} + rtol {rtol:g} * max|ref| {magnitude:.3g}"
+    if diff.numel() == 0:
+        worst_flat, worst = 0, 0.0
+    else:
+        worst_flat = int(diff.reshape(-1).argmax())
+        worst = float(diff.reshape(-1)[worst_flat])
+    index = _unravel(worst_flat, shape)
+    ref_value = float(ref.reshape(-1)[worst_flat]) if ref.numel() else math.nan
+    cand_value = float(cand.reshape(-1)[worst_flat]) if cand.numel() else math.nan
+    if kind == "quantized":
+        steps = worst
+    elif quant_step is not None:
+        steps = worst / quant_step
+    else:
+        steps = math.nan
+    return Comparison(
+        ok=worst <= tolerance,
+        kind=kind,
+        max_abs_diff=worst,
+        max_steps=steps,
+        tolerance=tolerance,
+        worst_index=index,
+        reference_value=ref_value,
+        candidate_value=cand_value,
+        dtype=dtype,
+        shape=shape,
+        detail=detail,
+    )
+
+
+def compare_outputs(
+    reference: Tensor | Sequence[Tensor],
+    candidate: Tensor | Sequence[Tensor],
+    *,
+    quant_step: float | Sequence[float | None] | None,
+    max_steps: int = 1,
+    rtol: float | None = None,
+    atol: float = FLOAT_ATOL,
+) -> Comparison:
+    """Compare a candidate output with the reference by the rule its dtype calls for.
+
+    ``quant_step`` is the scale of the quantize/dequantize that produced a float output (see
+    :func:`output_quant_steps`), or None for a float output of a compute op; it is ignored for
+    int8/uint8 outputs, which are compared in integer levels. ``rtol=None`` picks
+    :data:`FP32_RTOL` or :data:`BF16_RTOL` by dtype. For several outputs (a tuple or list),
+    ``quant_step`` may be one value per output; the result is the first failing comparison,
+    else the one with the most steps (or the largest difference).
+    """
+    if isinstance(reference, Tensor) or isinstance(candidate, Tensor):
+        if not (isinstance(reference, Tensor) and isinstance(candidate, Tensor)):
+            raise TypeError("reference and candidate must both be tensors or both sequences")
+        if quant_step is not None and not isinstance(quant_step, (int, float)):
+            raise TypeError("a single output takes a single quant_step (float or None)")
+        return _compare_one(reference, candidate, quant_step, max_steps, rtol, atol)
+    refs, cands = list(reference), list(candidate)
+    if len(refs) != len(cands):
+        raise ValueError(f"{len(cands)} candidate outputs for {len(refs)} reference outputs")
+    if quant_step is None or isinstance(quant_step, (int, float)):
+        steps: list[float | None] = [quant_step] * len(refs)
+    else:
+        steps = list(quant_step)
+        if len(steps) != len(refs):
+            raise ValueError(f"{len(steps)} quant_steps for {len(refs)} outputs")
+    results = [
+        _compare_one(ref, cand, step, max_steps, rtol, atol)
+        for ref, cand, step in zip(refs, cands, steps, strict=True)
+    ]
+    if not results:
+        raise ValueError("no outputs to compare")
+    indexed = [dataclasses.replace(res, output_index=i) for i, res in enumerate(results)]
+    failing = [res for res in indexed if not res.ok]
+    if failing:
+        return failing[0]
+
+    def badness(res: Comparison) -> float:
+        return res.max_abs_diff / res.tolerance if res.tolerance > 0 else res.max_abs_diff
+
+    return max(indexed, key=badness)
+
+
+def assert_outputs_close(
+    reference: Tensor | Sequence[Tensor],
+    candidate: Tensor | Sequence[Tensor],
+    *,
+    quant_step: float | Sequence[float | None] | None,
+    max_steps: int = 1,
+    rtol: float | None = None,
+    atol: float = FLOAT_ATOL,
+) -> Comparison:
+    """:func:`compare_outputs`, raising AssertionError with its message when not ok."""
+    result = compare_outputs(
+        reference, candidate, quant_step=quant_step, max_steps=max_steps, rtol=rtol, atol=atol
+    )
+    if not result.ok:
+        raise AssertionError(result.message)
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# Finding the quantization step of each graph output
+
+_qd = torch.ops.quantized_decomposed
+_aten = torch.ops.aten
+_prims = torch.ops.prims
+_DTYPE_CONVERSIONS = (_prims.convert_element_type.default, _aten._to_copy.default, _aten.to.dtype)
+
+
+def _scalar_attr(gm: fx.GraphModule, node: object) -> float | None:
+    """A float scale read from a 1-element get_attr tensor, or a Python float."""
+    if isinstance(node, (int, float)):
+        return float(node)
+    if isinstance(node, fx.Node) and node.op == "get_attr":
+        obj: object = gm
+        for part in str(node.target).split("."):
+            obj = getattr(obj, part, None)
+        if isinstance(obj, Tensor) and obj.numel() == 1:
+            return float(obj.reshape(-1)[0])
+    return None
+
+
+def _dequant_scale(gm: fx.GraphModule, node: fx.Node) -> float | None:
+    """The scale if ``node`` yields a dequantized value, in op or decomposed form."""
+    while node.op == "call_function" and node.target in _DTYPE_CONVERSIONS:
+        arg = node.args[0]
+        if not isinstance(arg, fx.Node):
+            return None
+        node = arg
+    if node.op != "call_function":
+        return None
+    if node.target in (_qd.dequantize_per_tensor.default, _qd.dequantize_per_tensor.tensor):
+        return _scalar_attr(gm, node.args[1])
+    if node.target is _aten.mul.Tensor and len(node.args) == 2:
+        x, scale = node.args
+        if not isinstance(x, fx.Node) or not isinstance(scale, (int, float)):
+            return None
+        if x.op == "call_function" and x.target is _aten.sub.Tensor:
+            inner = x.args[0]
+            if not isinstance(inner, fx.Node):
+                return None
+            x = inner
+        if x.op == "call_function" and x.target is _prims.convert_element_type.default:
+            return float(scale)
+    return None
+
+
+def output_quant_steps(gm: fx.GraphModule) -> tuple[float | None, ...]:
+    """Per flattened graph output: the dequantize scale that produced it, else None.
+
+    Recognises op-form dequantize (``.default`` and ``.tensor``) and the decomposed
+    ``mul(sub?(convert_element_type(q)), scale)``, looking through dtype conversions -- the
+    value to pass as ``compare_outputs(quant_step=...)``.
+    """
+    output = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
+    leaves: list[object] = []
+
+    def flatten(arg: object) -> None:
+        if isinstance(arg, (tuple, list)):
+            for item in arg:
+                flatten(item)
+        elif isinstance(arg, dict):
+            for item in arg.values():
+                flatten(item)
+        else:
+            leaves.append(arg)
+
+    flatten(output.args[0])
+    return tuple(_dequant_scale(gm, leaf) if isinstance(leaf, fx.Node) else None for leaf in leaves)
