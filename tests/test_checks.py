@@ -44,7 +44,8 @@ A, B = qparams("a"), qparams("b")
 
 
 def _match(root: fx.Node, **bindings: object) -> Match:
-    known: dict[str, Var[Any]] = {v.name: v for v in (X, Y, DT, *_qp_vars())}
+    all_vars: tuple[Var[Any], ...] = (X, Y, DT, *_qp_vars())
+    known = {v.name: v for v in all_vars}
     by_var: dict[Var[Any], object] = {known[name]: value for name, value in bindings.items()}
     return Match(root, pmap(by_var), pmap(), (root,))
 
