@@ -310,7 +310,9 @@ def _scalar_attr(gm: fx.GraphModule, node: object) -> float | None:
 
 def _dequant_scale(gm: fx.GraphModule, node: fx.Node) -> float | None:
     """The scale if ``node`` yields a dequantized value, in op or decomposed form."""
-    while node.op == "call_function" and node.target in _DTYPE_CONVERSIONS:
+    while (node.op == "call_function" and node.target in _DTYPE_CONVERSIONS) or (
+        node.op == "call_method" and node.target == "to"
+    ):
         arg = node.args[0]
         if not isinstance(arg, fx.Node):
             return None
