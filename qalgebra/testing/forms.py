@@ -45,9 +45,36 @@ bit-exact against the input module except
 ``x * (1.0 / scale)`` with a Python-float inverse, ``round``, ``+ zp``, clamp, convert; a bf16
 input is converted to fp32 first, as the op does internally.
 
+Nodes are recognised by their ``OpOverload`` targets (``quantize_per_tensor.default`` ...), as
+``torch.export`` and ``convert_pt2e`` produce them; a call of a bare ``OpOverloadPacket`` (what
+``fx.symbolic_trace`` records for ``torch.ops.ns.op(...)``) is left as it is.
+
 ``node.meta["val"]`` is filled by fake-tensor propagation when the module's placeholders carry
 FakeTensors (graphs from ``torch.export`` do); nothing here relies on it. Note that
 ``convert_pt2e`` itself leaves quantize/dequantize nodes without ``meta["val"]``.
+
+>>> import torch
+>>> from torch import fx
+>>> qd = torch.ops.quantized_decomposed
+>>> class QDQ(torch.nn.Module):
+...     def forward(self, x):
+...         q = qd.quantize_per_tensor.default(x, 0.1, 0, 0, 255, torch.uint8)
+...         return qd.dequantize_per_tensor.default(q, 0.1, 0, 0, 255, torch.uint8)
+>>> gm = fx.symbolic_trace(QDQ())
+>>> new = to_decomposed(gm)  # zp == 0: no add, no sub
+>>> for node in new.graph.nodes:
+...     if node.op == "call_function":
+...         print(node.target)
+aten.mul.Tensor
+aten.round.default
+aten.clamp_min.default
+aten.clamp_max.default
+prims.convert_element_type.default
+prims.convert_element_type.default
+aten.mul.Tensor
+>>> x = torch.randn(8)
+>>> torch.equal(new(x), gm(x))
+True
 """
 
 from __future__ import annotations

@@ -29,6 +29,15 @@ value is caught. int8-mixed-bf16 graphs agree to ``max|diff| / max|ref| <= 1.2e-
 reference rounds the conv result to bf16 before quantizing it, the fused kernel does not):
 ``BF16_RTOL = 3e-2``, the default for bf16 outputs; pass it explicitly for an fp32 output of a
 bf16 graph.
+
+>>> import torch
+>>> ref = torch.tensor([10, 20, 30], dtype=torch.uint8)
+>>> compare_outputs(ref, ref + 1, quant_step=None).ok
+True
+>>> print(compare_outputs(ref, ref + 2, quant_step=None).message)
+MISMATCH: quantized uint8[3]: max |diff| = 2 step(s) at [0] (reference 10, candidate 12); allowed 1
+>>> compare_outputs(ref.float() * 0.1, (ref + 1).float() * 0.1, quant_step=0.1).ok
+True
 """
 
 from __future__ import annotations
