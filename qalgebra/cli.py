@@ -1,0 +1,790 @@
+"""The ``qalgebra`` command: ``demo``, ``catalog``, ``lower`` and ``explain``.
+
+- ``qalgebra demo`` quantizes two bundled models with torchao's PT2E flow (X86InductorQuantizer),
+  lowers each with qalgebra and with torchao, and compares what fired, numerics and speed.
+- ``qalgebra catalog`` lists the fusions :func:`qalgebra.lower.lower` applies, in priority order.
+- ``qalgebra lower PATH`` lowers a quantized program saved with ``torch.export.save``.
+- ``qalgebra explain`` says why a fusion does not match at a node of a bundled model.
+
+torch, torchao and the lowering are imported inside the commands, so ``--help`` is instant. The
+helpers below the commands (:func:`compare`, :func:`median_ms`, :func:`onednn_op_count`, ...)
+are shared with ``bench/bench_lowering.py``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import difflib
+import logging
+import os
+import statistics
+import time
+import traceback
+import warnings
+from collections import Counter
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    TextColumn,
+    TimeElapsedColumn,
+)
+from rich.table import Table
+from rich.text import Text
+
+if TYPE_CHECKING:
+    import torch
+    from torch import fx, nn
+
+    from qalgebra.lower import LoweringReport
+    from qalgebra.pattern import Mismatch
+
+__all__ = [
+    "Comparison",
+    "StepFn",
+    "app",
+    "compare",
+    "main",
+    "max_abs_diff",
+    "median_ms",
+    "mutates_inputs",
+    "no_steps",
+    "onednn_op_count",
+    "op_histogram",
+    "quantize_in_steps",
+    "quiet_third_party",
+]
+
+app = typer.Typer(
+    help="qalgebra: lower PT2E-quantized models to oneDNN int8 ops, eagerly, from typed patterns.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="markdown",
+)
+
+StepFn = Callable[[str], AbstractContextManager[None]]
+"""``step("resnet: export")`` returns a context manager around one slow step (for progress)."""
+
+_ONEDNN_NAMESPACES = frozenset({"onednn", "quantized"})
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared helpers (also used by bench/bench_lowering.py)
+
+
+def quiet_third_party() -> None:
+    """Silence torchao's import-time library warnings and export/quantizer chatter."""
+    for name in ("torchao", "torch.utils._pytree", "torch._export", "torch.export"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=UserWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+
+
+@contextlib.contextmanager
+def _nothing(_: str) -> Iterator[None]:
+    yield
+
+
+no_steps: StepFn = _nothing
+"""A :data:`StepFn` that shows nothing."""
+
+
+def _tensors(value: object) -> list[torch.Tensor]:
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, list | tuple):
+        return [t for v in value for t in _tensors(v)]
+    if isinstance(value, dict):
+        return [t for v in value.values() for t in _tensors(v)]
+    return []
+
+
+def max_abs_diff(a: object, b: object) -> float:
+    """Largest ``|a - b|`` over the tensors of two outputs of the same structure (inf if not)."""
+    ta, tb = _tensors(a), _tensors(b)
+    if len(ta) != len(tb) or not ta:
+        return float("inf")
+    worst = 0.0
+    for x, y in zip(ta, tb, strict=True):
+        if x.shape != y.shape:
+            return float("inf")
+        worst = max(worst, float((x.float() - y.float()).abs().max()) if x.numel() else 0.0)
+    return worst
+
+
+def _abs_max(value: object) -> float:
+    return max((float(t.float().abs().max()) for t in _tensors(value) if t.numel()), default=0.0)
+
+
+def _fresh(inputs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    """Copies of the inputs: a module that writes into its inputs cannot disturb the next run."""
+    return tuple(x.clone() for x in inputs)
+
+
+def _run(module: Callable[..., object], inputs: Sequence[torch.Tensor]) -> object:
+    import torch
+
+    with torch.no_grad():
+        return module(*_fresh(inputs))
+
+
+def mutates_inputs(module: Callable[..., object], inputs: Sequence[torch.Tensor]) -> bool:
+    """Whether calling ``module`` writes into the tensors it is called with."""
+    import torch
+
+    args = _fresh(inputs)
+    with torch.no_grad():
+        module(*args)
+    return any(not torch.equal(a, b) for a, b in zip(args, inputs, strict=True))
+
+
+def median_ms(
+    modules: Mapping[str, Callable[..., object]],
+    inputs: Sequence[torch.Tensor],
+    *,
+    runs: int,
+    warmup: int,
+) -> dict[str, float]:
+    """Median wall time of each module over ``runs`` calls after ``warmup`` calls, in ms.
+
+    The modules take turns (one call each per round), so that a change of machine load during
+    the measurement affects all of them alike. Every call gets fresh copies of the inputs, made
+    outside the timed region.
+    """
+    import torch
+
+    times: dict[str, list[float]] = {name: [] for name in modules}
+    with torch.no_grad():
+        for i in range(warmup + runs):
+            for name, module in modules.items():
+                args = _fresh(inputs)
+                start = time.perf_counter()
+                module(*args)
+                if i >= warmup:
+                    times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(samples) * 1e3 for name, samples in times.items()}
+
+
+def _namespace(target: object) -> str | None:
+    ns = getattr(target, "namespace", None)
+    return ns if isinstance(ns, str) else None
+
+
+def onednn_op_count(gm: fx.GraphModule) -> int:
+    """Nodes that call an op of the ``onednn`` or ``quantized`` namespace."""
+    return sum(
+        1
+        for n in gm.graph.nodes
+        if n.op == "call_function" and _namespace(n.target) in _ONEDNN_NAMESPACES
+    )
+
+
+def op_histogram(gm: fx.GraphModule) -> Counter[str]:
+    """How many times each ``call_function`` target occurs in the graph."""
+    return Counter(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+
+
+def quantize_in_steps(
+    model: nn.Module, example_inputs: Sequence[torch.Tensor], step: StepFn, label: str
+) -> fx.GraphModule:
+    """torchao's PT2E flow (X86InductorQuantizer), one :data:`StepFn` step per phase.
+
+    The same flow as :func:`qalgebra.testing.quantize.quantize_pt2e` with its defaults (7-bit
+    activations where oneDNN's int8 products saturate, :func:`qalgebra.isa.int8_pairs_saturate`;
+    two calibration batches: the example inputs and a seeded perturbation), split so that a
+    progress display can follow it.
+    """
+    import torch
+    from torch import fx
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+    from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as xiq
+
+    from qalgebra.isa import int8_pairs_saturate
+
+    inputs = tuple(example_inputs)
+    quantizer = xiq.X86InductorQuantizer()
+    quantizer.set_global(
+        xiq.get_default_x86_inductor_quantization_config(reduce_range=int8_pairs_saturate())
+    )
+    model = copy.deepcopy(model).eval()
+    with step(f"{label}: export"):
+        exported = torch.export.export(model, inputs).module()
+    with step(f"{label}: prepare"):
+        prepared = prepare_pt2e(exported, quantizer)
+    gen = torch.Generator().manual_seed(0)
+    perturbed = tuple(x + 0.1 * torch.randn(x.shape, generator=gen) for x in inputs)
+    with step(f"{label}: calibrate"), torch.no_grad():
+        for batch in (inputs, perturbed):
+            prepared(*batch)
+    with step(f"{label}: convert"), torch.no_grad():
+        converted = convert_pt2e(prepared)
+    assert isinstance(converted, fx.GraphModule)
+    return converted
+
+
+@dataclass
+class Comparison:
+    """One model quantized, lowered by qalgebra and by torchao, and measured."""
+
+    name: str
+    reference_nodes: int = 0
+    report: LoweringReport | None = None
+    qalgebra_error: str | None = None
+    torchao_error: str | None = None
+    qalgebra_lower_ms: float | None = None
+    torchao_lower_ms: float | None = None
+    onednn_ops: dict[str, int] = field(default_factory=dict)
+    ops: dict[str, Counter[str]] = field(default_factory=dict)
+    diff: dict[str, float] = field(default_factory=dict)
+    """max |output - reference| for "qalgebra", "torchao" and "fp32" (the quantization error)."""
+    reference_abs_max: float = 0.0
+    mutates_inputs: dict[str, bool] = field(default_factory=dict)
+    runtime_ms: dict[str, float] = field(default_factory=dict)
+    """Median runtime of "fp32", "reference", "torchao", "qalgebra" (and others a caller adds)."""
+
+
+def _short_error(exc: BaseException) -> str:
+    return "".join(traceback.format_exception(exc)).rstrip()
+
+
+def compare(
+    name: str,
+    model: nn.Module,
+    example_inputs: Sequence[torch.Tensor],
+    *,
+    step: StepFn = no_steps,
+    runs: int = 20,
+    warmup: int = 3,
+    lower_repeats: int = 3,
+) -> Comparison:
+    """Quantize ``model``, lower it with qalgebra and torchao, compare numerics and speed.
+
+    The reference is the quantized (un-lowered) module run eagerly. qalgebra's lowering time is
+    the median of ``lower_repeats`` lowerings (it takes milliseconds, so the first call's
+    one-time costs would dominate a single sample); torchao's is one call (seconds). A crash of
+    either lowering is recorded (traceback in ``*_error``), never raised. Every module call gets
+    fresh copies of the inputs: a lowered module that writes into its inputs is reported in
+    ``mutates_inputs`` and cannot disturb the other measurements.
+    """
+    from qalgebra.lower import lower_with_report
+    from qalgebra.testing.quantize import torchao_lower
+
+    inputs = tuple(example_inputs)
+    result = Comparison(name)
+    reference = quantize_in_steps(model, inputs, step, name)
+    result.reference_nodes = len(reference.graph.nodes)
+    ref_out = _run(reference, inputs)
+    result.reference_abs_max = _abs_max(ref_out)
+    result.diff["fp32"] = max_abs_diff(_run(model, inputs), ref_out)
+    lowered: dict[str, fx.GraphModule] = {}
+
+    with step(f"{name}: qalgebra lowering"):
+        try:
+            samples: list[float] = []
+            for _ in range(max(lower_repeats, 1)):
+                start = time.perf_counter()
+                qa, report = lower_with_report(reference, inputs)
+                samples.append(time.perf_counter() - start)
+            result.qalgebra_lower_ms = statistics.median(samples) * 1e3
+            result.report = report
+            lowered["qalgebra"] = qa
+        except Exception as exc:
+            result.qalgebra_error = _short_error(exc)
+    with step(f"{name}: torchao lowering"):
+        try:
+            start = time.perf_counter()
+            lowered["torchao"] = torchao_lower(reference, inputs)
+            result.torchao_lower_ms = (time.perf_counter() - start) * 1e3
+        except Exception as exc:
+            result.torchao_error = _short_error(exc)
+
+    for who, gm in lowered.items():
+        result.onednn_ops[who] = onednn_op_count(gm)
+        result.ops[who] = op_histogram(gm)
+        try:
+            result.diff[who] = max_abs_diff(_run(gm, inputs), ref_out)
+            result.mutates_inputs[who] = mutates_inputs(gm, inputs)
+        except Exception as exc:
+            message = f"running the {who}-lowered module failed:\n{_short_error(exc)}"
+            if who == "qalgebra":
+                result.qalgebra_error = message
+            else:
+                result.torchao_error = message
+    if result.qalgebra_error is not None:
+        lowered.pop("qalgebra", None)
+    if result.torchao_error is not None:
+        lowered.pop("torchao", None)
+
+    if runs > 0:
+        timed: dict[str, Callable[..., object]] = {"fp32": model, "reference": reference}
+        timed.update(lowered)
+        with step(f"{name}: runtime ({runs} runs each)"):
+            result.runtime_ms.update(median_ms(timed, inputs, runs=runs, warmup=warmup))
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# Progress display
+
+
+class _Steps:
+    """A rich progress bar over a known number of steps, and a log line per finished step."""
+
+    def __init__(self, console: Console, total: int) -> None:
+        self._console = console
+        self._progress = Progress(
+            SpinnerColumn(),
+            TextColumn("[progress.description]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=console,
+            transient=True,
+        )
+        self._task = self._progress.add_task("starting", total=total)
+
+    def __enter__(self) -> _Steps:
+        self._progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._progress.stop()
+
+    @contextlib.contextmanager
+    def step(self, description: str) -> Iterator[None]:
+        self._progress.update(self._task, description=description)
+        start = time.perf_counter()
+        yield
+        seconds = time.perf_counter() - start
+        self._progress.console.print(f"[dim]  done  {description} ({seconds:.2f} s)[/dim]")
+        self._progress.advance(self._task)
+
+
+# ---------------------------------------------------------------------------------------------
+# Rendering
+
+
+def _fmt_ms(ms: float | None) -> str:
+    if ms is None:
+        return "-"
+    return f"{ms:.3f} ms" if ms < 10 else f"{ms:.1f} ms"
+
+
+def _fmt_diff(d: float | None) -> str:
+    return "-" if d is None else f"{d:.3g}"
+
+
+def _fired_table(results: Sequence[Comparison]) -> Table:
+    table = Table(title="Fusions fired (qalgebra)", title_justify="left")
+    table.add_column("model", no_wrap=True)
+    table.add_column("fusion")
+    table.add_column("fired", justify="right")
+    table.add_column("nodes consumed", justify="right")
+    for r in results:
+        if r.report is None:
+            table.add_row(r.name, "[red]lowering failed[/red]", "-", "-")
+            continue
+        if not r.report.fired:
+            table.add_row(r.name, "(none)", "0", "0")
+        for fusion, count in sorted(r.report.fired.items()):
+            table.add_row(r.name, fusion, str(count), str(r.report.nodes_consumed[fusion]))
+    return table
+
+
+def _refusals_table(results: Sequence[Comparison]) -> Table | None:
+    rows = [
+        (r.name, x.fusion, x.root, escape(x.reason))
+        for r in results
+        if r.report is not None
+        for x in r.report.refused
+    ]
+    if not rows:
+        return None
+    table = Table(title="Refused matches", title_justify="left")
+    for column in ("model", "fusion", "at node", "reason"):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(*row)
+    return table
+
+
+def _numerics_table(results: Sequence[Comparison]) -> Table:
+    table = Table(
+        title="Numerics: max |output - reference|; reference = the quantized module run eagerly",
+        title_justify="left",
+    )
+    table.add_column("model", no_wrap=True)
+    table.add_column("qalgebra", justify="right")
+    table.add_column("torchao", justify="right")
+    table.add_column("fp32 (quant. error)", justify="right")
+    table.add_column("max |ref|", justify="right")
+    for r in results:
+        table.add_row(
+            r.name,
+            _fmt_diff(r.diff.get("qalgebra")),
+            _fmt_diff(r.diff.get("torchao")),
+            _fmt_diff(r.diff.get("fp32")),
+            f"{r.reference_abs_max:.3g}",
+        )
+    return table
+
+
+def _lowering_table(results: Sequence[Comparison]) -> Table:
+    table = Table(title="Lowering time, and oneDNN ops in the output graph", title_justify="left")
+    table.add_column("model", no_wrap=True)
+    table.add_column("qalgebra", justify="right")
+    table.add_column("torchao", justify="right")
+    table.add_column("torchao/qalgebra", justify="right")
+    table.add_column("oneDNN ops qa/tao", justify="right")
+    for r in results:
+        ratio = (
+            f"{r.torchao_lower_ms / r.qalgebra_lower_ms:.1f}x"
+            if r.torchao_lower_ms and r.qalgebra_lower_ms
+            else "-"
+        )
+        ops = f"{r.onednn_ops.get('qalgebra', '-')}/{r.onednn_ops.get('torchao', '-')}"
+        table.add_row(r.name, _fmt_ms(r.qalgebra_lower_ms), _fmt_ms(r.torchao_lower_ms), ratio, ops)
+    return table
+
+
+def _runtime_table(results: Sequence[Comparison], runs: int) -> Table:
+    table = Table(
+        title=f"Steady-state runtime, ms: median of {runs} runs (x = time / fp32 eager)",
+        title_justify="left",
+    )
+    table.add_column("model", no_wrap=True)
+    whos = ("fp32", "reference", "torchao", "qalgebra")
+    for who in ("fp32 eager", "reference", "torchao", "qalgebra"):
+        table.add_column(who, justify="right")
+    for r in results:
+        base = r.runtime_ms.get("fp32")
+        cells = []
+        for who in whos:
+            ms = r.runtime_ms.get(who)
+            if ms is None:
+                cells.append("-")
+            elif base and who != "fp32":
+                cells.append(f"{ms:.3g} ({ms / base:.1f}x)")
+            else:
+                cells.append(f"{ms:.3g}")
+        table.add_row(r.name, *cells)
+    return table
+
+
+def _print_errors(console: Console, results: Sequence[Comparison]) -> None:
+    for r in results:
+        for who, error in (("qalgebra", r.qalgebra_error), ("torchao", r.torchao_error)):
+            if error is not None:
+                console.print(f"[red]{who} lowering failed on {r.name}:[/red]")
+                console.print(error, markup=False, highlight=False)
+        for who, mutated in sorted(r.mutates_inputs.items()):
+            if mutated:
+                console.print(
+                    f"[yellow]note:[/yellow] the {who}-lowered {r.name} writes into its input "
+                    "tensors (every measurement here runs on fresh copies)"
+                )
+
+
+# ---------------------------------------------------------------------------------------------
+# Commands
+
+
+@app.command()
+def demo(
+    blocks: Annotated[
+        int,
+        typer.Option(
+            "--blocks", min=1, help="ResNet basic blocks, and FFN layers, in the two models."
+        ),
+    ] = 3,
+    quick: Annotated[
+        bool,
+        typer.Option(
+            "--quick",
+            help="A smoke test: one block each (overrides --blocks), 5 timing runs, one lowering.",
+        ),
+    ] = False,
+) -> None:
+    """Quantize a ResNet-style stack and a transformer FFN stack (3-D input) with torchao, lower
+    each with qalgebra and with torchao, and compare fusions, numerics and speed."""
+    quiet_third_party()
+    console = Console()
+    if quick:
+        blocks = 1
+    runs, warmup, lower_repeats = (5, 1, 1) if quick else (10, 2, 3)
+    console.print("[bold]qalgebra demo[/bold]: importing torch and torchao ...")
+    import torch
+
+    from qalgebra.testing.models import ffn_stack, resnet_like
+
+    models = [
+        (f"resnet_like({blocks})", resnet_like(blocks)),
+        (f"ffn_stack({blocks},3d)", ffn_stack(blocks, three_d=True)),
+    ]
+    per_model = 7 if runs > 0 else 6  # export, prepare, calibrate, convert, 2 lowerings, timing
+    results: list[Comparison] = []
+    start, cpu_start = time.perf_counter(), time.process_time()
+    with _Steps(console, per_model * len(models)) as steps:
+        for name, factory in models:
+            model, inputs = factory()
+            results.append(
+                compare(
+                    name,
+                    model,
+                    inputs,
+                    step=steps.step,
+                    runs=runs,
+                    warmup=warmup,
+                    lower_repeats=lower_repeats,
+                )
+            )
+    console.print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads; "
+        f"demo steps took {time.perf_counter() - start:.1f} s "
+        f"({time.process_time() - cpu_start:.1f} s CPU; load average "
+        f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs)"
+    )
+    console.print(_fired_table(results))
+    refusals = _refusals_table(results)
+    if refusals is not None:
+        console.print(refusals)
+    for r in results:
+        if r.report is not None and r.report.unfused_quant_nodes:
+            console.print(
+                f"{r.name}: quant/dequant nodes left unfused by qalgebra: "
+                + ", ".join(r.report.unfused_quant_nodes)
+            )
+    console.print(_numerics_table(results))
+    for r in results:
+        console.print(
+            f"numerics {r.name}: qalgebra max abs diff {_fmt_diff(r.diff.get('qalgebra'))}, "
+            f"torchao {_fmt_diff(r.diff.get('torchao'))} (vs the reference)"
+        )
+    console.print(_lowering_table(results))
+    if lower_repeats > 1:
+        console.print(
+            f"[dim]qalgebra: median of {lower_repeats} lowerings; torchao: one call "
+            "(it re-exports and decomposes the model every time)[/dim]"
+        )
+    else:
+        console.print("[dim]--quick: one lowering each, first-call costs included[/dim]")
+    console.print(_runtime_table(results, runs))
+    _print_errors(console, results)
+    if any(r.qalgebra_error is not None for r in results):
+        raise typer.Exit(code=1)
+
+
+@app.command()
+def catalog() -> None:
+    """The fusions lower() applies, in priority order (a pattern before any it contains)."""
+    from qalgebra.lower import DEFAULT_FUSIONS
+
+    table = Table(title="qalgebra fusion catalog (DEFAULT_FUSIONS, priority order)")
+    table.add_column("#", justify="right")
+    table.add_column("name", no_wrap=True)
+    table.add_column("family", no_wrap=True)
+    table.add_column("doc")
+    for i, fusion in enumerate(DEFAULT_FUSIONS, 1):
+        table.add_row(str(i), fusion.name, fusion.family, escape(fusion.doc))
+    Console().print(table)
+
+
+def _fail(console: Console, message: str, code: int = 1) -> typer.Exit:
+    console.print(f"[red]error:[/red] {message}", highlight=False)
+    return typer.Exit(code=code)
+
+
+@app.command()
+def lower(
+    path: Annotated[
+        Path,
+        typer.Argument(
+            help="A quantized program saved with torch.export.save(torch.export.export("
+            "converted_model, example_inputs), PATH)."
+        ),
+    ],
+    check: Annotated[
+        bool,
+        typer.Option(
+            "--check/--no-check",
+            help="Run the lowered module on the saved example inputs and compare it with the "
+            "program run eagerly.",
+        ),
+    ] = True,
+    show_graph: Annotated[
+        bool, typer.Option("--show-graph", help="Print the lowered graph's Python code.")
+    ] = False,
+) -> None:
+    """Lower a saved quantized program with qalgebra and print the lowering report.
+
+    The lowered module is not saved: its prepacked oneDNN weights are opaque tensors that
+    torch.save cannot serialize. Lowering takes milliseconds, so lower at load time instead.
+    """
+    quiet_third_party()
+    console = Console()
+    err = Console(stderr=True)
+    if not path.is_file():
+        raise _fail(err, f"{path}: no such file")
+    import torch
+    from torch import fx
+
+    from qalgebra.errors import QAlgebraError
+    from qalgebra.lower import lower_with_report
+
+    try:
+        ep = torch.export.load(str(path))
+    except Exception as exc:
+        raise _fail(
+            err,
+            f"{path}: not a program saved with torch.export.save "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})",
+        ) from None
+    try:
+        gm = ep.module()
+    except Exception as exc:
+        raise _fail(err, f"{path}: cannot rebuild a module ({type(exc).__name__}: {exc})") from None
+    if not isinstance(gm, fx.GraphModule):
+        raise _fail(err, f"{path}: the program's module is a {type(gm).__name__}, not a graph")
+    saved = getattr(ep, "example_inputs", None)
+    args: tuple[torch.Tensor, ...] = ()
+    if isinstance(saved, tuple) and len(saved) == 2 and isinstance(saved[0], tuple):
+        args = tuple(a for a in saved[0] if isinstance(a, torch.Tensor))
+        if len(args) != len(saved[0]) or saved[1]:
+            args = ()
+    if not args:
+        console.print("[yellow]note:[/yellow] no usable example inputs saved; numerics not checked")
+    try:
+        lowered, report = lower_with_report(gm, args)
+    except QAlgebraError as exc:
+        raise _fail(err, f"{path}: lowering refused: {exc}") from None
+    except Exception as exc:
+        raise _fail(
+            err,
+            f"{path}: lowering failed ({type(exc).__name__}: {exc}); please report this with "
+            "the file",
+        ) from None
+    console.print(f"[bold]{path}[/bold]: {len(gm.graph.nodes)} nodes -> {len(lowered.graph.nodes)}")
+    console.print(report.summary(), markup=False, highlight=False)
+    console.print(f"oneDNN ops in the lowered graph: {onednn_op_count(lowered)}")
+    if check and args:
+        try:
+            diff = max_abs_diff(_run(lowered, args), _run(gm, args))
+        except Exception as exc:
+            raise _fail(
+                err, f"running the lowered module failed ({type(exc).__name__}: {exc})"
+            ) from None
+        console.print(f"numerics: max abs diff vs the program run eagerly: {diff:.3g}")
+    if show_graph:
+        console.print(lowered.code, markup=False, highlight=False)
+
+
+@app.command()
+def explain(
+    model: Annotated[
+        str, typer.Option("--model", help="A bundled model (qalgebra.testing.models.MODELS).")
+    ],
+    fusion: Annotated[str, typer.Option("--fusion", help="A fusion name (see `catalog`).")],
+    node: Annotated[
+        str | None,
+        typer.Option("--node", help="A node of the quantized graph; omit it to try every node."),
+    ] = None,
+    pipeline: Annotated[
+        bool,
+        typer.Option(
+            "--pipeline",
+            help="Explain against the graph the fusion sees inside lower(): after the fusions "
+            "before it in priority order have run. Default: the graph convert_pt2e produced.",
+        ),
+    ] = False,
+) -> None:
+    """Why FUSION does (not) match at NODE of a bundled model quantized with torchao."""
+    quiet_third_party()
+    console = Console()
+    err = Console(stderr=True)
+    from qalgebra.lower import DEFAULT_FUSIONS, lower_with_report
+    from qalgebra.match import explain as explain_match
+    from qalgebra.testing.models import MODELS
+    from qalgebra.testing.quantize import quantize_pt2e
+
+    fusions = {f.name: f for f in DEFAULT_FUSIONS}
+    if fusion not in fusions:
+        raise _fail(err, f"unknown fusion {fusion!r}; known: {', '.join(fusions)}", code=2)
+    if model not in MODELS:
+        close = difflib.get_close_matches(model, list(MODELS), n=3, cutoff=0.5)
+        hint = f"did you mean {', '.join(close)}? " if close else ""
+        raise _fail(
+            err, f"unknown model {model!r}; {hint}known: {', '.join(sorted(MODELS))}", code=2
+        )
+    chosen = fusions[fusion]
+    module, inputs = MODELS[model]()
+    with console.status(f"quantizing {model} with torchao ..."):
+        gm = quantize_pt2e(module, inputs)
+    where = "the quantized graph"
+    if pipeline:
+        before = DEFAULT_FUSIONS[: DEFAULT_FUSIONS.index(chosen)]
+        gm, report = lower_with_report(gm, inputs, fusions=before)
+        fired = ", ".join(f"{k} x{v}" for k, v in sorted(report.fired.items())) or "nothing fired"
+        where = f"the graph after {', '.join(f.name for f in before) or 'no fusion'} ({fired})"
+    nodes = {n.name: n for n in gm.graph.nodes if n.op == "call_function"}
+    if node is not None and node not in nodes:
+        raise _fail(
+            err,
+            f"no call node {node!r} in {where} of {model}"
+            + (" (an earlier fusion may have consumed it)" if pipeline else "")
+            + f"; nodes: {', '.join(nodes)}",
+            code=2,
+        )
+    if node is not None:
+        console.print(_explain_one(fusion, nodes[node], explain_match(chosen.pattern, nodes[node])))
+        return
+    console.print(f"{fusion} on {where} of {model}:", highlight=False)
+    wrong_root: list[str] = []
+    for n in nodes.values():
+        mismatch = explain_match(chosen.pattern, n)
+        if mismatch is not None and not mismatch.path:
+            wrong_root.append(n.name)  # not even the pattern's root op: nothing to explain
+            continue
+        console.print(_explain_one(fusion, n, mismatch), markup=False, highlight=False)
+    if wrong_root:
+        console.print(
+            f"not a possible root of {fusion} (the root op differs): {', '.join(wrong_root)}",
+            markup=False,
+            highlight=False,
+        )
+
+
+def _explain_one(fusion: str, n: fx.Node, mismatch: Mismatch | None) -> Text:
+    op = str(n.target)
+    if mismatch is None:
+        return Text(f"{fusion} matches at node {n.name} ({op})")
+    at = mismatch.node.name if mismatch.node is not None else repr(mismatch.at)
+    return Text(
+        f"{fusion} does not match at node {n.name} ({op}):\n"
+        f"  path:   {mismatch.path_str}\n"
+        f"  node:   {at}\n"
+        f"  reason: {mismatch.reason}"
+    )
+
+
+def main() -> None:
+    """Entry point of the ``qalgebra`` console script."""
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,99 @@
+"""The ``qalgebra`` command line, driven through typer's CliRunner (in-process)."""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner, Result
+
+from qalgebra.cli import app
+from qalgebra.lower import DEFAULT_FUSIONS
+from qalgebra.testing.models import build
+from qalgebra.testing.quantize import quantize_pt2e
+
+# Wide enough that rich never wraps a table cell or a line the assertions read.
+ENV = {"COLUMNS": "240", "NO_COLOR": "1", "TERM": "dumb"}
+
+
+def invoke(*args: str) -> Result:
+    return CliRunner().invoke(app, list(args), env=ENV)
+
+
+@pytest.fixture(scope="module")
+def demo_quick() -> Result:
+    return invoke("demo", "--quick")
+
+
+def test_catalog_lists_every_fusion_in_priority_order() -> None:
+    result = invoke("catalog")
+    assert result.exit_code == 0, result.output
+    rows = re.findall(r"│ +(\d+) │ (\w+) +│", result.output)
+    assert rows == [(str(i), f.name) for i, f in enumerate(DEFAULT_FUSIONS, 1)], result.output
+    for fusion in DEFAULT_FUSIONS:
+        assert fusion.family in result.output
+
+
+def test_demo_quick_reports_fusions_numerics_and_speed(demo_quick: Result) -> None:
+    out = demo_quick.output
+    assert demo_quick.exit_code == 0, out
+    # The ResNet-style stack fires the conv families, the FFN stack the linear ones.
+    fired = set(re.findall(r"│ (?:resnet_like|ffn_stack)\S* +│ (\w+) +│ +[1-9]", out))
+    assert {"qconv", "qconv_binary", "qlinear", "qlinear_binary"} <= fired, out
+    numerics = re.findall(r"numerics (\S+): qalgebra max abs diff (\S+), torchao (\S+)", out)
+    assert [name for name, _, _ in numerics] == ["resnet_like(1)", "ffn_stack(1,3d)"], out
+    for _, qalgebra_diff, _ in numerics:
+        assert math.isfinite(float(qalgebra_diff)) and float(qalgebra_diff) < 1e-3, out
+    for title in ("Lowering time", "Steady-state runtime", "fp32 eager", "torchao/qalgebra"):
+        assert title in out
+    assert "Traceback" not in out
+
+
+@pytest.mark.parametrize("kind", ["missing", "garbage"])
+def test_lower_bad_path_fails_with_a_message_and_no_traceback(tmp_path: Path, kind: str) -> None:
+    path = tmp_path / "model.pt2"
+    if kind == "garbage":
+        path.write_text("not a saved program")
+    result = invoke("lower", str(path))
+    assert result.exit_code != 0
+    expected = "no such file" if kind == "missing" else "not a program saved with torch.export.save"
+    assert "error:" in result.output and expected in result.output, result.output
+    assert str(path) in result.output
+    assert "Traceback" not in result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+
+
+def test_lower_saved_program_prints_the_report_and_numerics(tmp_path: Path) -> None:
+    model, inputs = build("conv2d_relu")
+    converted = quantize_pt2e(model, inputs)
+    path = tmp_path / "conv2d_relu.pt2"
+    torch.export.save(torch.export.export(converted, inputs), str(path))
+    result = invoke("lower", str(path))
+    assert result.exit_code == 0, result.output
+    assert re.search(r"qconv: fired 2x, consumed \d+ nodes", result.output), result.output
+    match = re.search(r"numerics: max abs diff vs the program run eagerly: (\S+)", result.output)
+    assert match is not None and float(match.group(1)) < 1e-4, result.output
+
+
+def test_explain_says_matches_or_why_not() -> None:
+    matches = invoke("explain", "--model", "conv2d_relu", "--fusion", "qconv", "--node", "conv2d")
+    assert matches.exit_code == 0, matches.output
+    assert "qconv matches at node conv2d" in matches.output
+    why = invoke(
+        "explain", "--model", "conv2d_relu", "--fusion", "qconv_binary", "--node", "conv2d"
+    )
+    assert why.exit_code == 0, why.output
+    assert "qconv_binary does not match at node conv2d" in why.output
+    for field in ("path:", "node:", "reason:"):
+        assert field in why.output
+
+
+def test_explain_unknown_names_fail_with_suggestions() -> None:
+    result = invoke("explain", "--model", "conv2d_rleu", "--fusion", "qconv")
+    assert result.exit_code == 2
+    assert "unknown model 'conv2d_rleu'" in result.output and "conv2d_relu" in result.output
+    result = invoke("explain", "--model", "conv2d_relu", "--fusion", "nope")
+    assert result.exit_code == 2 and "unknown fusion 'nope'" in result.output
