@@ -125,13 +125,13 @@ class Compiled:
     note: str = ""
 
 
-def run_compile(spec: Spec, runs: int, warmup: int, timeout: float) -> Compiled:
+def run_compile(spec: Spec, runs: int, warmup: int, threads: int, timeout: float) -> Compiled:
     if timeout <= 0:
         return Compiled(note="not run (--compile-timeout 0)")
     with tempfile.TemporaryDirectory(prefix="qalgebra-bench-inductor-") as cache:
         env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=cache)
         cmd = [sys.executable, __file__, "--compile-child", spec.token]
-        cmd += ["--runs", str(runs), "--warmup", str(warmup)]
+        cmd += ["--runs", str(runs), "--warmup", str(warmup), "--threads", str(threads)]
         try:
             done = subprocess.run(
                 cmd, env=env, capture_output=True, text=True, timeout=timeout, check=False
@@ -318,7 +318,10 @@ def header(
         "",
         f"- date: {now}",
         f"- command: `{command}`",
-        f"- CPU: {cpu_model()}; torch threads: {torch.get_num_threads()}",
+        f"- CPU: {cpu_model()}; torch threads: {torch.get_num_threads()} (`--threads`: on a "
+        "shared machine more threads make every OpenMP region wait for a descheduled worker; "
+        "measured here, fp32 resnet_like(2) took 455 ms with 2 threads vs 1.07 ms with 1 "
+        "while other jobs ran)",
         f"- torch {torch.__version__}, torchao {torchao.__version__}, Python "
         f"{platform.python_version()}, qalgebra at `{git_revision()}`",
         f"- int8 products saturate on this CPU: {int8_pairs_saturate()} (then the quantizer uses "
@@ -343,6 +346,7 @@ class Args:
     runs: int
     warmup: int
     compile_timeout: float
+    threads: int
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[Args, str | None]:
@@ -357,6 +361,13 @@ def parse_args(argv: list[str] | None = None) -> tuple[Args, str | None]:
         default=None,
         help="seconds allowed per torch.compile (default 300; 0 skips it)",
     )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads (default 1: with more, OpenMP workers stall whenever "
+        "another process holds a core, and a shared machine's timings become noise)",
+    )
     parser.add_argument("--compile-child", help=argparse.SUPPRESS)
     ns = parser.parse_args(argv)
     runs = ns.runs if ns.runs is not None else (5 if ns.quick else 20)
@@ -364,7 +375,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[Args, str | None]:
     timeout = ns.compile_timeout
     if timeout is None:
         timeout = 0.0 if ns.quick else 300.0
-    return Args(ns.quick, ns.out, runs, warmup, timeout), ns.compile_child
+    return Args(ns.quick, ns.out, runs, warmup, timeout, ns.threads), ns.compile_child
 
 
 def warm_up() -> None:
@@ -382,6 +393,7 @@ def warm_up() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args, child = parse_args(argv)
+    torch.set_num_threads(args.threads)
     if child is not None:
         compile_child(child, args.runs, args.warmup)
         return 0
@@ -400,7 +412,9 @@ def main(argv: list[str] | None = None) -> int:
         if result.qalgebra_error:
             log(f"{spec.name}: QALGEBRA LOWERING FAILED\n{result.qalgebra_error}")
         with step(f"{spec.name}: torch.compile (child process)"):
-            compiled[spec.name] = run_compile(spec, args.runs, args.warmup, args.compile_timeout)
+            compiled[spec.name] = run_compile(
+                spec, args.runs, args.warmup, args.threads, args.compile_timeout
+            )
         log(
             f"{spec.name}: qalgebra {fmt(result.qalgebra_lower_ms, ' ms')}, torchao "
             f"{fmt(result.torchao_lower_ms, ' ms')}, diffs {result.diff}, runtimes "

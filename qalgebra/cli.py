@@ -519,6 +519,15 @@ def demo(
             help="A smoke test: one block each (overrides --blocks), 5 timing runs, one lowering.",
         ),
     ] = False,
+    threads: Annotated[
+        int,
+        typer.Option(
+            "--threads",
+            min=1,
+            help="torch intra-op threads. 1 keeps timings stable on a busy machine: with more, "
+            "oneDNN/OpenMP workers stall whenever another process holds a core.",
+        ),
+    ] = 1,
 ) -> None:
     """Quantize a ResNet-style stack and a transformer FFN stack (3-D input) with torchao, lower
     each with qalgebra and with torchao, and compare fusions, numerics and speed."""
@@ -531,6 +540,8 @@ def demo(
     import torch
 
     from qalgebra.testing.models import ffn_stack, resnet_like
+
+    torch.set_num_threads(threads)
 
     models = [
         (f"resnet_like({blocks})", resnet_like(blocks)),
