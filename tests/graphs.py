@@ -67,6 +67,7 @@ class GraphBuilder:
         owner = cast(fx.GraphModule, self.root) if owned else None
         self.graph = fx.Graph(owning_module=owner)
         self._n_consts = 0
+        self._input_names: set[str] = set()
 
     def input(
         self,
@@ -76,7 +77,12 @@ class GraphBuilder:
         *,
         meta: bool = True,
     ) -> fx.Node:
-        node = self.graph.placeholder(name)
+        unique, i = name, 0
+        while unique in self._input_names:  # an input's name is an argument name of forward()
+            i += 1
+            unique = f"{name}_{i}"
+        self._input_names.add(unique)
+        node = self.graph.placeholder(unique)
         if meta:
             node.meta["val"] = torch.empty(shape, dtype=dtype, device="meta")
         return node
