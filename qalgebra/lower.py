@@ -110,7 +110,7 @@ def _validate(gm: object, example_inputs: object) -> fx.GraphModule:
 
 def _apply(fusion: Fusion, gm: fx.GraphModule, report: LoweringReport) -> None:
     replaced: dict[fx.Node, fx.Node] = {}
-    for m in find_matches(fusion.pattern, gm):
+    for m in find_matches(fusion.pattern, gm, exclusive=fusion.exclusive):
         rw = Rewriter(gm, m.root, replaced)
         try:
             new = fusion.rewrite(m, rw)

@@ -648,11 +648,21 @@ def explain(pattern: Pattern, node: fx.Node) -> Mismatch | None:
     return ctx.deepest or Mismatch("no alternative matched {}", (node,), (), node)
 
 
-def find_matches(pattern: Pattern, graph: fx.Graph | fx.GraphModule) -> list[Match]:
+def _closed(st: _State, root: fx.Node) -> bool:
+    """Every matched node but the root is read only by matched nodes."""
+    inside = set(st.nodes)
+    return all(u in inside for n in st.nodes if n is not root for u in n.users)
+
+
+def find_matches(
+    pattern: Pattern, graph: fx.Graph | fx.GraphModule, *, exclusive: bool = False
+) -> list[Match]:
     """Non-overlapping matches of ``pattern`` in ``graph``, in graph order of their roots.
 
     Roots are tried from the end of the graph backwards so that a match is preferred over any
-    match it contains; a node already claimed by a match cannot be part of another.
+    match it contains; a node already claimed by a match cannot be part of another. With
+    ``exclusive``, a match whose inner nodes are also read outside it is passed over (replacing
+    it would leave those nodes computed twice) and the search goes on with the next way to match.
     """
     pattern = _check_pattern(pattern)
     if isinstance(graph, fx.GraphModule):
@@ -673,6 +683,8 @@ def find_matches(pattern: Pattern, graph: fx.Graph | fx.GraphModule) -> list[Mat
         if roots is not None and not (node.op == "call_function" and _target_ok(roots, node.target)):
             continue
         for st in _m(pattern, node, _EMPTY, (), ctx):
+            if exclusive and not _closed(st, node):
+                continue
             if not claimed.intersection(st.nodes):
                 claimed.update(st.nodes)
                 found.append(_to_match(node, st, ctx))

@@ -35,6 +35,9 @@ class Fusion:
     pattern: Pattern
     rewrite: Callable[[Match, Rewriter], fx.Node]
     doc: str = ""
+    #: Inner nodes of a match must be read only inside it (else fusing would compute them
+    #: twice); off for fusions that keep their inner nodes (promotion, clone elision).
+    exclusive: bool = True
 
     def __repr__(self) -> str:
         return f"<Fusion {self.name} ({self.family})>"

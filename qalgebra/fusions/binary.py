@@ -43,11 +43,13 @@ from qalgebra.fusions.common import (
     check_common,
     clamp_to_quant_range,
     output_qparams,
+    reshaped_output,
     unary_args,
     weight_constants,
 )
 from qalgebra.fusions.conv import conv, conv_geometry, prepack_conv
 from qalgebra.fusions.linear import OUT_SHAPE, X_SHAPE, linear, prepack_linear, shape_or_empty
+from qalgebra.isa import qconv_binary_emits_bf16, qlinear_binary_emits_bf16
 from qalgebra.pattern import Match, Pattern, Var, any_of, call, capture, dtype_of, ignored, where
 from qalgebra.shapes import known_shape
 
@@ -61,16 +63,28 @@ OTHER_DTYPE = Var("other_compute_dtype", torch.dtype)
 BINARY_UNARIES = (Unary.NONE, Unary.RELU)
 
 
-def with_residual(core: Pattern) -> Pattern:
-    """``core + other`` then optional relu; int8 output (quantized other) tried first."""
+def with_residual(core: Pattern, *, int8_output_needs_quantized_other: bool) -> Pattern:
+    """``core + other`` then optional relu; the int8-output variant is tried first.
+
+    With ``int8_output_needs_quantized_other`` (conv: its accumulator must be the int8 tensor),
+    the int8-output variant requires ``other`` to be a dequantize; otherwise (linear) ``other``
+    may be any float tensor in both variants.
+    """
+    any_other = dtype_of(OTHER, OTHER_DTYPE)
     quantized_other = capture(
         OTHER, with_dtype_convert(dequantize_per_tensor(OTHER_X, OTHER_Q), OTHER_DTYPE)
     )
+    int8_other = quantized_other if int8_output_needs_quantized_other else any_other
     int8_out = with_output_quant(
-        with_unary(with_binary(core, quantized_other), UNARY, *BINARY_UNARIES), OQ
+        with_unary(with_binary(core, int8_other), UNARY, *BINARY_UNARIES), OQ
     )
-    float_out = with_unary(with_binary(core, dtype_of(OTHER, OTHER_DTYPE)), UNARY, *BINARY_UNARIES)
+    float_out = with_unary(with_binary(core, any_other), UNARY, *BINARY_UNARIES)
     return any_of(int8_out, float_out)
+
+
+def _sum_dtype(m: Match) -> torch.dtype:
+    """The dtype of ``compute + other``: bf16 + fp32 promotes to fp32, as eager does."""
+    return torch.promote_types(m[ACT_DTYPE], m[OTHER_DTYPE])
 
 
 def _check_other(m: Match) -> None:
@@ -83,9 +97,13 @@ def _check_other(m: Match) -> None:
             f"the added tensor has shape {list(other)}, the result {list(result)}: "
             "oneDNN's binary post-op does not broadcast"
         )
-    other_dtype = m[OTHER_DTYPE]
-    if other_dtype != m[ACT_DTYPE]:
-        raise Refusal(f"the added tensor is {other_dtype}, the computation {m[ACT_DTYPE]}")
+    if m[OTHER_DTYPE] not in (torch.float32, torch.bfloat16):
+        raise Refusal(f"the added tensor is {m[OTHER_DTYPE]}, not float32 or bfloat16")
+
+
+def _output(m: Match) -> tuple[float, int, torch.dtype]:
+    """Output (scale, zero point, dtype): the quant's, or the dtype of the float sum."""
+    return output_qparams(m) if OQ.scale in m else (1.0, 0, _sum_dtype(m))
 
 
 def _rewrite_qconv_binary(m: Match, rw: Rewriter) -> fx.Node:
@@ -94,86 +112,79 @@ def _rewrite_qconv_binary(m: Match, rw: Rewriter) -> fx.Node:
         raise Refusal("oneDNN's quantized conv binary post-op exists for conv2d only")
     _check_other(m)
     stride, padding, dilation, groups = conv_geometry(m)
-    packed, w_scales, w_zps, bias = weight_constants(m, rw, prepack_conv(m), "qconv_binary")
-    out_scale, out_zp, out_dtype = output_qparams(m)
+    out_scale, out_zp, out_dtype = _output(m)
     if OQ.scale in m:
-        accum_source, accum_scale, accum_zp = m[OTHER_X], m[OTHER_Q.scale], m[OTHER_Q.zero_point]
         if m[OTHER_Q.dtype] != out_dtype:
             raise Refusal(f"accumulator dtype {m[OTHER_Q.dtype]} differs from output {out_dtype}")
+        accum_source, accum_scale, accum_zp = m[OTHER_X], m[OTHER_Q.scale], m[OTHER_Q.zero_point]
+        accum_dtype = out_dtype
     else:
         accum_source, accum_scale, accum_zp = m[OTHER], 1.0, 0
-    accum = rw.call(aten.clone.default, accum_source, memory_format=torch.channels_last)
+        accum_dtype = out_dtype
+        if out_dtype == torch.bfloat16 and not qconv_binary_emits_bf16():
+            out_dtype = accum_dtype = torch.float32
+    packed, w_scales, w_zps, bias = weight_constants(m, rw, prepack_conv(m), "qconv_binary")
+    # The sum is written into the accumulator: always a fresh channels_last tensor the graph
+    # owns (ACCUM_CLONE_ELISION drops the copy when that is provably unobservable).
+    if OQ.scale in m or m[OTHER_DTYPE] == accum_dtype:
+        accum = rw.call(aten.clone.default, accum_source, memory_format=torch.channels_last)
+    else:
+        accum = rw.call(
+            aten._to_copy.default,
+            accum_source,
+            dtype=accum_dtype,
+            memory_format=torch.channels_last,
+        )
     accum.meta["qalgebra_accumulator"] = True
     unary, scalars, algorithm = unary_args(m)
     fused = rw.call(
         onednn.qconv2d_pointwise.binary,
-        m[X],
-        m[XQ.scale],
-        m[XQ.zero_point],
-        packed,
-        w_scales,
-        w_zps,
-        accum,
-        bias,
-        stride,
-        padding,
-        dilation,
-        groups,
-        out_scale,
-        out_zp,
-        out_dtype,
-        accum_scale,
-        accum_zp,
-        "sum",
-        1.0,
-        unary,
-        scalars,
-        algorithm,
-    )
+        m[X], m[XQ.scale], m[XQ.zero_point], packed, w_scales, w_zps, accum, bias,
+        stride, padding, dilation, groups, out_scale, out_zp, out_dtype,
+        accum_scale, accum_zp, "sum", 1.0, unary, scalars, algorithm,
+    )  # fmt: skip
+    if OQ.scale not in m and out_dtype != _sum_dtype(m):
+        fused = rw.call(aten._to_copy.default, fused, dtype=_sum_dtype(m))
     return clamp_to_quant_range(m, rw, fused)
 
 
 def _rewrite_qlinear_binary(m: Match, rw: Rewriter) -> fx.Node:
     check_common(m, allowed_act=(torch.uint8, torch.int8))
     _check_other(m)
+    out_scale, out_zp, out_dtype = _output(m)
+    other = m[OTHER]
+    # This CPU's oneDNN may not emit bf16 from the binary qlinear: add in float32, convert after.
+    float32_fallback = (
+        torch.bfloat16 in (out_dtype, m[OTHER_DTYPE]) and not qlinear_binary_emits_bf16()
+    )
+    if float32_fallback:
+        if m[OTHER_DTYPE] != torch.float32:
+            other = rw.call(aten._to_copy.default, other, dtype=torch.float32)
+        if out_dtype == torch.bfloat16:
+            out_dtype = torch.float32
+    elif OQ.scale not in m and m[OTHER_DTYPE] != out_dtype:
+        other = rw.call(aten._to_copy.default, other, dtype=out_dtype)
     packed, w_scales, w_zps, bias = weight_constants(m, rw, prepack_linear(m), "qlinear_binary")
-    out_scale, out_zp, out_dtype = output_qparams(m)
     unary, scalars, algorithm = unary_args(m)
-    x, other = m[X], m[OTHER]
+    x = m[X]
     if shape_or_empty(m, X_SHAPE):
         x = rw.call(aten.reshape.default, x, m[X_SHAPE])
         other = rw.call(aten.reshape.default, other, [-1, m[WQ.scales].shape[0]])
     y = rw.call(
         onednn.qlinear_pointwise.binary,
-        x,
-        m[XQ.scale],
-        m[XQ.zero_point],
-        packed,
-        w_scales,
-        w_zps,
-        other,
-        bias,
-        out_scale,
-        out_zp,
-        out_dtype,
-        1.0,
-        0,
-        "add",
-        1.0,
-        unary,
-        scalars,
-        algorithm,
-    )
+        x, m[XQ.scale], m[XQ.zero_point], packed, w_scales, w_zps, other, bias,
+        out_scale, out_zp, out_dtype, 1.0, 0, "add", 1.0, unary, scalars, algorithm,
+    )  # fmt: skip
+    if OQ.scale not in m and out_dtype != _sum_dtype(m):
+        y = rw.call(aten._to_copy.default, y, dtype=_sum_dtype(m))
     y = clamp_to_quant_range(m, rw, y)
-    if shape_or_empty(m, OUT_SHAPE):
-        y = rw.call(aten.reshape.default, y, m[OUT_SHAPE])
-    return y
+    return reshaped_output(m, rw, y, shape_or_empty(m, OUT_SHAPE))
 
 
 QCONV_BINARY = Fusion(
     name="qconv_binary",
     family="qconv binary",
-    pattern=with_residual(conv()),
+    pattern=with_residual(conv(), int8_output_needs_quantized_other=True),
     rewrite=_rewrite_qconv_binary,
     doc="dequant -> conv -> add(., other) -> [relu] -> [quant]  =>  "
     "onednn.qconv2d_pointwise.binary (sum into a tensor the graph owns)",
@@ -182,7 +193,7 @@ QCONV_BINARY = Fusion(
 QLINEAR_BINARY = Fusion(
     name="qlinear_binary",
     family="qlinear binary",
-    pattern=with_residual(linear()),
+    pattern=with_residual(linear(), int8_output_needs_quantized_other=False),
     rewrite=_rewrite_qlinear_binary,
     doc="dequant -> linear -> add(., other) -> [relu] -> [quant]  =>  "
     "onednn.qlinear_pointwise.binary (add, out of place)",
@@ -258,5 +269,6 @@ ACCUM_CLONE_ELISION = Fusion(
         satisfies(_last_reader, "the accumulator is a oneDNN conv output nothing reads later"),
     ),
     rewrite=lambda m, rw: rw.node(m[_SOURCE]),
+    exclusive=False,
     doc="clone(channels_last) of a oneDNN conv output read by nobody after  =>  the output",
 )

@@ -91,6 +91,16 @@ def clamp_to_quant_range(m: Match, rw: Rewriter, node: fx.Node) -> fx.Node:
     return node
 
 
+def reshaped_output(m: Match, rw: Rewriter, node: fx.Node, shape: list[Any]) -> fx.Node:
+    """``node`` reshaped to ``shape`` (when given), keeping its recorded int8 output range."""
+    if not shape:
+        return node
+    out = rw.call(torch.ops.aten.reshape.default, node, shape)
+    if QUANT_RANGE_KEY in node.meta:
+        out.meta[QUANT_RANGE_KEY] = node.meta[QUANT_RANGE_KEY]
+    return out
+
+
 def check_common(m: Match, *, allowed_act: tuple[torch.dtype, ...]) -> None:
     """Refuse what oneDNN would compute wrongly or not at all; reasons reach the report."""
     _check_qparams(m, XQ, "input")
@@ -112,7 +122,9 @@ def check_common(m: Match, *, allowed_act: tuple[torch.dtype, ...]) -> None:
         raise Refusal(f"weight quantized along axis {m[WQ.axis]}, expected 0 (output channels)")
     if bool((m[WQ.zero_points] != 0).any()):
         raise Refusal("weight zero points are not all 0 (oneDNN needs symmetric weights)")
-    max_act = _max_abs_activation(m)
+    # Without VNNI, oneDNN turns int8 activations into uint8 by adding 128 before the same
+    # saturating pair sums: their magnitude is then up to 255 whatever the quant range.
+    max_act = 255 if act == torch.int8 else _max_abs_activation(m)
     if pair_sum_may_saturate(max_act, m[W]):
         raise Refusal(
             "this CPU's int8 kernels add products in saturating int16 pairs (no AVX512-VNNI/AMX): "

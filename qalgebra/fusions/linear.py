@@ -35,6 +35,7 @@ from qalgebra.fusions.common import (
     clamp_to_quant_range,
     maybe_output_quant,
     output_qparams,
+    reshaped_output,
     unary_args,
     weight,
     weight_constants,
@@ -119,9 +120,7 @@ def _rewrite_qlinear(m: Match, rw: Rewriter) -> fx.Node:
         algorithm,
     )
     y = clamp_to_quant_range(m, rw, y)
-    if shape_or_empty(m, OUT_SHAPE):
-        y = rw.call(aten.reshape.default, y, m[OUT_SHAPE])
-    return y
+    return reshaped_output(m, rw, y, shape_or_empty(m, OUT_SHAPE))
 
 
 QLINEAR = Fusion(

@@ -41,5 +41,6 @@ DEQUANT_PROMOTION = Fusion(
         ~users_at_most(_SHARED, 1),
     ),
     rewrite=_promote,
+    exclusive=False,
     doc="dequant (-> convert) (-> reshape) with n users  =>  n copies, one per user",
 )
