@@ -495,6 +495,19 @@ def test_find_matches_prefers_the_larger_match() -> None:
     assert ms[0].nodes == (mul, relu)
 
 
+def test_find_matches_alternatives_claim_their_own_nodes() -> None:
+    # Per node, a | b matches where b | a does; but the non-overlapping choice follows the
+    # alternative that fires: relu(x) claims one relu, relu(relu(x)) claims two.
+    b, relus = _relu_chain(2)
+    gm = b.module()
+    one = call(aten.relu.default, X)
+    two = call(aten.relu.default, call(aten.relu.default, X))
+    assert [m.root for m in find_matches(one | two, gm)] == relus
+    assert [m.root for m in find_matches(two | one, gm)] == [relus[1]]
+    for node in relus:
+        assert (match_node(one | two, node) is None) == (match_node(two | one, node) is None)
+
+
 def test_find_matches_accepts_a_graph_or_a_module() -> None:
     b, relus = _relu_chain(2)
     gm = b.module()
