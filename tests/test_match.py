@@ -508,6 +508,21 @@ def test_find_matches_alternatives_claim_their_own_nodes() -> None:
         assert (match_node(one | two, node) is None) == (match_node(two | one, node) is None)
 
 
+def test_find_matches_exclusive_passes_over_matches_read_from_outside() -> None:
+    b = GraphBuilder()
+    a = b.input()
+    mul = b.op(aten.mul.Tensor, a, 0.5)
+    relu = b.op(aten.relu.default, mul)
+    b.op(aten.neg.default, mul)  # the mul is also read outside relu(mul(...))
+    gm = b.module()
+    p = call(aten.relu.default, optional(call(aten.mul.Tensor, X, S), defaults={S: 1.0}))
+    (shared,) = find_matches(p, gm)
+    assert (shared.root, shared.nodes, shared[S]) == (relu, (mul, relu), 0.5)
+    # Exclusive: the way that takes the mul in is passed over, the next way (mul absent) wins.
+    (alone,) = find_matches(p, gm, exclusive=True)
+    assert (alone.root, alone.nodes, alone[S], alone[X]) == (relu, (relu,), 1.0, mul)
+
+
 def test_find_matches_accepts_a_graph_or_a_module() -> None:
     b, relus = _relu_chain(2)
     gm = b.module()
