@@ -353,3 +353,31 @@ def test_user_fusions_replace_the_catalog() -> None:
     only_linear: Sequence[Fusion] = [f for f in DEFAULT_FUSIONS if f.name == "qlinear"]
     _, report = lower_with_report(gm, inputs, fusions=only_linear)
     assert report.total_fired == 0
+
+
+class _PermutedLinear(torch.nn.Module):
+    """A linear on a permuted (non-contiguous) 3-D input: export spells it expand -> bmm."""
+
+    def __init__(self, bias: bool) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(16, 8, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.fc(x.permute(1, 0, 2))
+        return out
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_non_contiguous_3d_linear_in_bmm_spelling_fuses(bias: bool) -> None:
+    torch.manual_seed(0)
+    inputs = (torch.randn(5, 2, 16),)
+    gm = quantize_pt2e(_PermutedLinear(bias).eval(), inputs)
+    graph = decompose_compute(gm, inputs)
+    assert any(n.target is torch.ops.aten.bmm.default for n in graph.graph.nodes)
+    lowered, report = lower_with_report(graph, inputs)
+    assert report.fired["qlinear"] == 1 and not report.refused, report.summary()
+    targets = {n.target for n in lowered.graph.nodes}
+    assert torch.ops.aten.bmm.default not in targets
+    (fused,) = _fused_nodes(lowered)
+    assert (fused.args[6] is not None) == bias
+    assert_close_to_reference(graph(*inputs), lowered(*inputs), gm)

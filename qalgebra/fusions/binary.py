@@ -48,7 +48,14 @@ from qalgebra.fusions.common import (
     weight_constants,
 )
 from qalgebra.fusions.conv import conv, conv_geometry, prepack_conv
-from qalgebra.fusions.linear import OUT_SHAPE, X_SHAPE, linear, prepack_linear, shape_or_empty
+from qalgebra.fusions.linear import (
+    OUT_SHAPE,
+    X_SHAPE,
+    check_batched_input,
+    linear,
+    prepack_linear,
+    shape_or_empty,
+)
 from qalgebra.isa import qconv_binary_emits_bf16, qlinear_binary_emits_bf16
 from qalgebra.pattern import Match, Pattern, Var, any_of, call, capture, dtype_of, ignored, where
 from qalgebra.shapes import known_shape
@@ -63,6 +70,12 @@ OTHER_DTYPE = Var("other_compute_dtype", torch.dtype)
 BINARY_UNARIES = (Unary.NONE, Unary.RELU)
 
 
+_NOT_CONSTANT = satisfies(
+    lambda m: m[OTHER].op != "get_attr",
+    "the added tensor is not a constant (a bias is no residual)",
+)
+
+
 def with_residual(core: Pattern, *, int8_output_needs_quantized_other: bool) -> Pattern:
     """``core + other`` then optional relu; the int8-output variant is tried first.
 
@@ -70,7 +83,7 @@ def with_residual(core: Pattern, *, int8_output_needs_quantized_other: bool) -> 
     the int8-output variant requires ``other`` to be a dequantize; otherwise (linear) ``other``
     may be any float tensor in both variants.
     """
-    any_other = dtype_of(OTHER, OTHER_DTYPE)
+    any_other = where(dtype_of(OTHER, OTHER_DTYPE), _NOT_CONSTANT)
     quantized_other = capture(
         OTHER, with_dtype_convert(dequantize_per_tensor(OTHER_X, OTHER_Q), OTHER_DTYPE)
     )
@@ -150,6 +163,7 @@ def _rewrite_qconv_binary(m: Match, rw: Rewriter) -> fx.Node:
 
 def _rewrite_qlinear_binary(m: Match, rw: Rewriter) -> fx.Node:
     check_common(m, allowed_act=(torch.uint8, torch.int8))
+    check_batched_input(m)
     _check_other(m)
     out_scale, out_zp, out_dtype = _output(m)
     other = m[OTHER]

@@ -21,7 +21,7 @@ import torch
 from torch import fx
 
 from qalgebra.combinators import Unary, with_dtype_convert, with_reshape, with_unary
-from qalgebra.fusions.base import Fusion, Rewriter
+from qalgebra.fusions.base import Fusion, Refusal, Rewriter
 from qalgebra.fusions.common import (
     BIAS,
     BIAS_DTYPE,
@@ -40,7 +40,8 @@ from qalgebra.fusions.common import (
     weight,
     weight_constants,
 )
-from qalgebra.pattern import Match, Pattern, Var, any_of, call
+from qalgebra.pattern import Match, Pattern, Var, any_of, call, ignored
+from qalgebra.shapes import known_shape
 
 __all__ = ["LINEAR_UNARIES", "QLINEAR", "linear"]
 
@@ -48,6 +49,7 @@ aten = torch.ops.aten
 onednn = torch.ops.onednn
 
 X_SHAPE = Var("x_2d_shape", list)
+X_EXPAND = Var("x_expand", list)
 OUT_SHAPE = Var("out_shape", list)
 
 #: Post-ops oneDNN's qlinear accepts (checked against the op; it refuses silu and sigmoid by
@@ -81,7 +83,17 @@ def linear() -> Pattern:
         call(aten.addmm.default, with_dtype_convert(BIAS, BIAS_DTYPE), x2d, w_t),
         call(aten.mm.default, x2d, w_t),
     )
-    return any_of(direct, with_reshape(matmul, OUT_SHAPE))
+    # A non-contiguous N-D input: matmul decomposes to expand -> bmm (-> view) (+ bias).
+    batched = with_reshape(
+        call(
+            aten.bmm.default,
+            with_reshape(call(aten.expand.default, x, X_EXPAND)),
+            with_reshape(call(aten.expand.default, _transposed_weight(), ignored())),
+        ),
+        OUT_SHAPE,
+    )
+    with_bias = call(aten.add.Tensor, batched, with_dtype_convert(BIAS, BIAS_DTYPE))
+    return any_of(direct, with_reshape(matmul, OUT_SHAPE), with_bias, batched)
 
 
 def prepack_linear(m: Match) -> torch.Tensor:
@@ -95,8 +107,22 @@ def shape_or_empty(m: Match, var: Var[list[Any]]) -> list[Any]:
     return m.get(var, [])
 
 
+def check_batched_input(m: Match) -> None:
+    """The expand before a bmm must not broadcast the activation (qlinear would not)."""
+    if X_EXPAND not in m:
+        return
+    shape = known_shape(m[X])
+    expanded: list[Any] = m[X_EXPAND]
+    if shape is None or list(shape) != expanded:
+        raise Refusal(
+            f"the activation of shape {shape} is expanded to {expanded} before bmm: "
+            "a broadcast qlinear cannot express"
+        )
+
+
 def _rewrite_qlinear(m: Match, rw: Rewriter) -> fx.Node:
     check_common(m, allowed_act=(torch.uint8, torch.int8))
+    check_batched_input(m)
     packed, w_scales, w_zps, bias = weight_constants(m, rw, prepack_linear(m), "qlinear")
     out_scale, out_zp, out_dtype = output_qparams(m)
     post_op, scalars, algorithm = unary_args(m)
