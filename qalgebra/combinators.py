@@ -37,15 +37,18 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.ao.quantization.fx._decomposed  # noqa: F401  registers torch.ops.quantized_decomposed
+import torch.ao.quantization.fx._decomposed
+from torch.fx import Node
 
 from qalgebra.checks import dtype_in
+from qalgebra.errors import PatternError
 from qalgebra.pattern import (
     Pattern,
     PatternLike,
     Var,
     any_of,
     call,
+    capture,
     dtype_of,
     ignored,
     literal,
@@ -273,7 +276,7 @@ def weight_dequant(
 def with_dtype_convert(
     p: PatternLike, dtype: Var[torch.dtype] | torch.dtype, *, default: torch.dtype = torch.float32
 ) -> Pattern:
-    """``p``, optionally converted; a Var ``dtype`` binds ``default`` when there is no conversion."""
+    """``p``, optionally converted; a Var ``dtype`` binds ``default`` when not converted."""
     if isinstance(dtype, Var):
         return optional(dtype_convert(p, dtype), through=0, defaults={dtype: default})
     return optional(dtype_convert(p, literal(dtype)), through=0)
@@ -339,12 +342,40 @@ HARDTANH_MIN = Var("hardtanh_min", float)
 HARDTANH_MAX = Var("hardtanh_max", float)
 LEAKY_SLOPE = Var("leaky_relu_slope", float)
 
-_UNARY_SPELLING = {
+#: The post-op's input when a decomposed spelling reads it twice (captured once, then reused).
+UNARY_INPUT = Var("unary_input", Node)
+
+
+def _relu6_decomposed(t: PatternLike) -> Pattern:
+    """``clamp(t, 0, 6)`` as one clamp, two (``clamp(clamp(t, 0), None, 6)``) or a hardtanh."""
+    return any_of(
+        clamp(t, 0, 6),
+        call(aten.clamp.default, call(aten.clamp.default, t, 0), None, 6),
+        call(aten.hardtanh.default, t, 0, 6),
+    )
+
+
+def _hardswish_decomposed(x: PatternLike) -> Pattern:
+    """``x * relu6(x + 3) / 6``: what ``run_decompositions()`` makes of hardswish."""
+    shifted = call(aten.add.Tensor, UNARY_INPUT, 3)
+    return call(
+        aten.div.Tensor,
+        call(aten.mul.Tensor, capture(UNARY_INPUT, x), _relu6_decomposed(shifted)),
+        6,
+    )
+
+
+def _silu_decomposed(x: PatternLike) -> Pattern:
+    """``x * sigmoid(x)``: what ``run_decompositions()`` makes of silu."""
+    return call(aten.mul.Tensor, capture(UNARY_INPUT, x), call(aten.sigmoid.default, UNARY_INPUT))
+
+
+_UNARY_SPELLING: dict[Unary, Callable[[PatternLike], Pattern]] = {
     Unary.RELU: lambda x: call(aten.relu.default, x),
     Unary.HARDTANH: lambda x: call(aten.hardtanh.default, x, HARDTANH_MIN, HARDTANH_MAX),
     Unary.RELU6: lambda x: call(aten.relu6.default, x),
-    Unary.HARDSWISH: lambda x: call(aten.hardswish.default, x),
-    Unary.SILU: lambda x: call(aten.silu.default, x),
+    Unary.HARDSWISH: lambda x: any_of(call(aten.hardswish.default, x), _hardswish_decomposed(x)),
+    Unary.SILU: lambda x: any_of(call(aten.silu.default, x), _silu_decomposed(x)),
     Unary.GELU: lambda x: call(aten.gelu.default, x, approximate="none"),
     Unary.GELU_TANH: lambda x: call(aten.gelu.default, x, approximate="tanh"),
     Unary.LEAKY_RELU: lambda x: call(aten.leaky_relu.default, x, LEAKY_SLOPE),
@@ -353,19 +384,18 @@ _UNARY_SPELLING = {
 
 
 def with_unary(p: PatternLike, unary: Var[Unary], *ops: Unary) -> Pattern:
-    """``p`` followed by one of ``ops``; ``unary`` binds which. ``Unary.NONE`` allows none."""
+    """``p`` followed by one of ``ops``; ``unary`` binds which. ``Unary.NONE`` allows none.
+
+    Ordered alternatives, the post-ops first: a post-op is preferred over stopping before it.
+    (Not ``optional``: decomposed spellings such as ``x * sigmoid(x)`` do not read ``p`` at one
+    fixed argument.)
+    """
     if not ops:
-        raise ValueError("with_unary: expected at least one Unary")
+        raise PatternError("with_unary: expected at least one Unary")
     spelled = [tag(op.applied_to(p), unary, op) for op in ops if op is not Unary.NONE]
-    if not spelled:
-        return tag(p, unary, Unary.NONE)
-    body = any_of(*spelled)
     if Unary.NONE in ops:
-        defaults: dict[Var[Any], object] = {unary: Unary.NONE}
-        for op in ops:
-            defaults.update({v: 0.0 for v in op.scalar_vars})
-        return optional(body, through=0, defaults=defaults)
-    return body
+        spelled.append(tag(p, unary, Unary.NONE))
+    return any_of(*spelled)
 
 
 def with_binary(
@@ -378,4 +408,3 @@ def with_binary(
 def with_output_quant(p: PatternLike, qp: QParams) -> Pattern:
     """``p`` quantized per tensor, through an optional conversion back to float32 (bf16 form)."""
     return quantize_per_tensor(with_dtype_convert(p, torch.float32), qp)
-

@@ -541,7 +541,7 @@ class Optional(Pattern):
         for c in calls:
             if not 0 <= self.through < len(c.args):
                 raise PatternError(
-                    f"optional({c.describe()}): through={self.through} is out of range; "
+                    f"optional({_brief(c)}): through={self.through} is out of range; "
                     f"the call has {len(c.args)} positional argument(s)"
                 )
             if absent is None:
@@ -549,11 +549,11 @@ class Optional(Pattern):
             elif c.args[self.through] != absent:
                 raise PatternError(
                     f"optional: every alternative must have the same argument {self.through}; "
-                    f"{c.describe()} differs"
+                    f"{_brief(c)} differs"
                 )
         assert absent is not None
         object.__setattr__(self, "_absent", absent)
-        where = f"optional({self.present.describe()})"
+        where = f"optional({_brief(self.present)})"
         _init_composite(self, (self.present,), where)
         only_present = self.present.vars - absent.vars
         for var, value in self.defaults.items():
@@ -613,6 +613,12 @@ def _frozen_default(var: object, value: object) -> object:
         if not isinstance(value, bool):
             return float(value)
     return _freeze(value)
+
+
+def _brief(p: Pattern, limit: int = 120) -> str:
+    """``p.describe()`` cut to ``limit`` characters, for error messages about large patterns."""
+    text = p.describe()
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _default_fits(var: Var[Any], value: object) -> bool:

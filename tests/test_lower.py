@@ -102,11 +102,18 @@ def _max_activation_scale(gm: fx.GraphModule) -> float:
     return max(scales)
 
 
+def _attr(gm: fx.GraphModule, node: object) -> torch.Tensor:
+    assert isinstance(node, fx.Node) and isinstance(node.target, str)
+    value = functools.reduce(getattr, node.target.split("."), gm)
+    assert isinstance(value, torch.Tensor)
+    return value
+
+
 def _max_row_l1(gm: fx.GraphModule) -> float:
     best = 0.0
     for n in gm.graph.nodes:
         if n.target is qd.dequantize_per_channel.default:
-            w, s = (functools.reduce(getattr, a.target.split("."), gm) for a in n.args[:2])
+            w, s = (_attr(gm, a) for a in n.args[:2])
             dq = w.float() * s.reshape(-1, *([1] * (w.dim() - 1)))
             best = max(best, float(dq.flatten(1).abs().sum(1).max()))
     return best
@@ -209,6 +216,7 @@ def test_linear_post_op_attributes(post: str) -> None:
     assert [n.target for n in linears] == [onednn.qlinear_pointwise.default] * 2
     for node in linears:
         name, scalars, algorithm = node.args[10:13]
+        assert isinstance(scalars, list)
         expected_name, expected_scalars, expected_algorithm = LINEAR_ATTRS[post]
         assert (name, algorithm) == (expected_name, expected_algorithm)
         assert [round(float(s), 6) for s in scalars] == expected_scalars
@@ -381,3 +389,28 @@ def test_non_contiguous_3d_linear_in_bmm_spelling_fuses(bias: bool) -> None:
     (fused,) = _fused_nodes(lowered)
     assert (fused.args[6] is not None) == bias
     assert_close_to_reference(graph(*inputs), lowered(*inputs), gm)
+
+
+@pytest.mark.parametrize(
+    ("name", "attr"),
+    [
+        ("conv2d_hardswish", "hardswish"),
+        ("conv2d_silu", "swish"),
+        ("linear_hardswish", "hardswish"),
+        ("linear_silu", "swish"),
+    ],
+)
+def test_post_ops_decomposed_by_default_decompositions_still_fuse(name: str, attr: str) -> None:
+    # ExportedProgram.run_decompositions() with its default table spells hardswish as
+    # x * clamp(clamp(x + 3, 0), None, 6) / 6 and silu as x * sigmoid(x).
+    gm, inputs = _quantized(name)
+    decomposed = torch.export.export(gm, inputs).run_decompositions().module()
+    assert isinstance(decomposed, fx.GraphModule)
+    spelled = {n.target for n in decomposed.graph.nodes}
+    assert torch.ops.aten.hardswish.default not in spelled
+    assert torch.ops.aten.silu.default not in spelled
+    lowered, report = lower_with_report(decomposed, inputs)
+    assert {k: v for k, v in report.fired.items() if k in EXPECTED[name]} == EXPECTED[name]
+    fused = _fused_nodes(lowered)
+    assert [n.args[14 if "conv" in str(n.target) else 10] for n in fused] == [attr, attr]
+    assert_close_to_reference(decomposed(*inputs), lowered(*inputs), gm)
