@@ -7,11 +7,11 @@ type. Subclasses say which phase refused: building a pattern, matching, or lower
 from __future__ import annotations
 
 __all__ = [
-    "QAlgebraError",
-    "PatternError",
-    "MatchError",
-    "LoweringError",
     "InvalidQParamsError",
+    "LoweringError",
+    "MatchError",
+    "PatternError",
+    "QAlgebraError",
     "UnsupportedGraphError",
 ]
 

@@ -130,7 +130,9 @@ def _apply(fusion: Fusion, gm: fx.GraphModule, report: LoweringReport) -> None:
             replaced[m.root] = new
         report.fired[fusion.name] += 1
         report.nodes_consumed[fusion.name] += len(m.nodes)
-    gm.graph.eliminate_dead_code()
+    if replaced or report.fired[fusion.name]:
+        # The replaced nodes are dead now; later fusions must not match (and prepack) them.
+        gm.graph.eliminate_dead_code()
 
 
 def lower_with_report(

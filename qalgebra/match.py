@@ -25,12 +25,12 @@ nothing behind and captures exist only in the final ``Match``.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, TypeAlias
 
 import torch
-from pyrsistent import PMap, PVector, pmap, pvector
+from pyrsistent import pmap
 from torch import fx
 from torch._ops import OpOverload
 
@@ -77,7 +77,9 @@ def _schema_args(op: OpOverload[..., Any]) -> tuple[_Arg, ...]:
     out: list[_Arg] = []
     for a in op._schema.arguments:
         has_default = a.has_default_value()
-        out.append(_Arg(a.name, a.kwarg_only, has_default, a.default_value if has_default else None))
+        out.append(
+            _Arg(a.name, a.kwarg_only, has_default, a.default_value if has_default else None)
+        )
     return tuple(out)
 
 
@@ -247,18 +249,25 @@ def _same(a: object, b: object) -> bool:
 
 @dataclass(frozen=True, slots=True)
 class _State:
-    bindings: PMap[Var[Any], object]
-    per_element: PMap[Var[Any], tuple[object, ...]]
-    nodes: PVector[fx.Node]
+    """One partial match. Never mutated: every step builds a new state (copy on write).
+
+    Plain dicts and tuples rather than pyrsistent containers: the maps hold a few dozen entries
+    and live only during one search, where copying is cheaper than PMap's rebalancing (which
+    showed up as a third of the lowering time). ``Match`` gets PMaps.
+    """
+
+    bindings: Mapping[Var[Any], object]
+    per_element: Mapping[Var[Any], tuple[object, ...]]
+    nodes: tuple[fx.Node, ...]
 
     def bind(self, var: Var[Any], value: object) -> _State:
-        return _State(self.bindings.set(var, value), self.per_element, self.nodes)
+        return _State({**self.bindings, var: value}, self.per_element, self.nodes)
 
     def with_node(self, node: fx.Node) -> _State:
-        return _State(self.bindings, self.per_element, self.nodes.append(node))
+        return _State(self.bindings, self.per_element, (*self.nodes, node))
 
 
-_EMPTY = _State(pmap(), pmap(), pvector())
+_EMPTY = _State({}, {}, ())
 
 _Matcher: TypeAlias = Callable[[Any, object, _State, Path, _Context], Iterator[_State]]
 
@@ -269,8 +278,15 @@ def _bind(
     if coerce:
         ok, value = _coerce(var.type, raw, ctx)
         if not ok:
-            ctx.fail(st, path, raw, "Var {} expects type {}, got {}",
-                     _Text(var.name), _Text(var.type.__name__), raw)
+            ctx.fail(
+                st,
+                path,
+                raw,
+                "Var {} expects type {}, got {}",
+                _Text(var.name),
+                _Text(var.type.__name__),
+                raw,
+            )
             return None
     else:
         value = raw
@@ -279,8 +295,15 @@ def _bind(
         return st.bind(var, value)
     if _same(existing, value):
         return st
-    ctx.fail(st, path, raw, "Var {} is already bound to {}, here it would be {}",
-             _Text(var.name), existing, value)
+    ctx.fail(
+        st,
+        path,
+        raw,
+        "Var {} is already bound to {}, here it would be {}",
+        _Text(var.name),
+        existing,
+        value,
+    )
     return None
 
 
@@ -341,11 +364,15 @@ def _m_var(p: Var[Any], value: object, st: _State, path: Path, ctx: _Context) ->
         yield out
 
 
-def _m_ignored(p: Ignored, value: object, st: _State, path: Path, ctx: _Context) -> Iterator[_State]:
+def _m_ignored(
+    p: Ignored, value: object, st: _State, path: Path, ctx: _Context
+) -> Iterator[_State]:
     yield st
 
 
-def _m_literal(p: Literal, value: object, st: _State, path: Path, ctx: _Context) -> Iterator[_State]:
+def _m_literal(
+    p: Literal, value: object, st: _State, path: Path, ctx: _Context
+) -> Iterator[_State]:
     if _const_eq(p.value, value):
         yield st
     else:
@@ -383,8 +410,15 @@ def _call_pairs(
         schema = _schema_args(node.target)
         positional = [a.name for a in schema if not a.kwarg_only]
         if len(p.args) > len(positional):
-            ctx.fail(st, path, node, "{} takes {} positional arguments, the pattern gives {}",
-                     node, len(positional), len(p.args))
+            ctx.fail(
+                st,
+                path,
+                node,
+                "{} takes {} positional arguments, the pattern gives {}",
+                node,
+                len(positional),
+                len(p.args),
+            )
             return None
         specified = set(positional[: len(p.args)])
         for i, sub in enumerate(p.args):
@@ -397,14 +431,29 @@ def _call_pairs(
             specified.add(name)
         for a in schema:
             if a.name not in specified and a.has_default and not _const_eq(a.default, args[a.name]):
-                ctx.fail(st, path + (f".{a.name}",), args[a.name],
-                         "argument {} is {}, the pattern leaves it at its default {}",
-                         _Text(a.name), args[a.name], a.default)
+                ctx.fail(
+                    st,
+                    (*path, f".{a.name}"),
+                    args[a.name],
+                    "argument {} is {}, the pattern leaves it at its default {}",
+                    _Text(a.name),
+                    args[a.name],
+                    a.default,
+                )
                 return None
         return pairs
     if len(node.args) != len(p.args) or set(node.kwargs) != set(p.kwargs):
-        ctx.fail(st, path, node, "{} has {} args and kwargs {}, the pattern expects {} and {}",
-                 node, len(node.args), sorted(node.kwargs), len(p.args), sorted(p.kwargs))
+        ctx.fail(
+            st,
+            path,
+            node,
+            "{} has {} args and kwargs {}, the pattern expects {} and {}",
+            node,
+            len(node.args),
+            sorted(node.kwargs),
+            len(p.args),
+            sorted(p.kwargs),
+        )
         return None
     pairs.extend((sub, node.args[i], f".args[{i}]") for i, sub in enumerate(p.args))
     pairs.extend((p.kwargs[k], node.kwargs[k], f".{k}") for k in sorted(p.kwargs))
@@ -418,7 +467,7 @@ def _m_seq(
         yield st
         return
     sub, value, step = pairs[i]
-    for st2 in _m(sub, value, st, path + (step,), ctx):
+    for st2 in _m(sub, value, st, (*path, step), ctx):
         yield from _m_seq(pairs, i + 1, st2, path, ctx)
 
 
@@ -430,8 +479,15 @@ def _m_call(p: Call, value: object, st: _State, path: Path, ctx: _Context) -> It
         ctx.fail(st, path, value, "expected a call to {}, got {}", _TargetNames(p), value)
         return
     if p.users is not None and len(value.users) != p.users:
-        ctx.fail(st, path, value, "expected {} user(s), {} has {}",
-                 p.users, _Text(value.name), len(value.users))
+        ctx.fail(
+            st,
+            path,
+            value,
+            "expected {} user(s), {} has {}",
+            p.users,
+            _Text(value.name),
+            len(value.users),
+        )
         return
     pairs = _call_pairs(p, value, st, path, ctx)
     if pairs is None:
@@ -458,7 +514,9 @@ def _m_any_of(p: AnyOf, value: object, st: _State, path: Path, ctx: _Context) ->
         yield from _m(alt, value, st, path, ctx)
 
 
-def _m_optional(p: Optional, value: object, st: _State, path: Path, ctx: _Context) -> Iterator[_State]:
+def _m_optional(
+    p: Optional, value: object, st: _State, path: Path, ctx: _Context
+) -> Iterator[_State]:
     yield from _m(p.present, value, st, path, ctx)
     for st2 in _m(p.absent, value, st, path, ctx):
         out: _State | None = st2
@@ -478,18 +536,19 @@ def _m_list_of(p: ListOf, value: object, st: _State, path: Path, ctx: _Context) 
     per_element = {v: list(st.per_element.get(v, ())) for v in p.element.vars}
     nodes = st.nodes
     for i, item in enumerate(value):
-        first = next(_m(p.element, item, _EMPTY, path + (f"[{i}]",), ctx), None)
+        first = next(_m(p.element, item, _EMPTY, (*path, f"[{i}]"), ctx), None)
         if first is None:
             return
         for v in p.element.vars:
             per_element[v].append(first.bindings.get(v))
-        nodes = nodes.extend(n for n in first.nodes if n not in nodes)
-    yield _State(
-        st.bindings, st.per_element.update({v: tuple(vals) for v, vals in per_element.items()}), nodes
-    )
+        nodes = (*nodes, *(n for n in first.nodes if n not in nodes))
+    merged = {**st.per_element, **{v: tuple(vals) for v, vals in per_element.items()}}
+    yield _State(st.bindings, merged, nodes)
 
 
-def _m_capture(p: Capture, value: object, st: _State, path: Path, ctx: _Context) -> Iterator[_State]:
+def _m_capture(
+    p: Capture, value: object, st: _State, path: Path, ctx: _Context
+) -> Iterator[_State]:
     for st2 in _m(p.pattern, value, st, path, ctx):
         out = _bind(p.var, value, st2, path, ctx)
         if out is not None:
@@ -509,11 +568,11 @@ def _m_where(p: Where, value: object, st: _State, path: Path, ctx: _Context) -> 
         if root is None:
             ctx.fail(st2, path, value, "a check needs a matched node, got {}", value)
             continue
-        why = p.check.failure(Match(root, st2.bindings, st2.per_element, tuple(st2.nodes)))
+        why = p.check.failure(Match(root, pmap(st2.bindings), pmap(st2.per_element), st2.nodes))
         if why is None:
             yield st2
         else:
-            ctx.fail(st2, path + ("<check>",), value, "check failed: {}", _Text(why))
+            ctx.fail(st2, (*path, "<check>"), value, "check failed: {}", _Text(why))
 
 
 class _Text(str):
@@ -523,7 +582,9 @@ class _Text(str):
         return str(self)
 
 
-def _m_dtype_of(p: DtypeOf, value: object, st: _State, path: Path, ctx: _Context) -> Iterator[_State]:
+def _m_dtype_of(
+    p: DtypeOf, value: object, st: _State, path: Path, ctx: _Context
+) -> Iterator[_State]:
     for st2 in _m(p.pattern, value, st, path, ctx):
         dt = ctx.dtype(value)
         if dt is None:
@@ -539,8 +600,9 @@ def _m_reciprocal(
 ) -> Iterator[_State]:
     ok, number = _coerce(float, value, ctx)
     if not ok or number == 0.0:
-        ctx.fail(st, path, value, "expected a non-zero number (1/{}), got {}",
-                 _Text(p.var.name), value)
+        ctx.fail(
+            st, path, value, "expected a non-zero number (1/{}), got {}", _Text(p.var.name), value
+        )
         return
     assert isinstance(number, float)
     out = _bind(p.var, 1.0 / number, st, path, ctx, coerce=False)
@@ -616,7 +678,7 @@ def _context_for(node: fx.Node, record: bool) -> _Context:
 
 def _to_match(root: fx.Node, st: _State, ctx: _Context) -> Match:
     nodes = tuple(sorted(st.nodes, key=ctx.order))
-    return Match(root, st.bindings, st.per_element, nodes)
+    return Match(root, pmap(st.bindings), pmap(st.per_element), nodes)
 
 
 def _check_pattern(pattern: object) -> Pattern:
@@ -680,7 +742,9 @@ def find_matches(
     for node in reversed(g.nodes):
         if node in claimed or node.op == "output":  # the output node is not a value
             continue
-        if roots is not None and not (node.op == "call_function" and _target_ok(roots, node.target)):
+        if roots is not None and not (
+            node.op == "call_function" and _target_ok(roots, node.target)
+        ):
             continue
         for st in _m(pattern, node, _EMPTY, (), ctx):
             if exclusive and not _closed(st, node):

@@ -88,8 +88,8 @@ Target: TypeAlias = "OpOverload[..., Any] | OpOverloadPacket[..., Any] | Callabl
 
 #: Plain Python values accepted wherever a pattern is expected; they become ``literal``\s.
 LiteralValue: TypeAlias = (
-    "int | float | bool | str | None | torch.dtype | torch.memory_format | torch.layout"
-    " | tuple[int | float, ...] | list[int] | list[float]"
+    "int | float | bool | str | torch.dtype | torch.memory_format | torch.layout"
+    " | tuple[int | float, ...] | list[int] | list[float] | None"
 )
 PatternLike: TypeAlias = "Pattern | LiteralValue"
 
@@ -243,8 +243,10 @@ class Var(Pattern, Generic[T]):
     type: builtins.type[T]
 
     def __post_init__(self) -> None:
-        if not isinstance(self.name, str) or not self.name.isidentifier() or keyword.iskeyword(
-            self.name
+        if (
+            not isinstance(self.name, str)
+            or not self.name.isidentifier()
+            or keyword.iskeyword(self.name)
         ):
             raise PatternError(f"Var: expected an identifier as name, got {self.name!r}")
         if not isinstance(self.type, type):
@@ -285,7 +287,9 @@ class Literal(Pattern):
         try:
             hash(self.value)
         except TypeError:
-            raise PatternError(f"literal: expected a hashable constant, got {self.value!r}") from None
+            raise PatternError(
+                f"literal: expected a hashable constant, got {self.value!r}"
+            ) from None
 
     # Python has True == 1 and hash(True) == hash(1), but literal(True) and literal(1) match
     # different values (bools only equal bools), so they must differ as patterns too (otherwise
@@ -516,7 +520,7 @@ def _calls_of(p: Pattern) -> tuple[Call, ...] | None:
 
 @dataclass(frozen=True, slots=True)
 class Optional(Pattern):
-    """``present`` (a call, or alternatives of calls), or -- when absent -- its argument ``through``.
+    """``present`` (a call, or alternatives of calls), or -- absent -- its argument ``through``.
 
     When the call is absent, Vars that only the call would bind take ``defaults``.
     """
@@ -609,9 +613,10 @@ class Optional(Pattern):
 
 def _frozen_default(var: object, value: object) -> object:
     """Defaults are stored hashable (lists as tuples, ints for float Vars as floats)."""
-    if isinstance(var, Var) and var.type is float and isinstance(value, int):
-        if not isinstance(value, bool):
-            return float(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        return _freeze(value)
+    if isinstance(var, Var) and var.type is float:
+        return float(value)
     return _freeze(value)
 
 
@@ -634,7 +639,7 @@ def _default_fits(var: Var[Any], value: object) -> bool:
 def optional(
     present: Pattern, through: int = 0, defaults: Mapping[Var[Any], object] | None = None
 ) -> Optional:
-    """``present`` or, when that call is absent, its argument ``through`` (see :class:`Optional`)."""
+    """``present``, or when that call is absent its argument ``through`` (see :class:`Optional`)."""
     if not isinstance(present, Pattern):
         raise PatternError(f"optional: expected a call pattern, got {present!r}")
     frozen = {k: _frozen_default(k, v) for k, v in (defaults or {}).items()}
@@ -778,7 +783,9 @@ class Where(Pattern):
 
     def __post_init__(self) -> None:
         if not callable(getattr(self.check, "failure", None)):
-            raise PatternError(f"where: expected a Check (with .failure(match)), got {self.check!r}")
+            raise PatternError(
+                f"where: expected a Check (with .failure(match)), got {self.check!r}"
+            )
         _init_composite(self, (self.pattern,), "where")
 
     def children(self) -> tuple[Pattern, ...]:
@@ -904,7 +911,9 @@ class Match:
                     f"Var {var.name!r} is bound per element of a list_of; use Match.each({var!r})"
                 ) from None
             bound = ", ".join(sorted(v.name for v in self.bindings)) or "nothing"
-            raise MatchError(f"this match did not bind Var {var.name!r} (it bound {bound})") from None
+            raise MatchError(
+                f"this match did not bind Var {var.name!r} (it bound {bound})"
+            ) from None
 
     def get(self, var: Var[T], default: T) -> T:
         """``m[var]`` when bound, else ``default``."""
@@ -987,4 +996,3 @@ def walk(pattern: Pattern) -> Iterator[Pattern]:
         p = stack.pop()
         yield p
         stack.extend(reversed(p.children()))
-
