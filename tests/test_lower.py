@@ -198,15 +198,52 @@ def test_int8_mixed_bf16_fuses_and_runs(name: str, form: str) -> None:
     assert_close_to_reference(graph(*inputs), lowered(*inputs), op_form)
 
 
+#: The float interval each clamping post-op keeps; with a narrow (7-bit) output quant range
+#: qalgebra folds that range into the post-op as one hardtanh instead of clamping afterwards.
+CLAMP_INTERVALS = {
+    "none": (-math.inf, math.inf),
+    "relu": (0.0, math.inf),
+    "relu6": (0.0, 6.0),
+    "hardtanh": (-1.0, 1.0),
+}
+
+
+def _expected_int8_attr(
+    post: str, attrs: dict[str, tuple[str, list[float], str]], gm: fx.GraphModule
+) -> tuple[str, list[float], str]:
+    """The post-op of the layer whose int8 output feeds the next one (the first quantize after
+    the input's), given the quantize's range; it must keep that quant range."""
+    quants = [n for n in gm.graph.nodes if n.target is qd.quantize_per_tensor.default]
+    _, scale, zp, qmin, qmax, dtype = quants[1].args
+    assert isinstance(scale, float) and isinstance(zp, int)
+    assert isinstance(qmin, int) and isinstance(qmax, int) and isinstance(dtype, torch.dtype)
+    narrow = (qmin, qmax) != (torch.iinfo(dtype).min, torch.iinfo(dtype).max)
+    if not narrow or post not in CLAMP_INTERVALS:
+        return attrs[post]
+    low, high = CLAMP_INTERVALS[post]
+    return "hardtanh", [max(low, (qmin - zp) * scale), min(high, (qmax - zp) * scale)], ""
+
+
+def _rounded(attr: tuple[object, ...]) -> tuple[object, ...]:
+    name, scalars, algorithm = attr
+    assert isinstance(scalars, list)
+    return name, [round(float(s), 6) for s in scalars], algorithm
+
+
 @pytest.mark.parametrize("post", sorted(CONV_ATTRS))
 def test_conv_post_op_attributes_and_output_dtypes(post: str) -> None:
     gm, inputs = _quantized(f"conv2d_{post}")
-    convs = _fused_nodes(lower(gm, inputs))
+    lowered = lower(gm, inputs)
+    convs = _fused_nodes(lowered)
     assert [n.target for n in convs] == [onednn.qconv_pointwise.default] * 2
-    for node in convs:
-        assert tuple(node.args[14:17]) == CONV_ATTRS[post]
+    expected_first = _expected_int8_attr(post, CONV_ATTRS, gm)
+    assert _rounded(tuple(convs[0].args[14:17])) == _rounded(expected_first)
+    assert tuple(convs[1].args[14:17]) == CONV_ATTRS[post]
     assert convs[0].args[13] == torch.uint8  # conv1 feeds conv2 quantized
     assert convs[1].args[13] == torch.float32 and convs[1].args[11:13] == (1.0, 0)
+    # A range folded into the post-op needs no clamp after the op; any other does.
+    clamps = [n for n in lowered.graph.nodes if n.target is torch.ops.aten.clamp.default]
+    assert len(clamps) == (0 if expected_first[0] == "hardtanh" else 1)
 
 
 @pytest.mark.parametrize("post", sorted(LINEAR_ATTRS))
@@ -214,12 +251,9 @@ def test_linear_post_op_attributes(post: str) -> None:
     gm, inputs = _quantized(f"linear_{post}")
     linears = _fused_nodes(lower(gm, inputs))
     assert [n.target for n in linears] == [onednn.qlinear_pointwise.default] * 2
-    for node in linears:
-        name, scalars, algorithm = node.args[10:13]
-        assert isinstance(scalars, list)
-        expected_name, expected_scalars, expected_algorithm = LINEAR_ATTRS[post]
-        assert (name, algorithm) == (expected_name, expected_algorithm)
-        assert [round(float(s), 6) for s in scalars] == expected_scalars
+    expected_first = _expected_int8_attr(post, LINEAR_ATTRS, gm)
+    assert _rounded(tuple(linears[0].args[10:13])) == _rounded(expected_first)
+    assert _rounded(tuple(linears[1].args[10:13])) == _rounded(LINEAR_ATTRS[post])
     assert linears[0].args[9] == torch.uint8 and linears[1].args[9] == torch.float32
 
 

@@ -221,9 +221,11 @@ QLINEAR_BINARY = Fusion(
 _CLONE = Var("accum_clone", fx.Node)
 _SOURCE = Var("accum_source", fx.Node)
 #: oneDNN conv outputs are channels_last; argument counts of the two overloads' schemas.
-_CONV_OUTPUT = call(onednn.qconv_pointwise.default, *([ignored()] * 17)) | call(
+_FUSED_CONV = call(onednn.qconv_pointwise.default, *([ignored()] * 17)) | call(
     onednn.qconv2d_pointwise.binary, *([ignored()] * 22)
 )
+#: A fused conv's output, or the range clamp after it (elementwise: a fresh channels_last tensor).
+_CONV_OUTPUT = _FUSED_CONV | call(aten.clamp.default, _FUSED_CONV, ignored(), ignored())
 #: Ops whose output may share storage with their input: a reader through one of them could
 #: see the in-place accumulation later, so the clone stays.
 _ALIASING = frozenset(

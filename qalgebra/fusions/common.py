@@ -6,6 +6,7 @@ the Vars below name the parts, so replacement code reads ``m[X_SCALE]``-style ty
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -75,17 +76,57 @@ def output_qparams(m: Match) -> tuple[float, int, torch.dtype]:
     return 1.0, 0, m[ACT_DTYPE]
 
 
-def clamp_to_quant_range(m: Match, rw: Rewriter, node: fx.Node) -> fx.Node:
+def _narrow_quant_range(m: Match) -> tuple[int, int] | None:
+    """The output quant's (quant_min, quant_max) when narrower than its dtype's range."""
+    if OQ.scale not in m:
+        return None
+    low, high = m[OQ.quant_min], m[OQ.quant_max]
+    info = torch.iinfo(m[OQ.dtype])
+    return None if (low, high) == (info.min, info.max) else (low, high)
+
+
+#: The float interval each clamping post-op keeps (as oneDNN's hardtanh).
+_CLAMPS = {
+    Unary.NONE: (-math.inf, math.inf),
+    Unary.RELU: (0.0, math.inf),
+    Unary.RELU6: (0.0, 6.0),
+}
+
+
+def unary_args_enforcing_range(m: Match) -> tuple[str, list[float], str, bool]:
+    """``unary_args``, folding a narrow output quant range into a hardtanh post-op if it can.
+
+    With none / relu / relu6 / hardtanh, clamping the float result to the quant range,
+    ``[(qmin - zp) * scale, (qmax - zp) * scale]``, and intersecting it with the post-op's own
+    interval gives the same int8 result as clamping after quantization, without an extra pass
+    over the output. The flag says whether the range is enforced that way.
+    """
+    name, scalars, algorithm = unary_args(m)
+    narrow = _narrow_quant_range(m)
+    u = m[UNARY]
+    if narrow is None or (u not in _CLAMPS and u is not Unary.HARDTANH):
+        return name, scalars, algorithm, False
+    low, high = _CLAMPS[u] if u in _CLAMPS else (scalars[0], scalars[1])
+    scale, zp = m[OQ.scale], m[OQ.zero_point]
+    low, high = max(low, (narrow[0] - zp) * scale), min(high, (narrow[1] - zp) * scale)
+    if not low <= high:
+        return name, scalars, algorithm, False
+    return "hardtanh", [low, high], "", True
+
+
+def clamp_to_quant_range(
+    m: Match, rw: Rewriter, node: fx.Node, *, enforced: bool = False
+) -> fx.Node:
     """oneDNN's int8 outputs span the whole dtype; clamp when the quant's range is narrower.
 
     A ``reduce_range`` quantize clamps to [0, 127], which the fused op cannot express: without
-    this clamp a value that rounds to 128 would come out as 128 instead of 127.
+    this clamp a value that rounds to 128 would come out as 128 instead of 127. ``enforced``:
+    the fused op's post-op already keeps the result in range (``unary_args_enforcing_range``).
     """
     if OQ.scale not in m:
         return node
     low, high = m[OQ.quant_min], m[OQ.quant_max]
-    info = torch.iinfo(m[OQ.dtype])
-    if (low, high) != (info.min, info.max):
+    if _narrow_quant_range(m) is not None and not enforced:
         node = rw.call(torch.ops.aten.clamp.default, node, low, high)
     node.meta[QUANT_RANGE_KEY] = (low, high)
     return node

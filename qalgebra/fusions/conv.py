@@ -30,7 +30,7 @@ from qalgebra.fusions.common import (
     clamp_to_quant_range,
     maybe_output_quant,
     output_qparams,
-    unary_args,
+    unary_args_enforcing_range,
     weight,
     weight_constants,
 )
@@ -113,7 +113,7 @@ def _rewrite_qconv(m: Match, rw: Rewriter) -> fx.Node:
     stride, padding, dilation, groups = conv_geometry(m)
     packed, w_scales, w_zps, bias = weight_constants(m, rw, prepack_conv(m), "qconv")
     out_scale, out_zp, out_dtype = output_qparams(m)
-    attr, scalars, algorithm = unary_args(m)
+    attr, scalars, algorithm, enforced = unary_args_enforcing_range(m)
     fused = rw.call(
         onednn.qconv_pointwise.default,
         m[X],
@@ -134,7 +134,7 @@ def _rewrite_qconv(m: Match, rw: Rewriter) -> fx.Node:
         scalars,
         algorithm,
     )
-    return clamp_to_quant_range(m, rw, fused)
+    return clamp_to_quant_range(m, rw, fused, enforced=enforced)
 
 
 QCONV = Fusion(

@@ -36,7 +36,7 @@ from qalgebra.fusions.common import (
     maybe_output_quant,
     output_qparams,
     reshaped_output,
-    unary_args,
+    unary_args_enforcing_range,
     weight,
     weight_constants,
 )
@@ -125,7 +125,7 @@ def _rewrite_qlinear(m: Match, rw: Rewriter) -> fx.Node:
     check_batched_input(m)
     packed, w_scales, w_zps, bias = weight_constants(m, rw, prepack_linear(m), "qlinear")
     out_scale, out_zp, out_dtype = output_qparams(m)
-    post_op, scalars, algorithm = unary_args(m)
+    post_op, scalars, algorithm, enforced = unary_args_enforcing_range(m)
     x = m[X]
     if shape_or_empty(m, X_SHAPE):
         x = rw.call(aten.reshape.default, x, m[X_SHAPE])
@@ -145,7 +145,7 @@ def _rewrite_qlinear(m: Match, rw: Rewriter) -> fx.Node:
         scalars,
         algorithm,
     )
-    y = clamp_to_quant_range(m, rw, y)
+    y = clamp_to_quant_range(m, rw, y, enforced=enforced)
     return reshaped_output(m, rw, y, shape_or_empty(m, OUT_SHAPE))
 
 
