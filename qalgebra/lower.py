@@ -108,8 +108,28 @@ def _validate(gm: object, example_inputs: object) -> fx.GraphModule:
     return gm
 
 
+def _erase_dead(gm: fx.GraphModule, chains: list[tuple[fx.Node, ...]]) -> None:
+    """Erase the replaced nodes nothing reads any more, last first.
+
+    Only matched nodes can have died from a rewrite, so this replaces a whole-graph dead-code
+    pass per fusion (later fusions must not match, and prepack, what was replaced).
+    """
+    pending = [n for chain in reversed(chains) for n in reversed(chain)]
+    progress = True
+    while pending and progress:
+        progress, kept = False, []
+        for node in pending:
+            if node.graph is gm.graph and not node.users and not node.is_impure():
+                gm.graph.erase_node(node)
+                progress = True
+            else:
+                kept.append(node)
+        pending = kept
+
+
 def _apply(fusion: Fusion, gm: fx.GraphModule, report: LoweringReport) -> None:
     replaced: dict[fx.Node, fx.Node] = {}
+    chains: list[tuple[fx.Node, ...]] = []
     for m in find_matches(fusion.pattern, gm, exclusive=fusion.exclusive):
         rw = Rewriter(gm, m.root, replaced)
         try:
@@ -128,11 +148,10 @@ def _apply(fusion: Fusion, gm: fx.GraphModule, report: LoweringReport) -> None:
                 new.meta[SHAPE_KEY] = shape
             m.root.replace_all_uses_with(new)
             replaced[m.root] = new
+            chains.append(m.nodes)
         report.fired[fusion.name] += 1
         report.nodes_consumed[fusion.name] += len(m.nodes)
-    if replaced or report.fired[fusion.name]:
-        # The replaced nodes are dead now; later fusions must not match (and prepack) them.
-        gm.graph.eliminate_dead_code()
+    _erase_dead(gm, chains)
 
 
 def lower_with_report(
@@ -148,6 +167,7 @@ def lower_with_report(
     report = LoweringReport()
     for fusion in fusions:
         _apply(fusion, out, report)
+    out.graph.eliminate_dead_code()  # what the replaced nodes read (weights, qparams) is dead too
     out.graph.lint()
     out.recompile()
     report.unfused_quant_nodes = [n.name for n in out.graph.nodes if _is_quant_node(n)]
