@@ -9,7 +9,9 @@ from qalgebra.fusions.base import Fusion, Refusal, Rewriter
 from qalgebra.fusions.binary import ACCUM_CLONE_ELISION, QCONV_BINARY, QLINEAR_BINARY
 from qalgebra.fusions.conv import QCONV
 from qalgebra.fusions.layout import VIEW_AS_RESHAPE
+from qalgebra.fusions.liftup import QUANT_LIFT_UP, QUANT_LIFT_UP_MAX_POOL
 from qalgebra.fusions.linear import QLINEAR
+from qalgebra.fusions.pointwise import QCAT, QMAXPOOL2D, QRESHAPE
 from qalgebra.fusions.promotion import DEQUANT_PROMOTION
 
 __all__ = ["DEFAULT_FUSIONS", "Fusion", "Refusal", "Rewriter"]
@@ -17,10 +19,21 @@ __all__ = ["DEFAULT_FUSIONS", "Fusion", "Refusal", "Rewriter"]
 #: The catalog, in the order the lowering applies it.
 DEFAULT_FUSIONS: tuple[Fusion, ...] = (
     DEQUANT_PROMOTION,
+    # Lift-up first: a quantize moved above views / a max_pool2d then meets the conv or linear
+    # that produced its input, which fuse with an int8 output.
+    QUANT_LIFT_UP,
+    QUANT_LIFT_UP_MAX_POOL,
     QCONV_BINARY,
     QLINEAR_BINARY,
     QCONV,
     QLINEAR,
+    # After conv/linear: a qconv's uint8 output then feeds quantized.max_pool2d / cat / reshape
+    # directly (and conv/linear read their input's int8 range from the quantize producing it).
+    # Before clone elision: it must see the int8 views (reshape, permute) these emit of a conv
+    # output.
+    QMAXPOOL2D,
+    QCAT,
+    QRESHAPE,
     ACCUM_CLONE_ELISION,
     VIEW_AS_RESHAPE,
 )
