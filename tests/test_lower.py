@@ -448,3 +448,17 @@ def test_post_ops_decomposed_by_default_decompositions_still_fuse(name: str, att
     fused = _fused_nodes(lowered)
     assert [n.args[14 if "conv" in str(n.target) else 10] for n in fused] == [attr, attr]
     assert_close_to_reference(decomposed(*inputs), lowered(*inputs), gm)
+
+
+def test_lowering_restores_the_callers_thread_count() -> None:
+    gm, inputs = _quantized("conv2d_relu")
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        lower(gm, inputs)
+        assert torch.get_num_threads() == 2
+        with pytest.raises(RuntimeError, match="replacement bug"):
+            lower(gm, inputs, fusions=(_failing_fusion(),))
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
