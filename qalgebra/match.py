@@ -27,7 +27,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple, TypeAlias
+from typing import Any, NamedTuple, TypeAlias, TypeVar
 
 import torch
 from pyrsistent import pmap
@@ -314,7 +314,9 @@ def _m(p: Pattern, value: object, st: _State, path: Path, ctx: _Context) -> Iter
     if memo_vars is None:
         return _DISPATCH[type(p)](p, value, st, path, ctx)
     bound = st.bindings
-    key: tuple[object, ...] = (p, value)
+    # By identity: structurally equal sub-patterns share a hash, and comparing them deeply on
+    # every lookup cost more than the memo saved (the pattern lives for the whole search).
+    key: tuple[object, ...] = (id(p), value)
     if bound:
         key += tuple((type(b), _hashable(b)) for b in map(bound.get, memo_vars))
     try:
@@ -325,7 +327,28 @@ def _m(p: Pattern, value: object, st: _State, path: Path, ctx: _Context) -> Iter
     return _remember_failure(p, value, st, path, ctx, key)
 
 
-@functools.cache
+_R = TypeVar("_R")
+
+
+def _by_identity(fn: Callable[[Pattern], _R]) -> Callable[[Pattern], _R]:
+    """Cache ``fn`` per pattern object.
+
+    ``functools.cache`` would look patterns up by structural equality: equal but distinct
+    sub-patterns share a hash, and each lookup then compares them deeply, which cost more than
+    the matching itself. The cached pattern is kept alive, so its id cannot be reused.
+    """
+    cache: dict[int, tuple[Pattern, _R]] = {}
+
+    def cached(p: Pattern) -> _R:
+        hit = cache.get(id(p))
+        if hit is None:
+            hit = cache[id(p)] = (p, fn(p))
+        return hit[1]
+
+    return cached
+
+
+@_by_identity
 def _memo_vars(p: Pattern) -> tuple[Var[Any], ...] | None:
     """The Vars a sub-search of ``p`` depends on, or None when it is not worth memoizing.
 
@@ -631,7 +654,7 @@ _DISPATCH: dict[type[Any], _Matcher] = {
 # --------------------------------------------------------------------------------------------
 
 
-@functools.cache
+@_by_identity
 def _roots(p: Pattern) -> frozenset[object] | None:
     """Targets a matched root node may have; None when any node may be a root."""
     if isinstance(p, Call):
@@ -652,7 +675,7 @@ def _roots(p: Pattern) -> frozenset[object] | None:
     return None
 
 
-@functools.cache
+@_by_identity
 def _validate(p: Pattern) -> None:
     """Refuse Vars used both inside a list_of (bound per element) and outside it."""
     reachable: set[Var[Any]] = set()

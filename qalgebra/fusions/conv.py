@@ -35,6 +35,7 @@ from qalgebra.fusions.common import (
     weight_constants,
 )
 from qalgebra.pattern import Match, Pattern, Var, any_of, call, ignored
+from qalgebra.shapes import known_shape
 
 __all__ = ["CONV_UNARIES", "QCONV", "conv", "conv_geometry"]
 
@@ -99,12 +100,27 @@ def _expand(values: list[Any], n: int, what: str) -> list[int]:
     return [int(v) for v in values]
 
 
+def static_shape(node: fx.Node) -> list[int] | None:
+    """The node's shape when every dimension is a concrete int (no symbolic size), else None."""
+    shape = known_shape(node)
+    if shape is None:
+        return None
+    dims = [d for d in shape if type(d) is int]
+    return dims if len(dims) == len(shape) else None
+
+
 def prepack_conv(m: Match) -> torch.Tensor:
-    """The oneDNN-packed weight (no activation shape: symbolic shapes stay symbolic)."""
+    """The oneDNN-packed weight, laid out for the activation shape when it is static.
+
+    A symbolic shape is left out (the packed weight then works for any shape, as Inductor does
+    for dynamic shapes); a given shape lets oneDNN pick a faster layout and still accepts
+    other batch sizes.
+    """
     stride, padding, dilation, groups = conv_geometry(m)
     packed: torch.Tensor = onednn.qconv_prepack(
-        m[W], m[WQ.scales], m[XQ.scale], m[XQ.zero_point], stride, padding, dilation, groups, None
-    )
+        m[W], m[WQ.scales], m[XQ.scale], m[XQ.zero_point], stride, padding, dilation, groups,
+        static_shape(m[X]),
+    )  # fmt: skip
     return packed
 
 
