@@ -8,11 +8,14 @@ backwards, so a match is always preferred over the matches it contains.
 from qalgebra.fusions.base import Fusion, Refusal, Rewriter
 from qalgebra.fusions.binary import ACCUM_CLONE_ELISION, QCONV_BINARY, QLINEAR_BINARY
 from qalgebra.fusions.conv import QCONV
+from qalgebra.fusions.dynamic_fp16 import LINEAR_DYNAMIC_FP16
+from qalgebra.fusions.int_mm import INT_MM
 from qalgebra.fusions.layout import VIEW_AS_RESHAPE
 from qalgebra.fusions.liftup import QUANT_LIFT_UP, QUANT_LIFT_UP_MAX_POOL
 from qalgebra.fusions.linear import QLINEAR
 from qalgebra.fusions.pointwise import QCAT, QMAXPOOL2D, QRESHAPE
 from qalgebra.fusions.promotion import DEQUANT_PROMOTION
+from qalgebra.fusions.woq import WOQ, WOQ_CONCAT_LINEAR
 
 __all__ = ["DEFAULT_FUSIONS", "Fusion", "Refusal", "Rewriter"]
 
@@ -34,6 +37,13 @@ DEFAULT_FUSIONS: tuple[Fusion, ...] = (
     QMAXPOOL2D,
     QCAT,
     QRESHAPE,
+    # Weight-only / dynamic families: no quantize/dequantize nodes, so disjoint from the above
+    # (and from each other: int8 vs fp16 weights, _int_mm). Concat-linear before single WOQ: it
+    # consumes a group of the single WOQ matches.
+    WOQ_CONCAT_LINEAR,
+    WOQ,
+    INT_MM,
+    LINEAR_DYNAMIC_FP16,
     ACCUM_CLONE_ELISION,
     VIEW_AS_RESHAPE,
 )
