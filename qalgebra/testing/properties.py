@@ -1,0 +1,261 @@
+"""The properties every lowering must have, checked on one :class:`~.strategies.Example`.
+
+Shared by the pytest properties (tests/test_properties_lowering.py), the fuzzing campaign
+(:mod:`qalgebra.fuzz`) and the scripts that :meth:`Example.code` writes. Each check raises
+:class:`PropertyFailure` naming the property:
+
+==================  ======================================================================
+property            holds when
+==================  ======================================================================
+``untouched``       the input module's code, tensors and the caller's example inputs are
+                    unchanged by lowering
+``fires``           every expected fusion fired exactly as often as expected, every expected
+                    refusal was reported, and nothing else was refused (no silent miss)
+``runs``            the lowered graph lints and runs
+``inputs``          running it writes none of the caller's tensors, and no output aliases one
+``numerics``        every output is within its :class:`~.strategies.OutputBound` of the
+                    reference (the input module run eagerly), and enough elements agree
+``idempotent``      lowering the lowered module fires nothing and gives the same outputs
+==================  ======================================================================
+
+>>> import torch
+>>> from qalgebra.testing.strategies import GraphSpec, Layer, LinearSpec, QuantSpec, build_example
+>>> q = QuantSpec(scale=0.02, zero_point=3, quant_min=0, quant_max=127, dtype=torch.uint8)
+>>> ex = build_example(GraphSpec("qlinear", (4, 16), q, Layer(LinearSpec(16, 8))))
+>>> check_example(ex).report.fired["qlinear"]
+1
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import fx
+
+from qalgebra.lower import LoweringReport, lower_with_report
+from qalgebra.testing.strategies import (
+    TRACKED_FUSIONS,
+    BoundLike,
+    ExampleLike,
+    ExpectedLike,
+    flat_tensors,
+)
+
+__all__ = [
+    "PROPERTIES",
+    "Outcome",
+    "PropertyFailure",
+    "check_example",
+    "check_fires",
+    "check_idempotent",
+    "check_inputs",
+    "check_numerics",
+    "check_untouched",
+    "flat_outputs",
+]
+
+#: The property names, in the order :func:`check_example` checks them.
+PROPERTIES = ("untouched", "fires", "runs", "inputs", "numerics", "idempotent")
+
+
+class PropertyFailure(AssertionError):
+    """A property does not hold; ``prop`` names it (one of :data:`PROPERTIES`)."""
+
+    def __init__(self, prop: str, message: str) -> None:
+        super().__init__(f"[{prop}] {message}")
+        self.prop = prop
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What :func:`check_example` saw: the lowering's report and the lowered module."""
+
+    report: LoweringReport
+    lowered: fx.GraphModule
+    seconds: float
+
+
+flat_outputs = flat_tensors
+
+
+def _clones(inputs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    return tuple(t.clone() for t in inputs)
+
+
+@dataclass(frozen=True, slots=True)
+class _Snapshot:
+    code: str
+    tensors: dict[str, torch.Tensor]
+    inputs: tuple[torch.Tensor, ...]
+
+
+def _snapshot(gm: fx.GraphModule, inputs: Sequence[torch.Tensor]) -> _Snapshot:
+    tensors = {k: v.detach().clone() for k, v in gm.state_dict(keep_vars=True).items()}
+    return _Snapshot(gm.code, tensors, _clones(inputs))
+
+
+def check_untouched(gm: fx.GraphModule, inputs: Sequence[torch.Tensor], before: _Snapshot) -> None:
+    """The module's code and tensors, and the example inputs, are as they were."""
+    if gm.code != before.code:
+        raise PropertyFailure("untouched", "lowering changed the input module's code")
+    now = gm.state_dict(keep_vars=True)
+    if set(now) != set(before.tensors):
+        raise PropertyFailure(
+            "untouched", f"tensors added/removed: {set(now) ^ set(before.tensors)}"
+        )
+    for name, value in before.tensors.items():
+        if not torch.equal(now[name].detach(), value):
+            raise PropertyFailure("untouched", f"lowering wrote the input module's tensor {name}")
+    for i, (now_in, then) in enumerate(zip(inputs, before.inputs, strict=True)):
+        if not torch.equal(now_in, then):
+            raise PropertyFailure("untouched", f"lowering wrote example input {i}")
+
+
+def check_fires(expected: ExpectedLike, report: LoweringReport) -> None:
+    """Exact counts for the expected fusions; expected refusals reported; no other refusal."""
+    got = {name: report.fired.get(name, 0) for name in expected.fired}
+    want = dict(expected.fired)
+    if got != want:
+        diff = {k: (want[k], got[k]) for k in want if want[k] != got[k]}
+        raise PropertyFailure(
+            "fires",
+            f"fusion counts (expected, fired) differ: {diff}\n{report.summary()}",
+        )
+    reasons = [r.reason for r in report.refused]
+    for needle in expected.refusals:
+        if not any(needle in reason for reason in reasons):
+            raise PropertyFailure(
+                "fires", f"expected a refusal mentioning {needle!r}\n{report.summary()}"
+            )
+    allowed = (*expected.refusals, *expected.allowed_refusals)
+    for r in report.refused:
+        if not any(needle in r.reason for needle in allowed):
+            raise PropertyFailure(
+                "fires",
+                f"unexpected refusal by {r.fusion} at {r.root}: {r.reason}\n{report.summary()}",
+            )
+
+
+def _storage(t: torch.Tensor) -> int:
+    return t.untyped_storage().data_ptr()
+
+
+def check_inputs(
+    mine: Sequence[torch.Tensor], originals: Sequence[torch.Tensor], outputs: Sequence[torch.Tensor]
+) -> None:
+    """The tensors the lowered module ran on are unchanged, and no output aliases one."""
+    for i, (ours, original) in enumerate(zip(mine, originals, strict=True)):
+        if not torch.equal(ours, original):
+            raise PropertyFailure("inputs", f"the lowered module wrote into its input {i}")
+    inputs = {_storage(t) for t in mine if t.numel()}
+    for j, out in enumerate(outputs):
+        if out.numel() and _storage(out) in inputs:
+            raise PropertyFailure("inputs", f"output {j} aliases an input")
+
+
+def _compare(index: int, bound: BoundLike, ref: torch.Tensor, got: torch.Tensor) -> None:
+    where = f"output {index} ({bound.kind}; {bound.why})"
+    if ref.shape != got.shape or ref.dtype != got.dtype:
+        raise PropertyFailure(
+            "numerics",
+            f"{where}: {got.dtype}{list(got.shape)} != reference {ref.dtype}{list(ref.shape)}",
+        )
+    if bound.kind == "exact":
+        if not torch.equal(ref, got) and not (
+            ref.is_floating_point()
+            and torch.equal(ref.isnan(), got.isnan())
+            and torch.equal(ref.nan_to_num(), got.nan_to_num())
+        ):
+            diff = (ref.double() - got.double()).abs().nan_to_num(float("inf")).max()
+            raise PropertyFailure("numerics", f"{where}: not bit-identical, max |diff| {diff}")
+        return
+    if ref.numel() == 0:
+        return
+    ref, got = ref.detach(), got.detach()
+    if bound.kind == "quantized":
+        diff = (ref.to(torch.int32) - got.to(torch.int32)).abs().double()
+        limit, agree_limit = float(bound.steps), 0.0
+    else:
+        diff = (ref.double() - got.double()).abs().nan_to_num(float("inf"))
+        limit, agree_limit = bound.atol, bound.agree_atol
+    worst = float(diff.max())
+    if worst > limit:
+        at = [int(i) for i in torch.unravel_index(diff.argmax(), diff.shape)]
+        raise PropertyFailure(
+            "numerics",
+            f"{where}: max |diff| {worst:.6g} > {limit:.6g} at {at} "
+            f"(reference {float(ref[tuple(at)]):.6g}, lowered {float(got[tuple(at)]):.6g})",
+        )
+    if bound.agree is not None:
+        fraction = float((diff <= agree_limit).double().mean())
+        if fraction < bound.agree:
+            raise PropertyFailure(
+                "numerics",
+                f"{where}: only {fraction:.4f} of the elements agree to {agree_limit:.3g} "
+                f"(need {bound.agree}); max |diff| {worst:.6g}",
+            )
+
+
+def check_numerics(
+    bounds: Sequence[BoundLike], reference: Sequence[torch.Tensor], got: Sequence[torch.Tensor]
+) -> None:
+    """Each output within its bound of the reference."""
+    if len(reference) != len(got):
+        raise PropertyFailure("numerics", f"{len(got)} outputs, reference has {len(reference)}")
+    if len(bounds) != len(reference):
+        raise PropertyFailure("numerics", f"{len(bounds)} bounds for {len(reference)} outputs")
+    for i, (bound, ref, out) in enumerate(zip(bounds, reference, got, strict=True)):
+        _compare(i, bound, ref, out)
+
+
+def check_idempotent(
+    lowered: fx.GraphModule, inputs: Sequence[torch.Tensor], outputs: Sequence[torch.Tensor]
+) -> LoweringReport:
+    """Lowering ``lowered`` again fires nothing and computes the same outputs."""
+    twice, report = lower_with_report(lowered, _clones(inputs))
+    if report.total_fired:
+        raise PropertyFailure(
+            "idempotent", f"lowering the lowered graph fired again:\n{report.summary()}"
+        )
+    again = flat_outputs(twice(*_clones(inputs)))
+    for i, (a, b) in enumerate(zip(outputs, again, strict=True)):
+        if not torch.equal(a, b):
+            raise PropertyFailure("idempotent", f"output {i} changed after lowering twice")
+    return report
+
+
+def check_example(example: ExampleLike) -> Outcome:
+    """Lower ``example.gm`` once and check every property of :data:`PROPERTIES` on it."""
+    with torch.no_grad():
+        return _check_example(example)
+
+
+def _check_example(example: ExampleLike) -> Outcome:
+    gm, inputs = example.gm, example.inputs
+    before = _snapshot(gm, inputs)
+    reference = [t.clone() for t in flat_outputs(gm(*_clones(inputs)))]
+    lowered, report = lower_with_report(gm, inputs)
+    check_untouched(gm, inputs, before)
+    check_fires(example.expected, report)
+    try:
+        lowered.graph.lint()
+        mine = _clones(inputs)
+        outputs = flat_outputs(lowered(*mine))
+    except Exception as exc:
+        raise PropertyFailure("runs", f"{type(exc).__name__}: {exc}") from exc
+    check_inputs(mine, inputs, outputs)
+    check_numerics(example.expected.outputs, reference, outputs)
+    own_check = getattr(example, "check_outputs", None)
+    if callable(own_check):
+        message = own_check(reference, outputs)
+        if message:
+            raise PropertyFailure("numerics", str(message))
+    check_idempotent(lowered, inputs, outputs)
+    return Outcome(report, lowered, report.seconds)
+
+
+def fired_families(report: LoweringReport) -> dict[str, int]:
+    """The report's counts for the fusions examples pin."""
+    return {name: report.fired.get(name, 0) for name in TRACKED_FUSIONS}
