@@ -1,10 +1,11 @@
-"""The ``qalgebra`` command: ``demo``, ``catalog``, ``lower`` and ``explain``.
+"""The ``qalgebra`` command: ``demo``, ``catalog``, ``lower``, ``explain`` and ``fuzz``.
 
 - ``qalgebra demo`` quantizes two bundled models with torchao's PT2E flow (X86InductorQuantizer),
   lowers each with qalgebra and with torchao, and compares what fired, numerics and speed.
 - ``qalgebra catalog`` lists the fusions :func:`qalgebra.lower.lower` applies, in priority order.
 - ``qalgebra lower PATH`` lowers a quantized program saved with ``torch.export.save``.
 - ``qalgebra explain`` says why a fusion does not match at a node of a bundled model.
+- ``qalgebra fuzz`` checks the lowering's properties on random graphs (:mod:`qalgebra.fuzz`).
 
 torch, torchao and the lowering are imported inside the commands, so ``--help`` is instant. The
 helpers below the commands (:func:`compare`, :func:`median_ms`, :func:`onednn_op_count`, ...)
@@ -790,6 +791,39 @@ def _explain_one(fusion: str, n: fx.Node, mismatch: Mismatch | None) -> Text:
         f"  node:   {at}\n"
         f"  reason: {mismatch.reason}"
     )
+
+
+@app.command()
+def fuzz(
+    max_examples: Annotated[
+        int | None,
+        typer.Option("--max-examples", help="Examples to check (100 if --minutes is not given)."),
+    ] = None,
+    minutes: Annotated[
+        float | None,
+        typer.Option(
+            "--minutes", help="Run this long (with --max-examples: whichever ends first)."
+        ),
+    ] = None,
+    seed: Annotated[
+        int | None, typer.Option("--seed", help="Campaign seed (default: random).")
+    ] = None,
+    families: Annotated[
+        list[str] | None,
+        typer.Option("--families", help="Families to draw from, comma-separated or repeated."),
+    ] = None,
+    out: Annotated[
+        Path, typer.Option("--out", help="Where the failing graphs' reproduction scripts go.")
+    ] = Path("fuzz-failures"),
+    workers: Annotated[int, typer.Option("--workers", help="Processes sharing the work.")] = 1,
+) -> None:
+    """Check the lowering's properties on random quantized graphs (exit 1 on any failure)."""
+    quiet_third_party()
+    from qalgebra.fuzz import run_campaign
+
+    names = [n for entry in families or [] for n in entry.split(",") if n]
+    summary = run_campaign(max_examples, minutes, seed, names or None, out, workers=workers)
+    raise typer.Exit(summary.exit_code)
 
 
 def main() -> None:
