@@ -29,7 +29,7 @@ from torch import fx
 from qalgebra.errors import UnsupportedGraphError
 from qalgebra.fusions import DEFAULT_FUSIONS
 from qalgebra.fusions.base import Fusion, Refusal, Rewriter
-from qalgebra.match import find_matches
+from qalgebra.match import METADATA_ASSERTS, find_matches
 from qalgebra.shapes import SHAPE_KEY, known_shape
 
 __all__ = ["DEFAULT_FUSIONS", "LoweringReport", "lower", "lower_with_report"]
@@ -136,7 +136,13 @@ def _erase_dead(gm: fx.GraphModule, chains: list[tuple[fx.Node, ...]]) -> None:
     while pending and progress:
         progress, kept = False, []
         for node in pending:
-            if node.graph is gm.graph and not node.users and not node.is_impure():
+            if node.graph is not gm.graph:
+                continue
+            asserts = [u for u in node.users if u.target in METADATA_ASSERTS and not u.users]
+            if len(asserts) == len(node.users):
+                for user in asserts:  # they check a value nothing else reads any more
+                    gm.graph.erase_node(user)
+            if not node.users and not node.is_impure():
                 gm.graph.erase_node(node)
                 progress = True
             else:

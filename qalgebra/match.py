@@ -733,10 +733,20 @@ def explain(pattern: Pattern, node: fx.Node) -> Mismatch | None:
     return ctx.deepest or Mismatch("no alternative matched {}", (node,), (), node)
 
 
+#: Readers that only check a tensor's metadata (export adds one after each ``Tensor.to``):
+#: they do not make a matched node's value needed outside the match.
+METADATA_ASSERTS = frozenset({torch.ops.aten._assert_tensor_metadata.default})
+
+
 def _closed(st: _State, root: fx.Node) -> bool:
-    """Every matched node but the root is read only by matched nodes."""
+    """Every matched node but the root is read only by matched nodes (or metadata asserts)."""
     inside = set(st.nodes)
-    return all(u in inside for n in st.nodes if n is not root for u in n.users)
+    return all(
+        u in inside or u.target in METADATA_ASSERTS
+        for n in st.nodes
+        if n is not root
+        for u in n.users
+    )
 
 
 def find_matches(

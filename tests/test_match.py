@@ -159,11 +159,13 @@ def test_var_used_twice_must_bind_equal_values() -> None:
 def test_ignored_matches_anything_and_binds_nothing() -> None:
     b, a, c = _two_inputs()
     for second in (c, 3, 0.5, None):
-        node = b.op(aten.mul.Tensor, a, second) if second is not None else b.op(
-            aten.relu.default, a
+        node = (
+            b.op(aten.mul.Tensor, a, second) if second is not None else b.op(aten.relu.default, a)
         )
-        p = call(aten.mul.Tensor, X, ignored()) if second is not None else call(
-            aten.relu.default, ignored()
+        p = (
+            call(aten.mul.Tensor, X, ignored())
+            if second is not None
+            else call(aten.relu.default, ignored())
         )
         m = _must(match_node(p, node))
         assert set(m.bindings) <= {X}
@@ -256,9 +258,7 @@ def test_users_constraint() -> None:
     assert match_node(call(aten.relu.default, X, users=2), r) is not None
 
 
-@pytest.mark.parametrize(
-    "target", [aten.add.Tensor, aten.mul.Tensor, operator.add, operator.mul]
-)
+@pytest.mark.parametrize("target", [aten.add.Tensor, aten.mul.Tensor, operator.add, operator.mul])
 def test_commutative_targets_match_both_operand_orders(target: Callable[..., Any]) -> None:
     b, a, c = _two_inputs()
     r = b.op(aten.relu.default, a)
@@ -284,12 +284,18 @@ def test_scalar_overloads_commute() -> None:
 def test_non_commutative_targets_keep_their_order() -> None:
     b, a, c = _two_inputs()
     r = b.op(aten.relu.default, a)
-    assert match_node(call(aten.sub.Tensor, call(aten.relu.default, X), Y), b.op(
-        aten.sub.Tensor, r, c
-    )) is not None
-    assert match_node(call(aten.sub.Tensor, call(aten.relu.default, X), Y), b.op(
-        aten.sub.Tensor, c, r
-    )) is None
+    assert (
+        match_node(
+            call(aten.sub.Tensor, call(aten.relu.default, X), Y), b.op(aten.sub.Tensor, r, c)
+        )
+        is not None
+    )
+    assert (
+        match_node(
+            call(aten.sub.Tensor, call(aten.relu.default, X), Y), b.op(aten.sub.Tensor, c, r)
+        )
+        is None
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -710,3 +716,26 @@ def test_a_failed_match_leaves_nothing_behind() -> None:
         mm = explain(p, r)
         assert mm is not None and mm.path_str == "root"
     assert match_node(capture(Y, call(aten.relu.default, X)), r) is not None
+
+
+def _relu_neg_graph(*, extra_reader: bool) -> tuple[fx.Graph, fx.Node]:
+    graph = fx.Graph()
+    x = graph.placeholder("x")
+    inner = graph.call_function(aten.relu.default, (x,))
+    graph.call_function(aten._assert_tensor_metadata.default, (inner,), {"dtype": torch.float32})
+    root = graph.call_function(aten.neg.default, (inner,))
+    outputs: tuple[fx.Node, ...] = (root,)
+    if extra_reader:
+        outputs = (root, graph.call_function(aten.sin.default, (inner,)))
+    graph.output(outputs)
+    return graph, root
+
+
+def test_exclusive_ignores_metadata_asserts_but_not_other_readers() -> None:
+    # torch.export adds aten._assert_tensor_metadata after Tensor.to(): a check, not a reader
+    # that needs the value, so it must not make a match non-exclusive.
+    pattern = call(aten.neg.default, call(aten.relu.default, Var("x", fx.Node)))
+    graph, root = _relu_neg_graph(extra_reader=False)
+    assert [m.root for m in find_matches(pattern, graph, exclusive=True)] == [root]
+    graph, _ = _relu_neg_graph(extra_reader=True)
+    assert find_matches(pattern, graph, exclusive=True) == []
