@@ -83,6 +83,8 @@ class CampaignSummary:
     #: examples with at least one refusal, by family
     refused: Counter[str] = field(default_factory=Counter)
     failures_by_family: Counter[str] = field(default_factory=Counter)
+    #: time spent shrinking failures (in every worker: may exceed ``seconds`` with workers)
+    shrink_seconds: float = 0.0
 
     @property
     def examples_per_second(self) -> float:
@@ -140,12 +142,14 @@ class CampaignSummary:
         for name, count in sorted(self.by_modifier.items()):
             mods.add_row(name, str(count))
         totals = Table(title="Campaign")
-        for col in ("examples", "failures", "seconds", "examples/s", "seed"):
+        columns = ("examples", "failures", "seconds", "of which shrinking", "examples/s", "seed")
+        for col in columns:
             totals.add_column(col, justify="right")
         totals.add_row(
             str(self.examples),
             str(len(self.failures)),
             f"{self.seconds:.1f}",
+            f"{self.shrink_seconds:.1f}",
             f"{self.examples_per_second:.2f}",
             str(self.seed),
         )
@@ -173,6 +177,7 @@ class _Stop(BaseException):
 @dataclass
 class _Chunk:
     failed: bool = False
+    failed_at: float = 0.0
     last: tuple[ExampleLike, BaseException, str] | None = None
 
 
@@ -206,6 +211,7 @@ def _check_one(
         chunk.last = (ex, exc, traceback.format_exc())
         if not chunk.failed:
             chunk.failed = True
+            chunk.failed_at = time.monotonic()
             summary.examples += 1  # the first failing example counts; its shrinks do not
             summary.by_family[ex.family] += 1
         raise
@@ -362,6 +368,7 @@ def _chunks(
         except BaseException:  # the chunk's failure, shrunk: the last one recorded
             if chunk.last is None:
                 raise
+            summary.shrink_seconds += time.monotonic() - chunk.failed_at
             ex, err, tb = chunk.last
             name = f"{prefix}{len(summary.failures):03d}"
             failure = _write_failure(out_dir, name, ex, err, tb)
@@ -464,6 +471,7 @@ def _merge(parts: Sequence[CampaignSummary]) -> CampaignSummary:
         out.by_modifier.update(part.by_modifier)
         out.refused.update(part.refused)
         out.failures_by_family.update(part.failures_by_family)
+        out.shrink_seconds += part.shrink_seconds
         for name, counts in part.fired.items():
             out.fired.setdefault(name, Counter()).update(counts)
     return out
