@@ -277,6 +277,35 @@ def test_torchao_fuses_a_conv_with_int8_activations_that_cannot_run() -> None:
     check_example(ex)  # qalgebra refuses it: "activation dtype"
 
 
+def test_torchao_fuses_int8_activations_into_a_linear_that_saturates_here() -> None:
+    spec = GraphSpec(
+        "refused", (4, 16), _q(0.02, 0, -128, 127, torch.int8), Layer(LinearSpec(16, 8), seed=3)
+    )
+    ex = build_example(spec)
+    theirs = run_torchao(ex)
+    if int8_pairs_saturate():
+        assert theirs.fused["linear"] == 1 and theirs.wrong is not None, theirs
+    else:
+        assert theirs.correct, theirs
+    check_example(ex)  # qalgebra refuses it here: "saturating"
+
+
+def test_torchao_sums_into_an_int8_accumulator_and_returns_int8() -> None:
+    # conv(x) + dequant(int8 other) -> uint8 output: torchao fuses the sum and returns the
+    # accumulator's dtype; qalgebra refuses the binary ("accumulator dtype"), fuses both convs.
+    other = Layer(ConvSpec(4, 4, (3, 3), padding=(1, 1)), seed=4)
+    spec = _conv_block(
+        "qconv_binary",
+        residual=Residual("layer", quant=_q(0.1, 0, -128, 127, torch.int8), layer=other),
+        output_quant=_q(0.2, 0, 0, 255),
+        returns="quantized",
+    )
+    ex = build_example(spec)
+    theirs = run_torchao(ex)
+    assert theirs.fused["conv binary"] == 1 and "torch.int8" in (theirs.wrong or ""), theirs
+    check_example(ex)
+
+
 # --------------------------------------------------------------------------------------------
 # Opt-in: torch.compile + freezing, Inductor's counters
 
