@@ -29,7 +29,7 @@ from torch import fx
 from qalgebra.errors import UnsupportedGraphError
 from qalgebra.fusions import DEFAULT_FUSIONS
 from qalgebra.fusions.base import Fusion, Refusal, Rewriter
-from qalgebra.match import METADATA_ASSERTS, find_matches
+from qalgebra.match import DTYPE_KEY, METADATA_ASSERTS, find_matches, node_dtype
 from qalgebra.shapes import SHAPE_KEY, known_shape
 
 __all__ = ["DEFAULT_FUSIONS", "LoweringReport", "lower", "lower_with_report"]
@@ -169,6 +169,9 @@ def _apply(fusion: Fusion, gm: fx.GraphModule, report: LoweringReport) -> None:
             shape = known_shape(m.root)
             if shape is not None:
                 new.meta[SHAPE_KEY] = shape
+            dtype = node_dtype(m.root)
+            if dtype is not None and "val" not in new.meta:
+                new.meta[DTYPE_KEY] = dtype  # later patterns (a decomposed dequant) read it
             m.root.replace_all_uses_with(new)
             replaced[m.root] = new
             chains.append(m.nodes)

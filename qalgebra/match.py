@@ -195,6 +195,9 @@ class _Context:
             dt = getattr(meta, "dtype", None)
             if isinstance(dt, torch.dtype):
                 return dt
+        recorded = value.meta.get(DTYPE_KEY)
+        if isinstance(recorded, torch.dtype):
+            return recorded
         if value.op == "get_attr":
             t = self.attr(value)
             return t.dtype if isinstance(t, torch.Tensor) else None
@@ -731,6 +734,15 @@ def explain(pattern: Pattern, node: fx.Node) -> Mismatch | None:
     if next(_m(pattern, node, _EMPTY, (), ctx), None) is not None:
         return None
     return ctx.deepest or Mismatch("no alternative matched {}", (node,), (), node)
+
+
+#: meta key where a rewrite records the dtype of a node it inserted (read like meta['val']).
+DTYPE_KEY = "qalgebra_dtype"
+
+
+def node_dtype(node: fx.Node) -> torch.dtype | None:
+    """The dtype of ``node``'s value as ``dtype_of`` infers it, or None when unknown."""
+    return _Context(node.graph.owning_module, record=False).dtype(node)
 
 
 #: Readers that only check a tensor's metadata (export adds one after each ``Tensor.to``):

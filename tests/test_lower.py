@@ -462,3 +462,33 @@ def test_lowering_restores_the_callers_thread_count() -> None:
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_layer_reading_a_fused_int8_output_fuses_in_decomposed_form_without_meta() -> None:
+    # Found by the lowering properties (docs/findings.md, bug 2): the next layer's decomposed
+    # dequant must learn the dtype of a node the lowering inserted, which has no meta['val'].
+    from qalgebra.testing.properties import check_example
+    from qalgebra.testing.strategies import (
+        ConvSpec,
+        GraphSpec,
+        Layer,
+        QuantSpec,
+        Residual,
+        build_example,
+    )
+
+    q = QuantSpec(0.03, 0, 0, 127, torch.uint8)
+    spec = GraphSpec(
+        "qconv_binary",
+        (1, 1, 1, 1),
+        q,
+        Layer(ConvSpec(1, 1, (1, 1))),
+        residual=Residual("dequant", quant=q),
+        output_quant=q,
+        returns="quantized",
+        consumer=Layer(ConvSpec(1, 1, (1, 1))),
+        meta="export",
+    )
+    # check_example raises when any lowering property (fires, numerics, ...) fails.
+    outcome = check_example(build_example(spec, form="decomposed"))
+    assert outcome.report.fired["qconv"] == 1 and outcome.report.fired["qconv_binary"] == 1
