@@ -219,6 +219,22 @@ def _union_element_vars(children: Iterable[Pattern]) -> frozenset[Var[Any]]:
     return out
 
 
+class _Composite(Pattern):
+    """A pattern with sub-patterns: its Vars are computed once, at construction."""
+
+    __slots__ = ()
+    _vars: frozenset[Var[Any]]
+    _element_vars: frozenset[Var[Any]]
+
+    @property
+    def vars(self) -> frozenset[Var[Any]]:
+        return self._vars
+
+    @property
+    def element_vars(self) -> frozenset[Var[Any]]:
+        return self._element_vars
+
+
 def _init_composite(self: Pattern, children: Sequence[Pattern], where: str) -> None:
     all_vars = _union_vars(children, where)
     object.__setattr__(self, "_vars", all_vars)
@@ -349,7 +365,7 @@ def _schema_problems(target: object, n_args: int, kwarg_names: Iterable[str]) ->
 
 
 @dataclass(frozen=True, slots=True)
-class Call(Pattern):
+class Call(_Composite):
     """A ``call_function`` node of one of ``targets`` whose arguments match ``args``/``kwargs``."""
 
     targets: tuple[Target, ...]
@@ -399,14 +415,6 @@ class Call(Pattern):
     def children(self) -> tuple[Pattern, ...]:
         return (*self.args, *(self.kwargs[k] for k in sorted(self.kwargs)))
 
-    @property
-    def vars(self) -> frozenset[Var[Any]]:
-        return self._vars
-
-    @property
-    def element_vars(self) -> frozenset[Var[Any]]:
-        return self._element_vars
-
     def target_repr(self) -> str:
         if len(self.targets) == 1:
             return _target_repr(self.targets[0])
@@ -453,7 +461,7 @@ def call(
 
 
 @dataclass(frozen=True, slots=True)
-class AnyOf(Pattern):
+class AnyOf(_Composite):
     """Ordered alternatives: the first that leads to a whole match wins."""
 
     alternatives: PVector[Pattern]
@@ -472,14 +480,6 @@ class AnyOf(Pattern):
 
     def children(self) -> tuple[Pattern, ...]:
         return tuple(self.alternatives)
-
-    @property
-    def vars(self) -> frozenset[Var[Any]]:
-        return self._vars
-
-    @property
-    def element_vars(self) -> frozenset[Var[Any]]:
-        return self._element_vars
 
     def __repr__(self) -> str:
         return f"any_of({', '.join(repr(a) for a in self.alternatives)})"
@@ -519,7 +519,7 @@ def _calls_of(p: Pattern) -> tuple[Call, ...] | None:
 
 
 @dataclass(frozen=True, slots=True)
-class Optional(Pattern):
+class Optional(_Composite):
     """``present`` (a call, or alternatives of calls), or -- absent -- its argument ``through``.
 
     When the call is absent, Vars that only the call would bind take ``defaults``.
@@ -594,14 +594,6 @@ class Optional(Pattern):
     def children(self) -> tuple[Pattern, ...]:
         return (self.present,)
 
-    @property
-    def vars(self) -> frozenset[Var[Any]]:
-        return self._vars
-
-    @property
-    def element_vars(self) -> frozenset[Var[Any]]:
-        return self._element_vars
-
     def __repr__(self) -> str:
         items = sorted(self.defaults.items(), key=lambda kv: kv[0].name)
         defaults = ", ".join(f"{k!r}: {_value_repr(v)}" for k, v in items)
@@ -647,7 +639,7 @@ def optional(
 
 
 @dataclass(frozen=True, slots=True)
-class ListOf(Pattern):
+class ListOf(_Composite):
     """A list/tuple argument of at least one element, each matching ``element``."""
 
     element: Pattern
@@ -660,14 +652,6 @@ class ListOf(Pattern):
 
     def children(self) -> tuple[Pattern, ...]:
         return (self.element,)
-
-    @property
-    def vars(self) -> frozenset[Var[Any]]:
-        return self._vars
-
-    @property
-    def element_vars(self) -> frozenset[Var[Any]]:
-        return self._element_vars
 
     def __repr__(self) -> str:
         return f"list_of({self.element!r})"
@@ -682,7 +666,7 @@ def list_of(element: PatternLike) -> ListOf:
 
 
 @dataclass(frozen=True, slots=True)
-class Capture(Pattern):
+class Capture(_Composite):
     """Binds ``var`` to the value ``pattern`` matched (typically the matched node)."""
 
     var: Var[Any]
@@ -698,14 +682,6 @@ class Capture(Pattern):
     def children(self) -> tuple[Pattern, ...]:
         return (self.pattern,)
 
-    @property
-    def vars(self) -> frozenset[Var[Any]]:
-        return self._vars
-
-    @property
-    def element_vars(self) -> frozenset[Var[Any]]:
-        return self._element_vars
-
     def __repr__(self) -> str:
         return f"capture({self.var!r}, {self.pattern!r})"
 
@@ -719,7 +695,7 @@ def capture(var: Var[T], pattern: PatternLike) -> Capture:
 
 
 @dataclass(frozen=True, slots=True)
-class Tag(Pattern):
+class Tag(_Composite):
     """Matches ``pattern`` and binds ``var`` to the constant ``value`` (which alternative fired)."""
 
     pattern: Pattern
@@ -739,14 +715,6 @@ class Tag(Pattern):
 
     def children(self) -> tuple[Pattern, ...]:
         return (self.pattern,)
-
-    @property
-    def vars(self) -> frozenset[Var[Any]]:
-        return self._vars
-
-    @property
-    def element_vars(self) -> frozenset[Var[Any]]:
-        return self._element_vars
 
     def __repr__(self) -> str:
         return f"tag({self.pattern!r}, {self.var!r}, {_value_repr(self.value)})"
@@ -773,7 +741,7 @@ class Check(Protocol):
 
 
 @dataclass(frozen=True, slots=True)
-class Where(Pattern):
+class Where(_Composite):
     """Matches ``pattern`` and then requires ``check`` to pass on the match so far."""
 
     pattern: Pattern
@@ -791,14 +759,6 @@ class Where(Pattern):
     def children(self) -> tuple[Pattern, ...]:
         return (self.pattern,)
 
-    @property
-    def vars(self) -> frozenset[Var[Any]]:
-        return self._vars
-
-    @property
-    def element_vars(self) -> frozenset[Var[Any]]:
-        return self._element_vars
-
     def __repr__(self) -> str:
         return f"where({self.pattern!r}, {self.check!r})"
 
@@ -812,7 +772,7 @@ def where(pattern: PatternLike, check: Check) -> Where:
 
 
 @dataclass(frozen=True, slots=True)
-class DtypeOf(Pattern):
+class DtypeOf(_Composite):
     """Matches ``pattern`` and binds ``var`` to the dtype of the tensor it matched.
 
     The dtype is read from the node's ``meta['val']``, from a ``get_attr`` tensor, or from the
@@ -831,14 +791,6 @@ class DtypeOf(Pattern):
 
     def children(self) -> tuple[Pattern, ...]:
         return (self.pattern,)
-
-    @property
-    def vars(self) -> frozenset[Var[Any]]:
-        return self._vars
-
-    @property
-    def element_vars(self) -> frozenset[Var[Any]]:
-        return self._element_vars
 
     def __repr__(self) -> str:
         return f"dtype_of({self.pattern!r}, {self.var!r})"
