@@ -38,9 +38,7 @@ from qalgebra.checks import dtype_in
 from qalgebra.combinators import Unary, dtype_convert, with_reshape, with_unary
 from qalgebra.fusions.base import Fusion, Refusal, Rewriter
 from qalgebra.fusions.woq import (
-    closed,
     constant,
-    drop_metadata_asserts,
     fold_constant,
     has_rank,
     node_shape,
@@ -114,7 +112,7 @@ def dynamic_fp16_linear() -> Pattern:
         call(aten.add.Tensor, bmm, bias),
         bmm,
     )
-    return where(with_unary(core, UNARY, Unary.NONE, Unary.RELU), closed())
+    return with_unary(core, UNARY, Unary.NONE, Unary.RELU)
 
 
 def _rewrite(m: Match, rw: Rewriter) -> fx.Node:
@@ -155,7 +153,6 @@ def _rewrite(m: Match, rw: Rewriter) -> fx.Node:
     out_shape: list[Any] = m.get(OUT_SHAPE, [])
     if out_shape:
         y = rw.call(aten.reshape.default, y, out_shape)
-    drop_metadata_asserts(m)
     return y
 
 
@@ -164,7 +161,6 @@ LINEAR_DYNAMIC_FP16 = Fusion(
     family="dynamic fp16 linear",
     pattern=dynamic_fp16_linear(),
     rewrite=_rewrite,
-    exclusive=False,  # closed() in the pattern checks it, tolerating export's metadata asserts
     doc="linear(x, w.to(fp16).to(fp32), b) [relu] (linear | [view] addmm/mm [view] | "
     "expand-bmm [+ b])  =>  onednn.linear_[relu_]dynamic_fp16 (weight prepacked)",
 )

@@ -45,9 +45,7 @@ from torch import fx
 from qalgebra.combinators import dtype_convert, with_reshape
 from qalgebra.fusions.base import Fusion, Refusal, Rewriter
 from qalgebra.fusions.woq import (
-    closed,
     constant,
-    drop_metadata_asserts,
     fold_constant,
     has_rank,
     node_shape,
@@ -104,7 +102,7 @@ def int_mm_linear() -> Pattern:
     )
     core = with_reshape(second, SHAPE_1)
     biased = any_of(call(aten.add.Tensor, core, where(BIAS, has_rank(BIAS, 1))), core)
-    return where(with_reshape(with_reshape(biased, SHAPE_2), SHAPE_3), closed())
+    return with_reshape(with_reshape(biased, SHAPE_2), SHAPE_3)
 
 
 @dataclass(frozen=True, slots=True)
@@ -246,7 +244,6 @@ def _rewrite(m: Match, rw: Rewriter) -> fx.Node:
     out_shape: list[Any] = m.get(SHAPE_3, []) or m.get(SHAPE_2, []) or m.get(SHAPE_1, [])
     if out_shape:
         y = rw.call(aten.reshape.default, y, out_shape)
-    drop_metadata_asserts(m)
     return y
 
 
@@ -264,7 +261,6 @@ INT_MM = Fusion(
     family="smooth-quant int_mm",
     pattern=int_mm_linear(),
     rewrite=_rewrite,
-    exclusive=False,  # closed() in the pattern checks it, tolerating export's metadata asserts
     doc="_int_mm(a, w) -> to -> * x_scale -> * w_scale [+ b] (views, either scale first)  =>  "
     "onednn.qlinear_pointwise[.tensor] (weight prepacked)",
 )
