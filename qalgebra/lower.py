@@ -22,6 +22,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any, cast
 
 import torch
 from torch import fx
@@ -86,15 +87,45 @@ def _is_quant_node(node: fx.Node) -> bool:
     return packet is not None and str(packet) in _QUANT_TARGETS
 
 
-def _copy(gm: fx.GraphModule) -> fx.GraphModule:
-    """A new GraphModule over a copy of the graph; parameters are shared, never written."""
-    graph = fx.Graph()
-    graph._codegen = copy.deepcopy(gm.graph._codegen)  # keeps export's pytree in/out handling
-    out = graph.graph_copy(gm.graph, {})
-    graph.output(out)
-    copied = fx.GraphModule(gm, graph, class_name=type(gm).__name__)
-    copied.meta = dict(getattr(gm, "meta", {}))
-    return copied
+class _Overlay(torch.nn.Module):
+    """The module a graph under rewrite reads its attributes from, without copying the source.
+
+    Lookups fall through to the caller's module (read only); constants a rewrite adds
+    (prepacked weights) are registered here. The output GraphModule is built once, at the end,
+    from this overlay: copying the caller's module up front cost one code generation and a
+    copy of every attribute, most of which the lowering then replaced.
+    """
+
+    def __init__(self, base: torch.nn.Module) -> None:
+        super().__init__()
+        self.__dict__["_qalgebra_base"] = base  # not a submodule: never copied nor registered
+        self.training = base.training
+
+    def __getattr__(self, name: str) -> Any:
+        added = self.__dict__["_buffers"]  # constants are registered as buffers, nothing else
+        if name in added:
+            return added[name]
+        return getattr(self.__dict__["_qalgebra_base"], name)
+
+
+def _copy_graph(gm: fx.GraphModule, module: torch.nn.Module) -> fx.Graph:
+    """A copy of ``gm``'s graph, owned by ``module``, keeping export's pytree in/out handling."""
+    # fx types the owner as a GraphModule; the graph only looks attributes up through it.
+    graph = fx.Graph(owning_module=cast(fx.GraphModule, module))
+    graph.set_codegen(copy.deepcopy(gm.graph._codegen))
+    graph.output(graph.graph_copy(gm.graph, {}))
+    return graph
+
+
+def _build_module(source: fx.GraphModule, overlay: _Overlay, graph: fx.Graph) -> fx.GraphModule:
+    """The output module: the live attributes of ``graph``, generated code, the source's meta."""
+    out = fx.GraphModule(overlay, graph, class_name=type(source).__name__)
+    out.meta = dict(getattr(source, "meta", {}))
+    for name, value in overlay.named_buffers(recurse=False):
+        if hasattr(out, name):  # constants stay out of state_dict (packed tensors are opaque)
+            delattr(out, name)  # GraphModule made it a persistent buffer, or a parameter
+            out.register_buffer(name, value, persistent=False)
+    return out
 
 
 def _validate(gm: object, example_inputs: object) -> fx.GraphModule:
@@ -125,7 +156,7 @@ def _single_thread() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
-def _erase_dead(gm: fx.GraphModule, chains: list[tuple[fx.Node, ...]]) -> None:
+def _erase_dead(graph: fx.Graph, chains: list[tuple[fx.Node, ...]]) -> None:
     """Erase the replaced nodes nothing reads any more, last first.
 
     Only matched nodes can have died from a rewrite, so this replaces a whole-graph dead-code
@@ -136,25 +167,27 @@ def _erase_dead(gm: fx.GraphModule, chains: list[tuple[fx.Node, ...]]) -> None:
     while pending and progress:
         progress, kept = False, []
         for node in pending:
-            if node.graph is not gm.graph:
+            if node.graph is not graph:
                 continue
             asserts = [u for u in node.users if u.target in METADATA_ASSERTS and not u.users]
             if len(asserts) == len(node.users):
                 for user in asserts:  # they check a value nothing else reads any more
-                    gm.graph.erase_node(user)
+                    graph.erase_node(user)
             if not node.users and not node.is_impure():
-                gm.graph.erase_node(node)
+                graph.erase_node(node)
                 progress = True
             else:
                 kept.append(node)
         pending = kept
 
 
-def _apply(fusion: Fusion, gm: fx.GraphModule, report: LoweringReport) -> None:
+def _apply(
+    fusion: Fusion, graph: fx.Graph, module: torch.nn.Module, report: LoweringReport
+) -> None:
     replaced: dict[fx.Node, fx.Node] = {}
     chains: list[tuple[fx.Node, ...]] = []
-    for m in find_matches(fusion.pattern, gm, exclusive=fusion.exclusive):
-        rw = Rewriter(gm, m.root, replaced)
+    for m in find_matches(fusion.pattern, graph, exclusive=fusion.exclusive):
+        rw = Rewriter(graph, module, m.root, replaced)
         try:
             new = fusion.rewrite(m, rw)
         except Refusal as refusal:
@@ -177,7 +210,7 @@ def _apply(fusion: Fusion, gm: fx.GraphModule, report: LoweringReport) -> None:
             chains.append(m.nodes)
         report.fired[fusion.name] += 1
         report.nodes_consumed[fusion.name] += len(m.nodes)
-    _erase_dead(gm, chains)
+    _erase_dead(graph, chains)
 
 
 def lower_with_report(
@@ -189,14 +222,15 @@ def lower_with_report(
     """Like :func:`lower`, and also say what fired, what was refused and what is left."""
     start = time.perf_counter()
     source = _validate(gm, example_inputs)
-    out = _copy(source)
+    overlay = _Overlay(source)
+    graph = _copy_graph(source, overlay)
     report = LoweringReport()
     with _single_thread():
         for fusion in fusions:
-            _apply(fusion, out, report)
-    out.graph.eliminate_dead_code()  # what the replaced nodes read (weights, qparams) is dead too
+            _apply(fusion, graph, overlay, report)
+    graph.eliminate_dead_code()  # what the replaced nodes read (weights, qparams) is dead too
+    out = _build_module(source, overlay, graph)
     out.graph.lint()
-    out.recompile()
     report.unfused_quant_nodes = [n.name for n in out.graph.nodes if _is_quant_node(n)]
     report.seconds = time.perf_counter() - start
     return out, report

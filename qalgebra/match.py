@@ -331,18 +331,19 @@ def _m(p: Pattern, value: object, st: _State, path: Path, ctx: _Context) -> Iter
 
 
 _R = TypeVar("_R")
+_P = TypeVar("_P", bound=Pattern)
 
 
-def _by_identity(fn: Callable[[Pattern], _R]) -> Callable[[Pattern], _R]:
+def _by_identity(fn: Callable[[_P], _R]) -> Callable[[_P], _R]:
     """Cache ``fn`` per pattern object.
 
     ``functools.cache`` would look patterns up by structural equality: equal but distinct
     sub-patterns share a hash, and each lookup then compares them deeply, which cost more than
     the matching itself. The cached pattern is kept alive, so its id cannot be reused.
     """
-    cache: dict[int, tuple[Pattern, _R]] = {}
+    cache: dict[int, tuple[_P, _R]] = {}
 
-    def cached(p: Pattern) -> _R:
+    def cached(p: _P) -> _R:
         hit = cache.get(id(p))
         if hit is None:
             hit = cache[id(p)] = (p, fn(p))
@@ -423,51 +424,97 @@ def _target_ok(targets: Collection[object], target: object) -> bool:
     return isinstance(target, OpOverload) and target.overloadpacket in targets
 
 
+@dataclass(frozen=True, slots=True)
+class _Unfit:
+    """A call pattern that cannot match any node of one target, and why (the node goes first)."""
+
+    template: str
+    args: tuple[object, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    """How a call pattern reads a node of one OpOverload target, worked out once per target.
+
+    ``pairs``: (sub-pattern, schema argument, path step), leaves first (each matches at most
+    one way, so a constant that differs ends the trial before a deep argument is enumerated);
+    ``defaults``: arguments the pattern leaves out, which must hold their schema default.
+    """
+
+    pairs: tuple[tuple[Pattern, str, str], ...]
+    defaults: tuple[tuple[str, object], ...]
+
+
+_PlanOrNot: TypeAlias = "_Plan | _Unfit | bool"
+
+
+def _plan_for(p: Call, target: object) -> _PlanOrNot:
+    """False: ``target`` is not one of ``p``'s; True: match the node's raw args; else a plan."""
+    if not _target_ok(p.targets, target):
+        return False
+    if not isinstance(target, OpOverload):
+        return True
+    schema = _schema_args(target)
+    positional = [a.name for a in schema if not a.kwarg_only]
+    if len(p.args) > len(positional):
+        return _Unfit(
+            "{} takes {} positional arguments, the pattern gives {}",
+            (len(positional), len(p.args)),
+        )
+    names = {a.name for a in schema}
+    pairs = [(sub, positional[i], f".args[{i}]") for i, sub in enumerate(p.args)]
+    for name in sorted(p.kwargs):
+        if name not in names:
+            return _Unfit("{} has no argument {}", (_Text(name),))
+        pairs.append((p.kwargs[name], name, f".{name}"))
+    specified = {name for _, name, _ in pairs}
+    defaults = tuple(
+        (a.name, a.default) for a in schema if a.name not in specified and a.has_default
+    )
+    pairs.sort(key=lambda pair: _is_composite(pair[0]))
+    return _Plan(tuple(pairs), defaults)
+
+
+@_by_identity
+def _plans(p: Call) -> dict[int, tuple[object, _PlanOrNot]]:
+    """Per call pattern: target id -> (target, its plan). Targets are long-lived op objects; the
+    entry keeps its target alive and is checked by identity, so an id is never misread."""
+    return {}
+
+
+def _plan(p: Call, target: object) -> _PlanOrNot:
+    plans = _plans(p)
+    hit = plans.get(id(target))
+    if hit is None or hit[0] is not target:
+        hit = plans[id(target)] = (target, _plan_for(p, target))
+    return hit[1]
+
+
 def _call_pairs(
-    p: Call, node: fx.Node, st: _State, path: Path, ctx: _Context
+    p: Call, node: fx.Node, plan: _PlanOrNot, st: _State, path: Path, ctx: _Context
 ) -> list[tuple[Pattern, object, str]] | None:
     """(pattern, graph value, path step) for each argument, or None after recording why not."""
-    pairs: list[tuple[Pattern, object, str]] = []
-    if isinstance(node.target, OpOverload):
+    if isinstance(plan, _Unfit):
+        ctx.fail(st, path, node, plan.template, node, *plan.args)
+        return None
+    if isinstance(plan, _Plan):
         args = ctx.arguments(node)
         if args is None:
             ctx.fail(st, path, node, "the arguments of {} do not fit its schema", node)
             return None
-        schema = _schema_args(node.target)
-        positional = [a.name for a in schema if not a.kwarg_only]
-        if len(p.args) > len(positional):
-            ctx.fail(
-                st,
-                path,
-                node,
-                "{} takes {} positional arguments, the pattern gives {}",
-                node,
-                len(positional),
-                len(p.args),
-            )
-            return None
-        specified = set(positional[: len(p.args)])
-        for i, sub in enumerate(p.args):
-            pairs.append((sub, args[positional[i]], f".args[{i}]"))
-        for name in sorted(p.kwargs):
-            if name not in args:
-                ctx.fail(st, path, node, "{} has no argument {}", node, _Text(name))
-                return None
-            pairs.append((p.kwargs[name], args[name], f".{name}"))
-            specified.add(name)
-        for a in schema:
-            if a.name not in specified and a.has_default and not _const_eq(a.default, args[a.name]):
+        for name, default in plan.defaults:
+            if not _const_eq(default, args[name]):
                 ctx.fail(
                     st,
-                    (*path, f".{a.name}"),
-                    args[a.name],
+                    (*path, f".{name}"),
+                    args[name],
                     "argument {} is {}, the pattern leaves it at its default {}",
-                    _Text(a.name),
-                    args[a.name],
-                    a.default,
+                    _Text(name),
+                    args[name],
+                    default,
                 )
                 return None
-        return pairs
+        return [(sub, args[name], step) for sub, name, step in plan.pairs]
     if len(node.args) != len(p.args) or set(node.kwargs) != set(p.kwargs):
         ctx.fail(
             st,
@@ -481,8 +528,11 @@ def _call_pairs(
             sorted(p.kwargs),
         )
         return None
-    pairs.extend((sub, node.args[i], f".args[{i}]") for i, sub in enumerate(p.args))
+    pairs: list[tuple[Pattern, object, str]] = [
+        (sub, node.args[i], f".args[{i}]") for i, sub in enumerate(p.args)
+    ]
     pairs.extend((p.kwargs[k], node.kwargs[k], f".{k}") for k in sorted(p.kwargs))
+    pairs.sort(key=lambda pair: _is_composite(pair[0]))
     return pairs
 
 
@@ -501,7 +551,8 @@ def _m_call(p: Call, value: object, st: _State, path: Path, ctx: _Context) -> It
     if not isinstance(value, fx.Node) or value.op != "call_function":
         ctx.fail(st, path, value, "expected a call to {}, got {}", _TargetNames(p), value)
         return
-    if not _target_ok(p.targets, value.target):
+    plan = _plan(p, value.target)
+    if plan is False:
         ctx.fail(st, path, value, "expected a call to {}, got {}", _TargetNames(p), value)
         return
     if p.users is not None and len(value.users) != p.users:
@@ -515,13 +566,9 @@ def _m_call(p: Call, value: object, st: _State, path: Path, ctx: _Context) -> It
             len(value.users),
         )
         return
-    pairs = _call_pairs(p, value, st, path, ctx)
+    pairs = _call_pairs(p, value, plan, st, path, ctx)
     if pairs is None:
         return
-    # Leaves (constants, Vars) first: each matches at most one way, so the order of the results
-    # is unchanged, but a constant that differs ends the trial before every way of matching a
-    # deep argument is enumerated (else nested optionals told apart by a constant cost 2^k).
-    pairs.sort(key=_is_composite)
     orders = [pairs]
     if p.commutative:
         (a, va, sa), (b, vb, sb) = pairs
@@ -531,13 +578,42 @@ def _m_call(p: Call, value: object, st: _State, path: Path, ctx: _Context) -> It
             yield st2 if value in st2.nodes else st2.with_node(value)
 
 
-def _is_composite(pair: tuple[Pattern, object, str]) -> bool:
-    return not isinstance(pair[0], Var | Literal | Ignored | Reciprocal)
+def _is_composite(p: Pattern) -> bool:
+    return not isinstance(p, Var | Literal | Ignored | Reciprocal)
 
 
 def _m_any_of(p: AnyOf, value: object, st: _State, path: Path, ctx: _Context) -> Iterator[_State]:
-    for alt in p.alternatives:
+    alternatives = p.alternatives if ctx.record else _alternatives_at(p, value)
+    for alt in alternatives:
         yield from _m(alt, value, st, path, ctx)
+
+
+_NOT_A_CALL = object()
+
+
+@_by_identity
+def _alternatives_by_target(p: AnyOf) -> dict[int, tuple[object, tuple[Pattern, ...]]]:
+    """Per any_of: target id -> (target, the alternatives whose root may have that target)."""
+    return {}
+
+
+def _alternatives_at(p: AnyOf, value: object) -> Sequence[Pattern]:
+    """The alternatives of ``p`` that can match ``value``, in order; the others would fail at
+    their root's target. Only when failures are not recorded (``explain`` sees them all)."""
+    if not isinstance(value, fx.Node):
+        return p.alternatives
+    target = value.target if value.op == "call_function" else _NOT_A_CALL
+    table = _alternatives_by_target(p)
+    hit = table.get(id(target))
+    if hit is None or hit[0] is not target:
+        kept = tuple(
+            alt
+            for alt in p.alternatives
+            if (roots := _roots(alt)) is None
+            or (target is not _NOT_A_CALL and _target_ok(roots, target))
+        )
+        hit = table[id(target)] = (target, kept)
+    return hit[1]
 
 
 def _m_optional(
@@ -679,6 +755,12 @@ def _roots(p: Pattern) -> frozenset[object] | None:
 
 
 @_by_identity
+def _root_table(p: Pattern) -> dict[int, tuple[object, bool]]:
+    """Per pattern: target id -> (target, whether a root may have it), filled as targets come."""
+    return {}
+
+
+@_by_identity
 def _validate(p: Pattern) -> None:
     """Refuse Vars used both inside a list_of (bound per element) and outside it."""
     reachable: set[Var[Any]] = set()
@@ -784,12 +866,19 @@ def find_matches(
     ctx = _Context(module, record=False)
     claimed: set[fx.Node] = set()
     found: list[Match] = []
+    root_ok = _root_table(pattern)
     for node in reversed(g.nodes):
-        if node in claimed or node.op == "output":  # the output node is not a value
+        if roots is not None:
+            if node.op != "call_function":
+                continue
+            hit = root_ok.get(id(node.target))
+            if hit is None or hit[0] is not node.target:
+                hit = root_ok[id(node.target)] = (node.target, _target_ok(roots, node.target))
+            if not hit[1]:
+                continue
+        elif node.op == "output":  # the output node is not a value
             continue
-        if roots is not None and not (
-            node.op == "call_function" and _target_ok(roots, node.target)
-        ):
+        if node in claimed:
             continue
         for st in _m(pattern, node, _EMPTY, (), ctx):
             if exclusive and not _closed(st, node):

@@ -39,7 +39,7 @@ import keyword
 import math
 import operator
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any, Generic, Protocol, TypeAlias, TypeVar, cast
 
 import torch
@@ -164,6 +164,11 @@ class Pattern:
             "use qalgebra.match.find_matches(pattern, graph)"
         )
 
+    def __reduce__(self) -> tuple[type[Pattern], tuple[object, ...]]:
+        """Unpickle through ``__init__``: cached hashes of strings differ between processes."""
+        assert is_dataclass(self)  # every concrete pattern is a frozen dataclass
+        return type(self), tuple(getattr(self, f.name) for f in fields(self) if f.init)
+
     def describe(self) -> str:
         """This pattern in English."""
         raise NotImplementedError
@@ -257,8 +262,11 @@ class Var(Pattern, Generic[T]):
 
     name: str
     type: builtins.type[T]
+    #: Vars key every binding map of a search: hashing them once, not per lookup, matters.
+    _hash: int = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "_hash", hash((Var, self.name, self.type)))
         if (
             not isinstance(self.name, str)
             or not self.name.isidentifier()
@@ -273,6 +281,9 @@ class Var(Pattern, Generic[T]):
 
     def __repr__(self) -> str:
         return f"Var({self.name!r}, {_type_repr(self.type)})"
+
+    def __hash__(self) -> int:
+        return self._hash
 
     def describe(self) -> str:
         return self.name

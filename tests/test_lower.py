@@ -364,6 +364,7 @@ def test_saturating_cpu_refuses_full_range_activations() -> None:
 
 def _failing_fusion() -> Fusion:
     def explode(m: Match, rw: Rewriter) -> fx.Node:
+        rw.constant("half_built", torch.zeros(1))
         rw.call(torch.ops.aten.relu.default, m.root)
         raise RuntimeError("replacement bug")
 
@@ -378,8 +379,25 @@ def test_a_failing_rewrite_leaves_the_caller_module_untouched() -> None:
     with pytest.raises(RuntimeError, match="replacement bug"):
         lower(gm, inputs, fusions=(_failing_fusion(),))
     assert gm.code == before
+    assert gm.state_dict().keys() == state.keys()
+    assert not any("half_built" in name for name in dir(gm))
     assert all(torch.equal(v, gm.state_dict()[k]) for k, v in state.items())
     assert torch.equal(gm(*inputs), expected)
+
+
+def test_the_lowered_module_holds_what_its_graph_reads_and_no_packed_state() -> None:
+    gm, inputs = _quantized("conv2d_relu")
+    lowered = lower(gm, inputs)
+    read = {n.target for n in lowered.graph.nodes if n.op == "get_attr"}
+    held = {name for name, _ in lowered.named_buffers()} | {
+        name for name, _ in lowered.named_parameters()
+    }
+    held |= {k for k, v in vars(lowered).items() if isinstance(v, torch.Tensor)}
+    assert read and read <= held  # every attribute the graph reads is there ...
+    assert held <= read  # ... and nothing the lowering replaced (the int8 weights) is kept
+    # Packed weights are opaque oneDNN tensors: they stay out of state_dict.
+    packed = {t for t in read if isinstance(t, str) and t.startswith("_qalgebra_")}
+    assert packed and not packed & set(lowered.state_dict())
 
 
 def test_report_names_unfused_quant_nodes() -> None:

@@ -427,3 +427,31 @@ def test_factories_build_the_private_classes() -> None:
     assert isinstance(literal(1), Literal)
     assert isinstance(optional(call(aten.relu.default, X)), Optional)
     assert optional(call(aten.relu.default, X)).defaults == {}
+
+
+_PICKLED_PATTERN = """
+import operator
+from qalgebra.pattern import Var, any_of, call, literal, optional
+x = Var("x", float)
+p = any_of(call(operator.add, x, literal(2)), optional(call(operator.neg, Var("y", int))))
+"""
+
+
+def test_a_pattern_pickled_by_another_process_hashes_like_one_built_here() -> None:
+    """Patterns cache their hash; string hashes differ between processes (PYTHONHASHSEED), so an
+    unpickled pattern must recompute it or it would miss every dict and set lookup here."""
+    import os
+    import pickle
+    import subprocess
+    import sys
+
+    code = _PICKLED_PATTERN + "import pickle, sys\nsys.stdout.buffer.write(pickle.dumps((x, p)))\n"
+    env = {**os.environ, "PYTHONHASHSEED": "12345"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, check=True)
+    theirs = pickle.loads(out.stdout)
+    namespace: dict[str, Any] = {}
+    exec(_PICKLED_PATTERN, namespace)
+    ours = (namespace["x"], namespace["p"])
+    assert theirs == ours
+    assert [hash(t) for t in theirs] == [hash(o) for o in ours]
+    assert {ours[0]: "bound"}[theirs[0]] == "bound"

@@ -53,8 +53,17 @@ class Rewriter:
     node argument is resolved through ``replaced`` first. ``rollback`` removes what was built.
     """
 
-    def __init__(self, gm: fx.GraphModule, anchor: fx.Node, replaced: Mapping[fx.Node, fx.Node]):
-        self.gm = gm
+    def __init__(
+        self,
+        graph: fx.Graph,
+        module: torch.nn.Module,
+        anchor: fx.Node,
+        replaced: Mapping[fx.Node, fx.Node],
+    ):
+        #: The graph being rewritten, and the module its ``get_attr`` nodes read from (where
+        #: :meth:`constant` stores new tensors).
+        self.graph = graph
+        self.module = module
         self.anchor = anchor
         self._replaced = replaced
         self._created: list[fx.Node] = []
@@ -75,8 +84,8 @@ class Rewriter:
 
     def call(self, target: Callable[..., Any], *args: Any, **kwargs: Any) -> fx.Node:
         """A new ``call_function`` node before the anchor."""
-        with self.gm.graph.inserting_before(self.anchor):
-            node = self.gm.graph.call_function(
+        with self.graph.inserting_before(self.anchor):
+            node = self.graph.call_function(
                 target,
                 tuple(self._resolve(a) for a in args),
                 {k: self._resolve(v) for k, v in kwargs.items()},
@@ -87,12 +96,13 @@ class Rewriter:
     def constant(self, hint: str, value: torch.Tensor) -> fx.Node:
         """Store ``value`` on the output module and return a ``get_attr`` node reading it."""
         name = f"_qalgebra_{hint}_{next(_counter)}"
-        while hasattr(self.gm, name):
+        while hasattr(self.module, name):
             name = f"_qalgebra_{hint}_{next(_counter)}"
-        self.gm.register_buffer(name, value, persistent=False)
+        self.module.register_buffer(name, value, persistent=False)
         self._attrs.append(name)
-        with self.gm.graph.inserting_before(self.anchor):
-            node = self.gm.graph.get_attr(name)
+        with self.graph.inserting_before(self.anchor):
+            # create_node, not get_attr: get_attr walks the module to warn about unknown names
+            node = self.graph.create_node("get_attr", name)
         self._created.append(node)
         return node
 
@@ -103,8 +113,8 @@ class Rewriter:
         """
         copies: dict[fx.Node, fx.Node] = {}
         for n in nodes:
-            with self.gm.graph.inserting_before(self.anchor):
-                copy = self.gm.graph.node_copy(n, lambda a: copies.get(a, self.node(a)))
+            with self.graph.inserting_before(self.anchor):
+                copy = self.graph.node_copy(n, lambda a: copies.get(a, self.node(a)))
             copies[n] = copy
             self._created.append(copy)
         return copies[nodes[-1]]
@@ -113,8 +123,8 @@ class Rewriter:
         """Erase every node and constant this rewriter created."""
         for node in reversed(self._created):
             if not node.users:
-                self.gm.graph.erase_node(node)
+                self.graph.erase_node(node)
         for name in self._attrs:
-            delattr(self.gm, name)
+            delattr(self.module, name)
         self._created.clear()
         self._attrs.clear()
