@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import collections
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import pytest
 import torch
 from torch import fx
 
 from qalgebra.testing import forms
+from qalgebra.testing import woq_strategies as woq
 from qalgebra.testing.models import MODELS, build
 from qalgebra.testing.oracle import Comparison, compare_outputs, output_quant_steps
 from qalgebra.testing.quantize import quantize_pt2e
@@ -360,6 +361,76 @@ def test_decompose_compute_turns_conv_and_max_pool_into_their_aten_spellings() -
     assert hist[aten.conv2d.default] == 0 and hist[aten.convolution.default] == 5
     assert hist[aten.max_pool2d.default] == 0 and hist[aten.max_pool2d_with_indices.default] == 4
     assert_bit_exact(gm, compute, inputs)
+
+
+def node_table(gm: fx.GraphModule) -> list[tuple[object, ...]]:
+    """Each node's name, target, arguments and meta value (shape, dtype, strides)."""
+    rows: list[tuple[object, ...]] = []
+    for n in gm.graph.nodes:
+        val = n.meta.get("val")
+        meta = None
+        if isinstance(val, torch.Tensor):
+            meta = (tuple(val.shape), val.dtype, val.stride())
+        rows.append((n.name, n.op, str(n.target), str(n.args), str(n.kwargs), meta))
+    return rows
+
+
+class Upsample(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.nn.functional.interpolate(x, scale_factor=2.0, mode="nearest")
+        return torch.nn.functional.linear(y, torch.ones(3, 8))
+
+
+@pytest.mark.parametrize(
+    ("name", "variant"),
+    [*((n, "fp32") for n in MODEL_NAMES), ("linear3d_gelu_tanh", "dynamic"), ("inception", "bf16")],
+)
+def test_decomposition_shortcut_gives_the_public_routes_program(name: str, variant: str) -> None:
+    """decompose_compute skips the public route's override of every CIA op; same program."""
+    gm, inputs = quantized(name, variant)
+    batch = torch.export.Dim("batch")
+    dynamic = tuple({0: batch} for _ in inputs) if variant == "dynamic" else None
+    ep = torch.export.export(gm, inputs, dynamic_shapes=dynamic, strict=False)
+    public = ep.run_decompositions(forms._cia_decompositions())
+    ours = forms._run_cia_decompositions(ep)
+    assert ours.graph_module.code == public.graph_module.code
+    assert node_table(ours.graph_module) == node_table(public.graph_module)
+    assert ours.graph_signature == public.graph_signature
+
+
+def test_decomposition_shortcut_keeps_what_the_public_route_preserves() -> None:
+    """upsample_nearest2d.vec is a CIA op torch's table preserves: the shortcut keeps it too."""
+    vec = aten.upsample_nearest2d.vec
+    cia, _ = forms._decomposition_split(forms._registry_size())
+    assert vec in cia  # overridden (preserved), not left to its own kernel
+    inputs = (torch.randn(1, 2, 2, 4),)
+    ep = torch.export.export(Upsample(), inputs)
+    public = ep.run_decompositions(forms._cia_decompositions()).module()
+    ours = forms.decompose_exported(ep)
+    assert histogram(public)[vec] == histogram(ours)[vec] == 1
+    assert histogram(ours)[aten.linear.default] == 0
+    torch.testing.assert_close(ours(*inputs), Upsample()(*inputs), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        functools.partial(woq.woq_case, dtype=torch.bfloat16, k=32, rank=3, transpose_input=True),
+        functools.partial(woq.woq_case, dtype=torch.bfloat16, out_features=(3, 5), rows=1),
+        functools.partial(woq.int_mm_case, rank=3, bias=True, out_dtype=torch.bfloat16),
+        functools.partial(woq.dynamic_fp16_case, rank=3, transpose_input=True, relu=True),
+    ],
+)
+def test_woq_compute_form_is_decompose_compute_of_the_op_form(
+    case: Callable[..., woq.FamilyCase],
+) -> None:
+    """The plug-in families decompose their one export: the graph decompose_compute gives."""
+    op = case(seed=5, form="op")
+    compute = case(seed=5, form="compute")
+    expected = forms.decompose_compute(op.graph, op.inputs)
+    assert compute.graph.code == expected.code
+    assert node_table(compute.graph) == node_table(expected)
+    assert histogram(compute.graph)[aten.linear.default] == 0
 
 
 def test_share_dequants_merges_the_per_user_copies_convert_pt2e_makes() -> None:

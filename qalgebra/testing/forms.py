@@ -27,6 +27,8 @@ function                                what changes
                                         ``aten.convolution``, linear -> ``permute + addmm/mm``
                                         (``view``s around it for >2-D input), max_pool2d ->
                                         ``max_pool2d_with_indices + getitem``
+                                        (:func:`decompose_exported`: the same for an
+                                        ``ExportedProgram``)
 :func:`with_meta`                       fill ``node.meta["val"]`` (FakeTensors) on every node
 ======================================  =========================================================
 
@@ -99,6 +101,7 @@ __all__ = [
     "Form",
     "ViewSpelling",
     "decompose_compute",
+    "decompose_exported",
     "share_dequants",
     "to_decomposed",
     "to_tensor_qparams",
@@ -498,6 +501,57 @@ def _cia_decompositions() -> dict[Any, Callable[..., Any]]:
     return {op: fn for op, fn in table.items() if _is_cia_op(op)}
 
 
+def _registry_size() -> tuple[int, int]:
+    """Grows when ops are registered: keys the cached split of :func:`_cia_decompositions`."""
+    cia = torch._C._dispatch_get_registrations_for_dispatch_key("CompositeImplicitAutograd")
+    return len(torch.ops._dir), len(cia)
+
+
+def _own_kernel(op: Any, fn: object) -> bool:
+    """True when ``fn`` decomposes ``op`` exactly as its own CIA kernel does while tracing."""
+    dk = torch._C.DispatchKey.CompositeImplicitAutograd
+    if isinstance(fn, functools.partial) and fn.keywords.get("kernel") is op:
+        return getattr(fn.func, "__name__", "") == "_special_op_to_decompose_cia"
+    return dk in op.py_kernels and op.py_kernels[dk] is fn
+
+
+_Split: TypeAlias = tuple[dict[Any, Callable[..., Any]], dict[Any, Callable[..., Any]]]
+
+
+@functools.lru_cache(maxsize=1)
+def _decomposition_split(_registry: tuple[int, int]) -> _Split:
+    """``(cia_overrides, python_table)`` for ``run_decompositions(_cia_decompositions())``.
+
+    The public call overrides the CIA kernel of every one of the ~500 CIA ops on each call
+    (4/5 of its time on these small graphs). Overriding an op with its own CIA kernel changes
+    nothing, so only the ops it preserves or decomposes differently are kept here (a handful:
+    upsample ``.vec``, backward ops). Cached per registry size (new ops re-split).
+    """
+    from torch.export.exported_program import _split_decomp_table_to_cia_and_python_decomp
+
+    cia, python = _split_decomp_table_to_cia_and_python_decomp(_cia_decompositions())
+    return {op: fn for op, fn in cia.items() if not _own_kernel(op, fn)}, python
+
+
+def _run_cia_decompositions(ep: torch.export.ExportedProgram) -> torch.export.ExportedProgram:
+    """``ep.run_decompositions(_cia_decompositions())``, the same program (checked by
+    tests/test_forms.py) at a fifth of the cost: see :func:`_decomposition_split`."""
+    try:
+        from torch.export.exported_program import _decompose_exported_program
+    except ImportError:  # another torch: the public route
+        public: torch.export.ExportedProgram = ep.run_decompositions(_cia_decompositions())
+        return public
+    cia, python = _decomposition_split(_registry_size())
+    decomposed: torch.export.ExportedProgram = _decompose_exported_program(
+        ep,
+        cia_to_decomp=dict(cia),
+        python_decomp_table=dict(python),
+        joint_loss_index=None,
+        decompose_custom_triton_ops=False,
+    )
+    return decomposed
+
+
 def decompose_compute(
     gm: fx.GraphModule,
     example_inputs: Sequence[torch.Tensor],
@@ -520,7 +574,13 @@ def decompose_compute(
         batch = torch.export.Dim("batch")
         dynamic_shapes = tuple({0: batch} for _ in inputs)
     ep = torch.export.export(src, inputs, dynamic_shapes=dynamic_shapes, strict=False)
-    new = ep.run_decompositions(_cia_decompositions()).module()
+    return decompose_exported(ep)
+
+
+def decompose_exported(ep: torch.export.ExportedProgram) -> fx.GraphModule:
+    """:func:`decompose_compute` of an exported program (a model exported once need not be
+    exported again): its module with CompositeImplicit decompositions applied."""
+    new = _run_cia_decompositions(ep).module()
     assert isinstance(new, fx.GraphModule)
     graph = new.graph
     for node in _calls(new, aten.t.default):

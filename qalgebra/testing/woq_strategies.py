@@ -53,7 +53,7 @@ from hypothesis import strategies as st
 from torch import fx, nn
 
 from qalgebra.fusions.woq import DEFAULT_WOQ_DTYPES, bf16_k_multiple
-from qalgebra.testing.forms import decompose_compute
+from qalgebra.testing.forms import decompose_compute, decompose_exported
 
 __all__ = [
     "FAMILY_FUSIONS",
@@ -301,9 +301,16 @@ def _in_form(gm: fx.GraphModule, inputs: tuple[torch.Tensor, ...], form: str) ->
 
 
 def _export(model: nn.Module, inputs: tuple[torch.Tensor, ...], form: str) -> fx.GraphModule:
-    gm = torch.export.export(model, inputs).module()
+    """The model exported in ``form``; "compute" decomposes the one export (the same graph as
+    :func:`_in_form` of its module, without exporting that module again)."""
+    if form not in FORMS:
+        raise ValueError(f"unknown form {form!r}, expected one of {FORMS}")
+    ep = torch.export.export(model, inputs)
+    if form == "compute":
+        return decompose_exported(ep)
+    gm = ep.module()
     assert isinstance(gm, fx.GraphModule)
-    return _in_form(gm, inputs, form)
+    return gm
 
 
 def _input(gen: torch.Generator, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
