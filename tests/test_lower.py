@@ -242,8 +242,11 @@ def test_conv_post_op_attributes_and_output_dtypes(post: str) -> None:
     assert convs[0].args[13] == torch.uint8  # conv1 feeds conv2 quantized
     assert convs[1].args[13] == torch.float32 and convs[1].args[11:13] == (1.0, 0)
     # A range folded into the post-op needs no clamp after the op; any other does.
-    clamps = [n for n in lowered.graph.nodes if n.target is torch.ops.aten.clamp.default]
+    clamps = [n for n in lowered.graph.nodes if "clamp" in str(n.target)]
     assert len(clamps) == (0 if expected_first[0] == "hardtanh" else 1)
+    # The clamp works in place on the tensor conv1 just wrote (only the clamp reads it).
+    assert all(n.target is torch.ops.aten.clamp_max_.default for n in clamps)
+    assert all(n.args[0] is convs[0] and list(convs[0].users) == [n] for n in clamps)
 
 
 @pytest.mark.parametrize("post", sorted(LINEAR_ATTRS))
@@ -510,3 +513,31 @@ def test_a_layer_reading_a_fused_int8_output_fuses_in_decomposed_form_without_me
     # check_example raises when any lowering property (fires, numerics, ...) fails.
     outcome = check_example(build_example(spec, form="decomposed"))
     assert outcome.report.fired["qconv"] == 1 and outcome.report.fired["qconv_binary"] == 1
+
+
+class _ResidualOfItsOwnInput(torch.nn.Module):
+    """relu(conv1(y) + y): the binary conv reads y as its activation *and* as the residual."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv0 = torch.nn.Conv2d(8, 8, 3, padding=1)
+        self.conv1 = torch.nn.Conv2d(8, 8, 3, padding=1)
+        self.head = torch.nn.Conv2d(8, 8, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.conv0(x))
+        out: torch.Tensor = self.head(torch.relu(self.conv1(y) + y))
+        return out
+
+
+def test_a_conv_never_accumulates_into_its_own_input() -> None:
+    torch.manual_seed(0)
+    inputs = (torch.randn(2, 8, 8, 8),)
+    gm = quantize_pt2e(_ResidualOfItsOwnInput().eval(), inputs)
+    lowered, report = lower_with_report(gm, inputs)
+    assert report.fired["qconv_binary"] == 1
+    (binary,) = [n for n in lowered.graph.nodes if n.target is onednn.qconv2d_pointwise.binary]
+    x, accum = binary.args[0], binary.args[6]
+    assert isinstance(accum, fx.Node) and accum is not x  # the copy stays: no elision here
+    assert accum.target is torch.ops.aten.clone.default and accum.args[0] is x
+    assert_close_to_reference(gm(*inputs), lowered(*inputs), gm)

@@ -43,6 +43,7 @@ from qalgebra.fusions.common import (
     check_common,
     clamp_to_quant_range,
     output_qparams,
+    range_clamped,
     reshaped_output,
     unary_args,
     weight_constants,
@@ -158,7 +159,7 @@ def _rewrite_qconv_binary(m: Match, rw: Rewriter) -> fx.Node:
     )  # fmt: skip
     if OQ.scale not in m and out_dtype != _sum_dtype(m):
         fused = rw.call(aten._to_copy.default, fused, dtype=_sum_dtype(m))
-    return clamp_to_quant_range(m, rw, fused)
+    return clamp_to_quant_range(m, rw, fused, owned=True)  # the accumulator, or a new tensor
 
 
 def _rewrite_qlinear_binary(m: Match, rw: Rewriter) -> fx.Node:
@@ -191,7 +192,7 @@ def _rewrite_qlinear_binary(m: Match, rw: Rewriter) -> fx.Node:
     )  # fmt: skip
     if OQ.scale not in m and out_dtype != _sum_dtype(m):
         y = rw.call(aten._to_copy.default, y, dtype=_sum_dtype(m))
-    y = clamp_to_quant_range(m, rw, y)
+    y = clamp_to_quant_range(m, rw, y, owned=True)
     return reshaped_output(m, rw, y, shape_or_empty(m, OUT_SHAPE))
 
 
@@ -225,7 +226,7 @@ _FUSED_CONV = call(onednn.qconv_pointwise.default, *([ignored()] * 17)) | call(
     onednn.qconv2d_pointwise.binary, *([ignored()] * 22)
 )
 #: A fused conv's output, or the range clamp after it (elementwise: a fresh channels_last tensor).
-_CONV_OUTPUT = _FUSED_CONV | call(aten.clamp.default, _FUSED_CONV, ignored(), ignored())
+_CONV_OUTPUT = range_clamped(_FUSED_CONV)
 #: Ops whose output may share storage with their input: a reader through one of them could
 #: see the in-place accumulation later, so the clone stays.
 _ALIASING = frozenset(
@@ -260,14 +261,24 @@ def _last_reader(m: Match) -> bool:
     if not clone.meta.get("qalgebra_accumulator") or len(clone.users) != 1:
         return False
     consumer = next(iter(clone.users))
-    order = {n: i for i, n in enumerate(clone.graph.nodes)}
     for user in source.users:
         if user is clone:
             continue
         aliasing = str(getattr(user.target, "overloadpacket", user.target)) in _ALIASING
-        if user.op != "call_function" or aliasing or order[user] > order[consumer]:
+        if user.op != "call_function" or aliasing or not _runs_before(user, consumer):
             return False
     return True
+
+
+def _runs_before(first: fx.Node, then: fx.Node) -> bool:
+    """Whether ``first`` comes before ``then`` in their graph: a walk from ``first``, short when
+    they are close (an index of the whole graph per match made the elision quadratic)."""
+    node = first.next
+    while node.op != "root":
+        if node is then:
+            return True
+        node = node.next
+    return False
 
 
 ACCUM_CLONE_ELISION = Fusion(

@@ -150,7 +150,7 @@ def _rewrite_qconv(m: Match, rw: Rewriter) -> fx.Node:
         scalars,
         algorithm,
     )
-    return clamp_to_quant_range(m, rw, fused, enforced=enforced)
+    return clamp_to_quant_range(m, rw, fused, enforced=enforced, owned=True)
 
 
 QCONV = Fusion(

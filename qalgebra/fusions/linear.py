@@ -145,7 +145,7 @@ def _rewrite_qlinear(m: Match, rw: Rewriter) -> fx.Node:
         scalars,
         algorithm,
     )
-    y = clamp_to_quant_range(m, rw, y, enforced=enforced)
+    y = clamp_to_quant_range(m, rw, y, enforced=enforced, owned=True)
     return reshaped_output(m, rw, y, shape_or_empty(m, OUT_SHAPE))
 
 
