@@ -11,7 +11,8 @@ import pytest
 import torch
 from torch import fx
 
-from qalgebra.testing import forms
+from qalgebra.testing import forms, strategies
+from qalgebra.testing import pointwise_strategies as pointwise
 from qalgebra.testing import woq_strategies as woq
 from qalgebra.testing.models import MODELS, build
 from qalgebra.testing.oracle import Comparison, compare_outputs, output_quant_steps
@@ -431,6 +432,103 @@ def test_woq_compute_form_is_decompose_compute_of_the_op_form(
     assert compute.graph.code == expected.code
     assert node_table(compute.graph) == node_table(expected)
     assert histogram(compute.graph)[aten.linear.default] == 0
+
+
+def smooth_quant(seed: int, bias: bool) -> woq.SmoothQuantLinear:
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randint(-64, 65, (24, 8), generator=gen, dtype=torch.int8)
+    b = torch.randn(8, generator=gen) if bias else None
+    return woq.SmoothQuantLinear(w, torch.rand(8, generator=gen) + 0.01, b).eval()
+
+
+@pytest.mark.parametrize("form", woq.FORMS)
+def test_woq_exports_are_reused_per_structure_with_the_models_own_tensors(form: str) -> None:
+    """A model like one exported before gets that graph, with its own weights: what a fresh
+    export of it gives (graph, tensors, outputs); a different structure is exported anew."""
+    x = (torch.randn(2, 3, 24),)
+    woq._export(smooth_quant(1, bias=True), x, form)
+    cached = len(woq._EXPORTS)
+    model = smooth_quant(2, bias=True)
+    reused = woq._export(model, x, form)
+    assert len(woq._EXPORTS) == cached  # served from the cache
+    fresh = woq._exported(model, x, form)
+    assert reused.code == fresh.code
+    assert node_table(reused) == node_table(fresh)
+    state = fresh.state_dict()
+    assert all(torch.equal(t, state[k]) for k, t in reused.state_dict().items())
+    with torch.no_grad():
+        torch.testing.assert_close(reused(*x), model(*x), rtol=0, atol=0)
+    again = woq._export(smooth_quant(3, bias=True), x, form)
+    assert not set(map(id, again.parameters())) & set(map(id, reused.parameters()))
+    woq._export(smooth_quant(2, bias=False), x, form)
+    assert len(woq._EXPORTS) == cached + 1  # no bias: another graph
+
+
+def assert_same_module(got: fx.GraphModule, expected: fx.GraphModule) -> None:
+    assert got.code == expected.code
+    assert node_table(got) == node_table(expected)
+    assert [sorted(n.meta) for n in got.graph.nodes] == [
+        sorted(n.meta) for n in expected.graph.nodes
+    ]
+    mine, theirs = got.state_dict(), expected.state_dict()
+    assert mine.keys() == theirs.keys()
+    assert all(torch.equal(mine[k], theirs[k]) for k in mine)
+
+
+@pytest.mark.parametrize("name", ["conv_add_conv_rhs_relu", "linear3d_gelu_tanh"])
+@pytest.mark.parametrize("form", strategies.FORMS)
+def test_respell_is_the_composition_of_the_forms(name: str, form: str) -> None:
+    """One copy for a primary form and a respelling: the module composing them gives."""
+    gm, _ = quantized(name, "bf16")
+    before = snapshot(gm)
+    names = form.split("+")
+    composed = gm
+    for n in names:
+        composed = forms.FORMS[n](composed)
+    new = forms.respell(gm, *names)
+    assert new is not gm and new.graph is not gm.graph
+    assert_same_module(new, composed)
+    assert_untouched(gm, before)
+
+
+@pytest.mark.parametrize("form", pointwise.FORMS)
+def test_pointwise_examples_are_spelled_as_the_forms_compose(form: str) -> None:
+    """The pointwise builder respells its graph once: what composing the forms gives."""
+    q = pointwise.Quantization(0.05, 3, 0, 255, torch.uint8)
+    moves = (pointwise.Move("view", (2, 12, 4)), pointwise.Move("transpose", (1, 2)))
+    spec = pointwise.MovementSpec((2, 3, 4, 4), moves, "dequant", q, q, also_read=True)
+    example = pointwise.build_example(spec, form)
+    gm, _ = pointwise._build_movement(spec)
+    composed = forms.with_meta(gm)
+    for n in form.split("+"):
+        composed = forms.FORMS[n](composed)
+    assert_same_module(example.gm, composed)
+    assert all(
+        isinstance(n.meta.get("val"), torch.Tensor)
+        for n in example.gm.graph.nodes
+        if n.op not in ("output",)
+    )
+
+
+@pytest.mark.parametrize("form", strategies.FORMS)
+def test_drawn_graphs_are_spelled_as_the_forms_compose(form: str) -> None:
+    """strategies.build_example respells its op-form graph once: the forms composed."""
+    q = strategies.QuantSpec(0.02, 3, 0, 127, torch.uint8)
+    conv = strategies.Layer(strategies.ConvSpec(4, 6, (3, 3), padding=(1, 1)))
+    spec = strategies.GraphSpec(
+        "qconv", (1, 4, 5, 5), q, conv, output_quant=q, returns="dequantized",
+        consumer=strategies.Layer(strategies.LinearSpec(5, 3)), dtype="bf16", meta="all",
+    )  # fmt: skip
+    composed = strategies.build_example(spec, "op").gm
+    for n in form.split("+"):
+        composed = forms.FORMS[n](composed)
+    assert_same_module(strategies.build_example(spec, form).gm, composed)
+
+
+def test_respell_rejects_unknown_forms() -> None:
+    gm, _ = quantized("conv_add_conv_rhs_relu")
+    with pytest.raises(KeyError, match="unknown forms"):
+        forms.respell(gm, "decomposed", "no_such_form")
 
 
 def test_share_dequants_merges_the_per_user_copies_convert_pt2e_makes() -> None:

@@ -447,9 +447,8 @@ def build_example(spec: Spec, form: str = "op") -> PointwiseExample:
         family = "qreshape" if spec.source == "dequant" else "quant_lift_up"
         gm, expected = _build_movement(spec)
     primary, _, modifier = form.partition("+")
-    gm = _forms.FORMS[primary](gm)
-    if modifier:
-        gm = _forms.FORMS[modifier](gm)
+    names = [n for n in (primary, modifier) if n and n != "op"]  # "op" would only copy
+    gm = _forms.respell(gm, *names) if names else gm
     inputs = tuple(_inputs_of(spec))  # the seeded tensors the graph was built for
     return PointwiseExample(
         family, form, gm, inputs, expected, recipe=f"build_example({spec!r}, {form!r})"

@@ -961,10 +961,8 @@ def apply_form(gm: fx.GraphModule, form: str) -> fx.GraphModule:
     """``gm`` (op form) respelled in ``form`` (``primary`` or ``primary+modifier``); the
     result may be ``gm`` itself (form ``"op"``)."""
     primary, _, modifier = form.partition("+")
-    out = gm if primary == "op" else _forms.FORMS[primary](gm)  # "op" would only copy
-    if modifier:
-        out = _forms.FORMS[modifier](out)
-    return out
+    names = [n for n in (primary, modifier) if n and n != "op"]  # "op" would only copy
+    return _forms.respell(gm, *names) if names else gm
 
 
 def _build_graph_spec(spec: GraphSpec, form: str) -> tuple[_Builder, Expected, fx.GraphModule]:
