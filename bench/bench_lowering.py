@@ -6,7 +6,7 @@ For ResNet-style stacks (``resnet_like(N)``) and transformer FFN stacks (``ffn_s
 3-D input), N = 2, 8, 32, quantized with torchao's PT2E flow (X86InductorQuantizer), one run
 reports side by side:
 
-- lowering time: ``qalgebra.lower.lower_with_report`` (median of 3) vs torchao's
+- lowering time: ``qalgebra.lower.lower_with_report`` (median of 7) vs torchao's
   ``lower_pt2e_quantized_to_x86`` (one call), and their ratio;
 - oneDNN ops in each output graph (nodes calling an ``onednn.*`` or ``quantized.*`` op);
 - numerics: max |output - reference| of each, the reference being the quantized (un-lowered)
@@ -48,6 +48,9 @@ from qalgebra.cli import Comparison, compare, median_ms, quiet_third_party  # no
 from qalgebra.testing.models import ffn_stack, resnet_like  # noqa: E402
 
 SIZES = (2, 8, 32)
+#: qalgebra lowerings timed per model (the median is reported): tens of milliseconds each, so
+#: one descheduling on a shared machine would move a single sample by a third.
+LOWER_REPEATS = 7
 #: qalgebra's output is flagged when it is further than this from the reference, relative to
 #: max(1, max |reference|): a lowering that keeps to the contract (one quantization step per
 #: int8 element, float rounding elsewhere) stays orders of magnitude below it.
@@ -328,9 +331,10 @@ def header(
         "7-bit activations, `reduce_range=True`)",
         f"- load average (1/5/15 min) at start: {start_load}; at end: {end_load}. The machine is "
         "shared: runtimes are indicative, ratios measured in one process more than absolutes.",
-        f"- method: lowering time = median of 3 `lower_with_report` calls for qalgebra, one "
-        "`lower_pt2e_quantized_to_x86` call for torchao (it re-exports and decomposes the model "
-        f"on every call), after one untimed warm-up lowering of each; runtime = median of "
+        f"- method: lowering time = median of {LOWER_REPEATS} `lower_with_report` calls for "
+        "qalgebra, one `lower_pt2e_quantized_to_x86` call for torchao (it re-exports and "
+        "decomposes the model on every call), each after a `gc.collect()`, after one untimed "
+        "warm-up lowering of each; runtime = median of "
         f"{args.runs} calls after {args.warmup} warm-up calls, the four modules taking turns, "
         "each call on fresh copies of the inputs; reference = the quantized module from "
         "`convert_pt2e` run eagerly; torch.compile = default mode, cold Inductor cache, in a "
@@ -407,7 +411,15 @@ def main(argv: list[str] | None = None) -> int:
     for spec in specs(sizes):
         log(f"{spec.name}: start")
         model, inputs = spec.build()
-        result = compare(spec.name, model, inputs, step=step, runs=args.runs, warmup=args.warmup)
+        result = compare(
+            spec.name,
+            model,
+            inputs,
+            step=step,
+            runs=args.runs,
+            warmup=args.warmup,
+            lower_repeats=LOWER_REPEATS,
+        )
         results.append(result)
         if result.qalgebra_error:
             log(f"{spec.name}: QALGEBRA LOWERING FAILED\n{result.qalgebra_error}")

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import difflib
+import gc
 import logging
 import os
 import statistics
@@ -277,7 +278,8 @@ def compare(
 
     The reference is the quantized (un-lowered) module run eagerly. qalgebra's lowering time is
     the median of ``lower_repeats`` lowerings (it takes milliseconds, so the first call's
-    one-time costs would dominate a single sample); torchao's is one call (seconds). A crash of
+    one-time costs would dominate a single sample); torchao's is one call (seconds). Each timed
+    lowering starts after a ``gc.collect()``, so neither pays for the other's garbage. A crash of
     either lowering is recorded (traceback in ``*_error``), never raised. Every module call gets
     fresh copies of the inputs: a lowered module that writes into its inputs is reported in
     ``mutates_inputs`` and cannot disturb the other measurements.
@@ -298,6 +300,7 @@ def compare(
         try:
             samples: list[float] = []
             for _ in range(max(lower_repeats, 1)):
+                gc.collect()  # garbage of earlier steps is not this lowering's to collect
                 start = time.perf_counter()
                 qa, report = lower_with_report(reference, inputs)
                 samples.append(time.perf_counter() - start)
@@ -308,6 +311,7 @@ def compare(
             result.qalgebra_error = _short_error(exc)
     with step(f"{name}: torchao lowering"):
         try:
+            gc.collect()
             start = time.perf_counter()
             lowered["torchao"] = torchao_lower(reference, inputs)
             result.torchao_lower_ms = (time.perf_counter() - start) * 1e3

@@ -157,28 +157,26 @@ def _single_thread() -> Iterator[None]:
 
 
 def _erase_dead(graph: fx.Graph, chains: list[tuple[fx.Node, ...]]) -> None:
-    """Erase the replaced nodes nothing reads any more, last first.
+    """Erase the replaced nodes nothing reads any more, and what only they read.
 
-    Only matched nodes can have died from a rewrite, so this replaces a whole-graph dead-code
-    pass per fusion (later fusions must not match, and prepack, what was replaced).
+    Only matched nodes, and then their inputs (weights, qparams), can die from a rewrite: a
+    worklist from them replaces a whole-graph dead-code pass (and its per-node purity checks),
+    so later fusions neither match nor prepack what was replaced.
     """
-    pending = [n for chain in reversed(chains) for n in reversed(chain)]
-    progress = True
-    while pending and progress:
-        progress, kept = False, []
-        for node in pending:
-            if node.graph is not graph:
-                continue
-            asserts = [u for u in node.users if u.target in METADATA_ASSERTS and not u.users]
-            if len(asserts) == len(node.users):
-                for user in asserts:  # they check a value nothing else reads any more
-                    graph.erase_node(user)
-            if not node.users and not node.is_impure():
-                graph.erase_node(node)
-                progress = True
-            else:
-                kept.append(node)
-        pending = kept
+    work = [n for chain in chains for n in chain]
+    while work:
+        node = work.pop()
+        if node._erased or node.op in ("placeholder", "output"):
+            continue
+        asserts = [u for u in node.users if u.target in METADATA_ASSERTS and not u.users]
+        if asserts and len(asserts) == len(node.users):
+            for user in asserts:  # they check a value nothing else reads any more
+                graph.erase_node(user)
+        if node.users or node.is_impure():
+            continue  # read elsewhere: if those readers die, they bring it back here
+        inputs = node.all_input_nodes
+        graph.erase_node(node)
+        work.extend(inputs)
 
 
 def _apply(
@@ -228,7 +226,6 @@ def lower_with_report(
     with _single_thread():
         for fusion in fusions:
             _apply(fusion, graph, overlay, report)
-    graph.eliminate_dead_code()  # what the replaced nodes read (weights, qparams) is dead too
     out = _build_module(source, overlay, graph)
     out.graph.lint()
     report.unfused_quant_nodes = [n.name for n in out.graph.nodes if _is_quant_node(n)]

@@ -392,6 +392,8 @@ def test_the_lowered_module_holds_what_its_graph_reads_and_no_packed_state() -> 
     gm, inputs = _quantized("conv2d_relu")
     lowered = lower(gm, inputs)
     read = {n.target for n in lowered.graph.nodes if n.op == "get_attr"}
+    # What only the replaced nodes read (int8 weights, qparams) went with them.
+    assert all(n.users or n.is_impure() for n in lowered.graph.nodes if n.op != "output")
     held = {name for name, _ in lowered.named_buffers()} | {
         name for name, _ in lowered.named_parameters()
     }
