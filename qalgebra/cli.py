@@ -819,7 +819,10 @@ def fuzz(
     out: Annotated[
         Path, typer.Option("--out", help="Where the failing graphs' reproduction scripts go.")
     ] = Path("fuzz-failures"),
-    workers: Annotated[int, typer.Option("--workers", help="Processes sharing the work.")] = 1,
+    workers: Annotated[
+        int | None,
+        typer.Option("--workers", help="Processes sharing the work (default: 2 if 2 cores)."),
+    ] = None,
 ) -> None:
     """Check the lowering's properties on random quantized graphs (exit 1 on any failure)."""
     quiet_third_party()

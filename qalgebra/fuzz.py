@@ -13,13 +13,15 @@ profiles): failures found by other machines come back first.
 
 >>> import tempfile
 >>> with tempfile.TemporaryDirectory() as out:
-...     summary = run_campaign(2, None, 0, ["qlinear"], Path(out), quiet=True)
+...     summary = run_campaign(2, None, 0, ["qlinear"], Path(out), workers=1, quiet=True)
 >>> summary.examples, summary.exit_code
 (2, 0)
 """
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import multiprocessing
 import os
 import time
@@ -49,7 +51,7 @@ from rich.table import Table
 from qalgebra.testing.properties import PropertyFailure, check_example
 from qalgebra.testing.strategies import ExampleLike, examples, families
 
-__all__ = ["CampaignSummary", "Failure", "run_campaign"]
+__all__ = ["CampaignSummary", "Failure", "default_workers", "run_campaign"]
 
 #: Examples per Hypothesis run (a run stops at its first failure and shrinks it).
 CHUNK = 50
@@ -85,6 +87,8 @@ class CampaignSummary:
     failures_by_family: Counter[str] = field(default_factory=Counter)
     #: time spent shrinking failures (in every worker: may exceed ``seconds`` with workers)
     shrink_seconds: float = 0.0
+    #: processes that shared the examples
+    workers: int = 1
 
     @property
     def examples_per_second(self) -> float:
@@ -142,7 +146,9 @@ class CampaignSummary:
         for name, count in sorted(self.by_modifier.items()):
             mods.add_row(name, str(count))
         totals = Table(title="Campaign")
-        columns = ("examples", "failures", "seconds", "of which shrinking", "examples/s", "seed")
+        columns = (
+            "examples", "failures", "seconds", "of which shrinking", "examples/s", "seed", "workers"
+        )  # fmt: skip
         for col in columns:
             totals.add_column(col, justify="right")
         totals.add_row(
@@ -152,6 +158,7 @@ class CampaignSummary:
             f"{self.shrink_seconds:.1f}",
             f"{self.examples_per_second:.2f}",
             str(self.seed),
+            str(self.workers),
         )
         return [fam, fusions, mods, totals]
 
@@ -164,6 +171,16 @@ _PRIMARY_ORDER = (
     "decomposed_single_clamp",
     "decomposed_keep_zero_zp",
 )
+
+
+def default_workers() -> int:
+    """Two processes where two cores are usable, else one: each worker is single-threaded,
+    and a campaign should not take more than two cores of a shared machine by default."""
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        usable = os.cpu_count() or 1
+    return max(1, min(2, usable))
 
 
 def _form_order(form: str) -> tuple[int, str]:
@@ -227,7 +244,7 @@ def run_campaign(
     out_dir: Path,
     *,
     forms: Sequence[str] | None = None,
-    workers: int = 1,
+    workers: int | None = None,
     console: Console | None = None,
     quiet: bool = False,
 ) -> CampaignSummary:
@@ -236,13 +253,15 @@ def run_campaign(
     With neither, 100 examples; with both, whichever ends first. ``seed`` makes the campaign
     reproducible (None: random); ``families`` and ``forms`` restrict what is drawn (default:
     every registered family, every form). ``workers`` processes share the examples (each with
-    its own seed, all with the same example database). Failing graphs are written to
-    ``out_dir``; the summary's ``exit_code`` is non-zero when any example failed.
+    its own seed, all with the same example database; None: :func:`default_workers`). Failing
+    graphs are written to ``out_dir``; the summary's ``exit_code`` is non-zero when any example
+    failed.
     """
     if max_examples is None and minutes is None:
         max_examples = 100
     if max_examples is not None and max_examples < 0:
         raise ValueError(f"max_examples must be >= 0, got {max_examples}")
+    workers = default_workers() if workers is None else workers
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
     console = console or Console(stderr=True, width=max(Console().width, 132))
@@ -264,6 +283,7 @@ def run_campaign(
                 max_examples, minutes, base_seed, families, forms, out_dir, workers, show
             )
     summary.seed = seed
+    summary.workers = workers
     summary.seconds = time.monotonic() - start
     if not quiet:
         for failure in summary.failures:
@@ -389,6 +409,7 @@ def _parallel(
     show: _Show,
 ) -> CampaignSummary:
     """``workers`` forked processes, each a :func:`_campaign` with its own seed and share."""
+    _preload(family_names, forms)
     context = multiprocessing.get_context("fork")
     queue: multiprocessing.Queue[tuple[int, str, object]] = context.Queue()
     shares = [None] * workers if max_examples is None else [
@@ -430,6 +451,23 @@ def _parallel(
     if errors:
         raise RuntimeError("fuzz worker failed: " + "; ".join(errors))
     return _merge([summaries[i] for i in sorted(summaries)])
+
+
+#: Modules the strategies import on first use (export, torchao's quantizer): ~3.5 s.
+_LAZY_IMPORTS = (
+    "torch._dynamo",
+    "torchao.quantization.pt2e.quantize_pt2e",
+    "torchao.quantization.pt2e.quantizer.x86_inductor_quantizer",
+)
+
+
+def _preload(family_names: Sequence[str] | None, forms: Sequence[str] | None) -> None:
+    """Import the plug-ins and what they import lazily once, before forking: every worker
+    inherits them instead of paying for them."""
+    examples(family_names, forms)
+    for name in _LAZY_IMPORTS:
+        with contextlib.suppress(ImportError):
+            importlib.import_module(name)
 
 
 def _worker(
@@ -485,7 +523,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--max-examples", type=int, default=None)
     parser.add_argument("--minutes", type=float, default=None)
     parser.add_argument("--seed", type=int, default=None)
-    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--workers", type=int, default=None, help="default: default_workers()")
     parser.add_argument("--out", type=Path, default=Path("fuzz-failures"))
     parser.add_argument("families", nargs="*", help=f"default: all of {sorted(families())}")
     args = parser.parse_args(argv)

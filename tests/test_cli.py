@@ -10,9 +10,12 @@ import pytest
 import torch
 from typer.testing import CliRunner, Result
 
+from qalgebra import fuzz
 from qalgebra.cli import app
+from qalgebra.fuzz import default_workers
 from qalgebra.lower import DEFAULT_FUSIONS
 from qalgebra.testing.models import build
+from qalgebra.testing.properties import PropertyFailure
 from qalgebra.testing.quantize import quantize_pt2e
 
 # Wide enough that rich never wraps a table cell or a line the assertions read.
@@ -97,3 +100,56 @@ def test_explain_unknown_names_fail_with_suggestions() -> None:
     assert "unknown model 'conv2d_rleu'" in result.output and "conv2d_relu" in result.output
     result = invoke("explain", "--model", "conv2d_relu", "--fusion", "nope")
     assert result.exit_code == 2 and "unknown fusion 'nope'" in result.output
+
+
+# ---------------------------------------------------------------------------------------------
+# fuzz
+
+
+def campaign_row(output: str) -> list[str]:
+    """The cells of the Campaign table's one row."""
+    rows = re.findall(
+        r"^│ +(\d+) │ +(\d+) │ +(\S+) │ +(\S+) │ +(\S+) │ +(\S+) │ +(\d+) │$", output, re.M
+    )
+    assert len(rows) == 1, output
+    return list(rows[0])
+
+
+def test_fuzz_shares_the_examples_between_the_default_workers(tmp_path: Path) -> None:
+    result = invoke(
+        "fuzz", "--max-examples", "6", "--seed", "3", "--families", "qlinear,qreshape",
+        "--out", str(tmp_path),
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    examples, failures, *_, seed, workers = campaign_row(result.output)
+    assert (examples, failures, seed) == ("6", "0", "3")
+    assert int(workers) == default_workers()
+    per_family = re.findall(
+        r"^│ (qlinear|qreshape) +│ +(\d+) │ +\d+ │ +\d+ │$", result.output, re.M
+    )
+    assert sum(int(n) for _, n in per_family) == 6, result.output
+    assert "no failures" in result.output
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_fuzz_workers_report_every_failure_and_exit_1(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, workers: int
+) -> None:
+    """A property that fails everywhere: each worker writes its shrunk failure, the campaign
+    merges them and fails (forked workers inherit the patched check)."""
+
+    def fails(ex: object) -> object:
+        raise PropertyFailure("numerics", "deliberately broken")
+
+    monkeypatch.setattr(fuzz, "check_example", fails)
+    monkeypatch.setenv("QALGEBRA_HYPOTHESIS_DB", str(tmp_path / "db"))
+    summary = fuzz.run_campaign(
+        2 * workers, None, 5, ["qlinear"], tmp_path / "out", workers=workers, quiet=True
+    )
+    assert summary.exit_code == 1 and summary.workers == workers
+    assert len(summary.failures) == 2 * workers  # one per Hypothesis run: 1 example each
+    assert summary.examples == 2 * workers
+    assert {f.prop for f in summary.failures} == {"numerics"}
+    assert all(
+        f.path.exists() and "deliberately broken" in f.path.read_text() for f in summary.failures
+    )

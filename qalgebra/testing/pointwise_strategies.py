@@ -305,7 +305,9 @@ class _Graph:
         placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
         for node, value in zip(placeholders, self.inputs, strict=True):
             node.meta["val"] = mode.from_tensor(value)
-        return _forms.with_meta(gm)
+        if not _forms._propagate_meta(gm):  # with_meta, in place: the module is ours
+            raise ValueError("fake-tensor propagation failed on a pointwise example")
+        return gm
 
 
 def _fired(**counts: int) -> dict[str, int]:
