@@ -755,6 +755,35 @@ def _roots(p: Pattern) -> frozenset[object] | None:
 
 
 @_by_identity
+def _required(p: Pattern) -> frozenset[frozenset[object]]:
+    """Target sets a graph must each meet (hold one of) for ``p`` to match anywhere in it.
+
+    A call needs its own targets and what its arguments need; alternatives need what all of
+    them need, and one of their roots. A graph without a conv then skips the conv fusions
+    without trying each of its quantize nodes as a root.
+    """
+    if isinstance(p, Call):
+        out: set[frozenset[object]] = {frozenset(p.targets)}
+        for child in p.children():
+            out |= _required(child)
+        return frozenset(out)
+    if isinstance(p, AnyOf | Optional):
+        alternatives = p.alternatives if isinstance(p, AnyOf) else (p.present, p.absent)
+        common = frozenset.intersection(*(_required(alt) for alt in alternatives))
+        roots = _roots(p)
+        return common if roots is None else common | {roots}
+    if isinstance(p, ListOf | Capture | Tag | Where | DtypeOf):
+        return _required(p.children()[0])
+    return frozenset()
+
+
+def _targets_in(graph: fx.Graph) -> set[object]:
+    """The node targets of ``graph``, with the packet of each overload."""
+    targets: set[object] = {node.target for node in graph.nodes}
+    return targets | {t.overloadpacket for t in targets if isinstance(t, OpOverload)}
+
+
+@_by_identity
 def _root_table(p: Pattern) -> dict[int, tuple[object, bool]]:
     """Per pattern: target id -> (target, whether a root may have it), filled as targets come."""
     return {}
@@ -862,6 +891,11 @@ def find_matches(
         module = graph.owning_module
     else:
         raise PatternError(f"find_matches: expected an fx.Graph or fx.GraphModule, got {graph!r}")
+    required = _required(pattern)
+    if required:
+        present = _targets_in(g)
+        if not all(present.intersection(targets) for targets in required):
+            return []
     roots = _roots(pattern)
     ctx = _Context(module, record=False)
     claimed: set[fx.Node] = set()

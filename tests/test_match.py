@@ -739,3 +739,26 @@ def test_exclusive_ignores_metadata_asserts_but_not_other_readers() -> None:
     assert [m.root for m in find_matches(pattern, graph, exclusive=True)] == [root]
     graph, _ = _relu_neg_graph(extra_reader=True)
     assert find_matches(pattern, graph, exclusive=True) == []
+
+
+def test_targets_a_pattern_needs_are_looked_up_by_overload_and_by_packet() -> None:
+    """find_matches skips a graph lacking a target every alternative needs; a packet in the
+    pattern is met by any of its overloads in the graph, an overload only by itself."""
+    aten = torch.ops.aten
+    b = GraphBuilder()
+    x = b.input()
+    neg = b.op(aten.neg.default, b.op(aten.relu.default, x))
+    b.output(neg)
+    gm = b.module()
+    by_packet = any_of(
+        call(aten.neg.default, call(aten.relu, X)), call(aten.neg, call(aten.sigmoid, X))
+    )
+    (m,) = find_matches(by_packet, gm)
+    assert m.root is neg and m[X] is x
+    needs_sigmoid = any_of(
+        call(aten.neg.default, call(aten.sigmoid, X)), call(aten.neg, call(aten.sigmoid.default, X))
+    )
+    assert find_matches(needs_sigmoid, gm) == []
+    assert "sigmoid" in str(explain(needs_sigmoid, neg))
+    other_overload = call(aten.neg.default, call(aten.relu.out, X, out=ignored()))
+    assert find_matches(other_overload, gm) == []
