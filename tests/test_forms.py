@@ -434,33 +434,47 @@ def test_woq_compute_form_is_decompose_compute_of_the_op_form(
     assert histogram(compute.graph)[aten.linear.default] == 0
 
 
-def smooth_quant(seed: int, bias: bool) -> woq.SmoothQuantLinear:
+def smooth_quant(seed: int, bias: bool) -> torch.nn.Module:
     gen = torch.Generator().manual_seed(seed)
     w = torch.randint(-64, 65, (24, 8), generator=gen, dtype=torch.int8)
     b = torch.randn(8, generator=gen) if bias else None
     return woq.SmoothQuantLinear(w, torch.rand(8, generator=gen) + 0.01, b).eval()
 
 
+def float_linear(seed: int, bias: bool) -> torch.nn.Module:
+    gen = torch.Generator().manual_seed(seed)
+    b = torch.randn(8, generator=gen) if bias else None
+    return woq._float_linear(torch.randn(8, 24, generator=gen), b, relu=True, transpose=False)
+
+
 @pytest.mark.parametrize("form", woq.FORMS)
-def test_woq_exports_are_reused_per_structure_with_the_models_own_tensors(form: str) -> None:
-    """A model like one exported before gets that graph, with its own weights: what a fresh
-    export of it gives (graph, tensors, outputs); a different structure is exported anew."""
+@pytest.mark.parametrize(
+    ("model", "build"),
+    [(smooth_quant, woq._exported), (float_linear, woq._x86_dynamic_fp16)],
+    ids=["export", "x86_quantizer"],
+)
+def test_woq_graphs_are_reused_per_structure_with_the_models_own_tensors(
+    form: str, model: Callable[[int, bool], torch.nn.Module], build: woq._Build
+) -> None:
+    """A model like one built before gets that graph, with its own weights: what a fresh
+    build of it gives (graph, tensors, outputs); a different structure is built anew."""
     x = (torch.randn(2, 3, 24),)
-    woq._export(smooth_quant(1, bias=True), x, form)
+    woq._export(model(1, True), x, form, build)
     cached = len(woq._EXPORTS)
-    model = smooth_quant(2, bias=True)
-    reused = woq._export(model, x, form)
+    second = model(2, True)
+    reused = woq._export(second, x, form, build)
     assert len(woq._EXPORTS) == cached  # served from the cache
-    fresh = woq._exported(model, x, form)
+    fresh = build(second, x, form)
     assert reused.code == fresh.code
     assert node_table(reused) == node_table(fresh)
     state = fresh.state_dict()
     assert all(torch.equal(t, state[k]) for k, t in reused.state_dict().items())
     with torch.no_grad():
-        torch.testing.assert_close(reused(*x), model(*x), rtol=0, atol=0)
-    again = woq._export(smooth_quant(3, bias=True), x, form)
-    assert not set(map(id, again.parameters())) & set(map(id, reused.parameters()))
-    woq._export(smooth_quant(2, bias=False), x, form)
+        torch.testing.assert_close(reused(*x), fresh(*x), rtol=0, atol=0)
+    again = woq._export(model(3, True), x, form, build)
+    storages = {t.untyped_storage().data_ptr() for t in reused.state_dict().values()}
+    assert not {t.untyped_storage().data_ptr() for t in again.state_dict().values()} & storages
+    woq._export(model(2, False), x, form, build)
     assert len(woq._EXPORTS) == cached + 1  # no bias: another graph
 
 

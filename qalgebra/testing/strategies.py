@@ -52,6 +52,7 @@ intermediate feeds must agree to the float rounding bound (90% when one may).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 import inspect
 import math
@@ -1733,8 +1734,9 @@ class CaseExample:
     def inputs(self) -> tuple[torch.Tensor, ...]:
         return tuple(self.case.inputs)
 
-    @property
+    @functools.cached_property
     def expected(self) -> _CaseExpected:
+        """Counted once: the outputs' count comes from running the graph."""
         n = len(flat_tensors(self.case.graph(*self.case.inputs)))
         bound = OutputBound("float", atol=math.inf, why="the case's own elementwise bound")
         return _CaseExpected(fired=MappingProxyType(dict(self.case.expected)), outputs=(bound,) * n)

@@ -44,9 +44,10 @@ from __future__ import annotations
 
 import copy
 from collections import OrderedDict
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
+from typing import TypeAlias
 
 import torch
 import torch.nn.functional as F
@@ -320,12 +321,14 @@ _EXPORTS_MAX = 512
 
 
 def _structure(model: nn.Module, inputs: tuple[torch.Tensor, ...], form: str) -> Hashable:
-    """What export's graph depends on: the class, its plain attributes (flags, counts, dtypes),
-    the shape and dtype of every parameter, buffer and input, and the form -- not the values."""
+    """What export's graph depends on: the classes, plain attributes (flags, counts, dtypes) of
+    the module and its submodules, the shape and dtype of every parameter, buffer and input,
+    and the form -- not the values."""
     plain = (bool, int, float, str, torch.dtype, list)
     attrs = tuple(
-        (name, tuple(value) if isinstance(value, list) else value)
-        for name, value in sorted(vars(model).items())
+        (prefix, type(module), name, tuple(value) if isinstance(value, list) else value)
+        for prefix, module in model.named_modules()
+        for name, value in sorted(vars(module).items())
         if not name.startswith("_") and isinstance(value, plain)
     )
     tensors = tuple(
@@ -333,7 +336,7 @@ def _structure(model: nn.Module, inputs: tuple[torch.Tensor, ...], form: str) ->
         for name, t in (*model.named_parameters(), *model.named_buffers())
     )
     shapes = tuple((tuple(x.shape), x.dtype, x.stride()) for x in inputs)
-    return type(model), attrs, tensors, shapes, form
+    return attrs, tensors, shapes, form
 
 
 def _weights_only(gm: fx.GraphModule, model: nn.Module) -> bool:
@@ -343,15 +346,20 @@ def _weights_only(gm: fx.GraphModule, model: nn.Module) -> bool:
     return read <= names and set(gm.state_dict()) == names
 
 
-def _export(model: nn.Module, inputs: tuple[torch.Tensor, ...], form: str) -> fx.GraphModule:
-    """:func:`_exported`, once per :func:`_structure`: a model like one exported before gets a
-    copy of that graph with its own tensors (tests/test_forms.py: equal to a fresh export)."""
-    if any(model.children()):  # their attributes are not in the key
-        return _exported(model, inputs, form)
-    key = _structure(model, inputs, form)
+_Build: TypeAlias = Callable[[nn.Module, tuple[torch.Tensor, ...], str], fx.GraphModule]
+
+
+def _export(
+    model: nn.Module, inputs: tuple[torch.Tensor, ...], form: str, build: _Build | None = None
+) -> fx.GraphModule:
+    """``build`` (default :func:`_exported`), once per :func:`_structure`: a model like one
+    built before gets a copy of that graph with its own tensors (tests/test_forms.py: equal to
+    a fresh build)."""
+    build = build or _exported
+    key = (build, _structure(model, inputs, form))
     template = _EXPORTS.get(key)
     if template is None:
-        gm = _exported(model, inputs, form)
+        gm = build(model, inputs, form)
         if _weights_only(gm, model):
             _EXPORTS[key] = copy.deepcopy(gm)
             if len(_EXPORTS) > _EXPORTS_MAX:
@@ -443,7 +451,8 @@ def dynamic_fp16_case(
     if flow == "fp16_weight":
         graph = _export(reference, inputs, form)
     elif flow == "x86_quantizer":
-        graph = _in_form(_x86_dynamic_fp16(weight, b, relu, transpose, inputs), inputs, form)
+        model = _float_linear(weight, b, relu, transpose)
+        graph = _export(model, inputs, form, build=_x86_dynamic_fp16)
     else:
         raise ValueError(f"unknown flow {flow!r}")
     return FamilyCase(
@@ -471,22 +480,24 @@ class _FloatLinear(nn.Module):
         return torch.relu(y) if self.relu else y
 
 
-def _x86_dynamic_fp16(
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    relu: bool,
-    transpose: bool,
-    inputs: tuple[torch.Tensor, ...],
-) -> fx.GraphModule:
-    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
-    from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as xiq
-
+def _float_linear(
+    weight: torch.Tensor, bias: torch.Tensor | None, relu: bool, transpose: bool
+) -> _FloatLinear:
     linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
     with torch.no_grad():
         linear.weight.copy_(weight)
         if bias is not None and linear.bias is not None:
             linear.bias.copy_(bias)
-    model = _FloatLinear(linear, relu, transpose).eval()
+    return _FloatLinear(linear, relu, transpose).eval()
+
+
+def _x86_dynamic_fp16(
+    model: nn.Module, inputs: tuple[torch.Tensor, ...], form: str
+) -> fx.GraphModule:
+    """``model`` quantized by torchao's X86InductorQuantizer (dynamic fp16), in ``form``."""
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+    from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as xiq
+
     quantizer = xiq.X86InductorQuantizer()
     quantizer.set_global(xiq.get_x86_inductor_linear_dynamic_fp16_config())
     exported = torch.export.export(copy.deepcopy(model), inputs).module()
@@ -495,7 +506,7 @@ def _x86_dynamic_fp16(
         prepared(*inputs)
         converted = convert_pt2e(prepared)
     assert isinstance(converted, fx.GraphModule)
-    return converted
+    return _in_form(converted, inputs, form)
 
 
 def int_mm_case(
