@@ -7,9 +7,9 @@ examples per second) and writes each failing graph -- shrunk by Hypothesis -- as
 reproduction script into ``out_dir``. ``qalgebra fuzz`` is its command line.
 
 The campaign runs in chunks of Hypothesis runs with seeds derived from ``seed``, so it goes on
-after a failure (each chunk reports at most one, shrunk); the first chunk replays the example
-database (``QALGEBRA_HYPOTHESIS_DB``, default ``.hypothesis/examples``, shared by the test
-profiles): failures found by other machines come back first.
+after a failure (each chunk reports at most one, shrunk); the first chunk (of the first worker)
+replays the example database (``QALGEBRA_HYPOTHESIS_DB``, default ``.hypothesis/examples``,
+shared by the test profiles): failures found by other machines come back first.
 
 >>> import tempfile
 >>> with tempfile.TemporaryDirectory() as out:
@@ -324,6 +324,7 @@ def _campaign(
     show: _Show,
     *,
     prefix: str = "",
+    replay: bool = True,
 ) -> CampaignSummary:
     """One process: Hypothesis runs of :data:`CHUNK` examples until the budget is spent."""
     threads = torch.get_num_threads()
@@ -332,7 +333,7 @@ def _campaign(
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
             return _chunks(
-                max_examples, minutes, base_seed, family_names, forms, out_dir, show, prefix
+                max_examples, minutes, base_seed, family_names, forms, out_dir, show, prefix, replay
             )
     finally:
         torch.set_num_threads(threads)
@@ -347,6 +348,7 @@ def _chunks(
     out_dir: Path,
     show: _Show,
     prefix: str,
+    replay: bool,
 ) -> CampaignSummary:
     strategy = examples(family_names, forms)
     summary = CampaignSummary()
@@ -366,7 +368,7 @@ def _chunks(
             show(summary.examples, len(summary.failures), f"{ex.family} / {ex.form}")
 
         phases = [Phase.generate, Phase.shrink]
-        if chunk_index == 0:
+        if chunk_index == 0 and replay:
             phases.insert(0, Phase.reuse)
         runner = settings(
             max_examples=CHUNK if remaining is None else min(CHUNK, remaining),
@@ -490,7 +492,15 @@ def _worker(
 
     try:
         summary = _campaign(
-            max_examples, minutes, seed, family_names, forms, out_dir, show, prefix=f"w{index}_"
+            max_examples,
+            minutes,
+            seed,
+            family_names,
+            forms,
+            out_dir,
+            show,
+            prefix=f"w{index}_",
+            replay=index == 0,  # one worker replays the shared database
         )
     except BaseException as exc:
         queue.put((index, "error", f"worker {index}: {type(exc).__name__}: {exc}"))
