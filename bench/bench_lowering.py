@@ -161,6 +161,10 @@ def fmt(value: float | None, unit: str = "") -> str:
     return text + unit
 
 
+def fmt_ratio(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}x"
+
+
 def ratio(num: float | None, den: float | None) -> str:
     return f"{num / den:.2f}x" if num and den else "n/a"
 
@@ -205,9 +209,9 @@ def lowering_table(results: list[Comparison]) -> list[str]:
 def runtime_table(results: list[Comparison], compiled: dict[str, Compiled]) -> list[str]:
     lines = [
         "| model | fp32 eager | reference | torchao-lowered | qalgebra-lowered "
-        "| reference / fp32 | torchao / fp32 | qalgebra / fp32 | torch.compile fp32 "
-        "(compile time) | compiled / eager (same process) |",
-        "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+        "| reference / fp32 | torchao / fp32 | qalgebra / fp32 | qalgebra / torchao (per round) "
+        "| torch.compile fp32 (compile time) | compiled / eager (same process) |",
+        "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
     for r in results:
         t = r.runtime_ms
@@ -222,7 +226,8 @@ def runtime_table(results: list[Comparison], compiled: dict[str, Compiled]) -> l
             f"| {r.name} | {fmt(base, ' ms')} | {fmt(t.get('reference'), ' ms')} "
             f"| {fmt(t.get('torchao'), ' ms')} | {fmt(t.get('qalgebra'), ' ms')} "
             f"| {ratio(t.get('reference'), base)} | {ratio(t.get('torchao'), base)} "
-            f"| {ratio(t.get('qalgebra'), base)} | {comp} | {comp_ratio} |"
+            f"| {ratio(t.get('qalgebra'), base)} | {fmt_ratio(r.qalgebra_over_torchao)} "
+            f"| {comp} | {comp_ratio} |"
         )
     return lines
 
@@ -335,7 +340,8 @@ def header(
         "qalgebra, one `lower_pt2e_quantized_to_x86` call for torchao (it re-exports and "
         "decomposes the model on every call), each after a `gc.collect()`, after one untimed "
         "warm-up lowering of each; runtime = median of "
-        f"{args.runs} calls after {args.warmup} warm-up calls, the four modules taking turns, "
+        f"{args.runs} calls after {args.warmup} warm-up calls, the four modules taking turns "
+        "(order rotating each round; qalgebra / torchao = median of the per-round ratios), "
         "each call on fresh copies of the inputs; reference = the quantized module from "
         "`convert_pt2e` run eagerly; torch.compile = default mode, cold Inductor cache, in a "
         f"child process, skipped after {args.compile_timeout:.0f} s.",

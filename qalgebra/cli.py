@@ -64,8 +64,10 @@ __all__ = [
     "no_steps",
     "onednn_op_count",
     "op_histogram",
+    "paired_ratio",
     "quantize_in_steps",
     "quiet_third_party",
+    "timed_samples",
 ]
 
 app = typer.Typer(
@@ -155,6 +157,36 @@ def mutates_inputs(module: Callable[..., object], inputs: Sequence[torch.Tensor]
     return any(not torch.equal(a, b) for a, b in zip(args, inputs, strict=True))
 
 
+def timed_samples(
+    modules: Mapping[str, Callable[..., object]],
+    inputs: Sequence[torch.Tensor],
+    *,
+    runs: int,
+    warmup: int,
+) -> dict[str, list[float]]:
+    """Wall times (s) of ``runs`` calls of each module after ``warmup`` calls, round by round.
+
+    The modules take turns (one call each per round, the order rotating so none always runs
+    first), so that a change of machine load affects all of them alike and sample ``i`` of two
+    modules can be compared pairwise. Every call gets fresh copies of the inputs, made outside
+    the timed region.
+    """
+    import torch
+
+    names = list(modules)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    with torch.no_grad():
+        for i in range(warmup + runs):
+            for k in range(len(names)):
+                name = names[(i + k) % len(names)]
+                args = _fresh(inputs)
+                start = time.perf_counter()
+                modules[name](*args)
+                if i >= warmup:
+                    times[name].append(time.perf_counter() - start)
+    return times
+
+
 def median_ms(
     modules: Mapping[str, Callable[..., object]],
     inputs: Sequence[torch.Tensor],
@@ -162,24 +194,21 @@ def median_ms(
     runs: int,
     warmup: int,
 ) -> dict[str, float]:
-    """Median wall time of each module over ``runs`` calls after ``warmup`` calls, in ms.
-
-    The modules take turns (one call each per round), so that a change of machine load during
-    the measurement affects all of them alike. Every call gets fresh copies of the inputs, made
-    outside the timed region.
-    """
-    import torch
-
-    times: dict[str, list[float]] = {name: [] for name in modules}
-    with torch.no_grad():
-        for i in range(warmup + runs):
-            for name, module in modules.items():
-                args = _fresh(inputs)
-                start = time.perf_counter()
-                module(*args)
-                if i >= warmup:
-                    times[name].append(time.perf_counter() - start)
+    """Median wall time of each module over ``runs`` calls after ``warmup`` calls, in ms
+    (measured by :func:`timed_samples`)."""
+    times = timed_samples(modules, inputs, runs=runs, warmup=warmup)
     return {name: statistics.median(samples) * 1e3 for name, samples in times.items()}
+
+
+def paired_ratio(samples: Mapping[str, Sequence[float]], num: str, den: str) -> float | None:
+    """Median over rounds of ``num``'s time / ``den``'s time in the same round (None if absent).
+
+    Under a changing load, the ratio of two medians mixes rounds measured at different loads;
+    a per-round ratio compares calls made moments apart.
+    """
+    if num not in samples or den not in samples:
+        return None
+    return statistics.median(a / b for a, b in zip(samples[num], samples[den], strict=True))
 
 
 def _namespace(target: object) -> str | None:
@@ -258,6 +287,8 @@ class Comparison:
     mutates_inputs: dict[str, bool] = field(default_factory=dict)
     runtime_ms: dict[str, float] = field(default_factory=dict)
     """Median runtime of "fp32", "reference", "torchao", "qalgebra" (and others a caller adds)."""
+    qalgebra_over_torchao: float | None = None
+    """Median per-round ratio of qalgebra's runtime to torchao's (see :func:`paired_ratio`)."""
 
 
 def _short_error(exc: BaseException) -> str:
@@ -339,7 +370,11 @@ def compare(
         timed: dict[str, Callable[..., object]] = {"fp32": model, "reference": reference}
         timed.update(lowered)
         with step(f"{name}: runtime ({runs} runs each)"):
-            result.runtime_ms.update(median_ms(timed, inputs, runs=runs, warmup=warmup))
+            per_round = timed_samples(timed, inputs, runs=runs, warmup=warmup)
+        result.runtime_ms.update(
+            {who: statistics.median(times) * 1e3 for who, times in per_round.items()}
+        )
+        result.qalgebra_over_torchao = paired_ratio(per_round, "qalgebra", "torchao")
     return result
 
 
