@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import gc
 import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -156,6 +157,25 @@ def _single_thread() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
+@contextlib.contextmanager
+def _gc_paused() -> Iterator[None]:
+    """Hold Python's cyclic garbage collector during the rewrite, then restore the caller's state.
+
+    A lowering allocates tens of thousands of container objects that live until it returns;
+    every automatic collection meanwhile re-traverses them, and a full one traverses the whole
+    process heap (measured: ffn_stack(32) lowering in a process holding 550k objects, median
+    162 ms with the collector running, 108-128 ms paused). Garbage is left for the next
+    collection, as for any other allocation; nothing is held longer than the call.
+    """
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
 def _erase_dead(graph: fx.Graph, chains: list[tuple[fx.Node, ...]]) -> None:
     """Erase the replaced nodes nothing reads any more, and what only they read.
 
@@ -220,14 +240,15 @@ def lower_with_report(
     """Like :func:`lower`, and also say what fired, what was refused and what is left."""
     start = time.perf_counter()
     source = _validate(gm, example_inputs)
-    overlay = _Overlay(source)
-    graph = _copy_graph(source, overlay)
     report = LoweringReport()
-    with _single_thread():
-        for fusion in fusions:
-            _apply(fusion, graph, overlay, report)
-    out = _build_module(source, overlay, graph)
-    out.graph.lint()
+    with _gc_paused():
+        overlay = _Overlay(source)
+        graph = _copy_graph(source, overlay)
+        with _single_thread():
+            for fusion in fusions:
+                _apply(fusion, graph, overlay, report)
+        out = _build_module(source, overlay, graph)
+        out.graph.lint()
     report.unfused_quant_nodes = [n.name for n in out.graph.nodes if _is_quant_node(n)]
     report.seconds = time.perf_counter() - start
     return out, report

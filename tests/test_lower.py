@@ -22,7 +22,7 @@ import torch
 from torch import fx
 
 from qalgebra.errors import UnsupportedGraphError
-from qalgebra.fusions import DEFAULT_FUSIONS, Fusion, Rewriter
+from qalgebra.fusions import DEFAULT_FUSIONS, Fusion, Refusal, Rewriter
 from qalgebra.isa import int8_pairs_saturate
 from qalgebra.lower import lower, lower_with_report
 from qalgebra.pattern import Match
@@ -485,6 +485,33 @@ def test_lowering_restores_the_callers_thread_count() -> None:
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_lowering_pauses_the_garbage_collector_and_restores_the_callers_state(
+    enabled: bool,
+) -> None:
+    import gc
+
+    gm, inputs = _quantized("conv2d_relu")
+    seen: list[bool] = []
+
+    def spy(m: Match, rw: Rewriter) -> fx.Node:
+        seen.append(gc.isenabled())
+        raise Refusal("only looking")
+
+    conv = DEFAULT_FUSIONS[[f.name for f in DEFAULT_FUSIONS].index("qconv")]
+    before = gc.isenabled()
+    (gc.enable if enabled else gc.disable)()
+    try:
+        lower(gm, inputs, fusions=(Fusion("spy", "test", conv.pattern, spy),))
+        assert seen and not any(seen)
+        assert gc.isenabled() is enabled
+        with pytest.raises(RuntimeError, match="replacement bug"):
+            lower(gm, inputs, fusions=(_failing_fusion(),))
+        assert gc.isenabled() is enabled
+    finally:
+        (gc.enable if before else gc.disable)()
 
 
 def test_a_layer_reading_a_fused_int8_output_fuses_in_decomposed_form_without_meta() -> None:
