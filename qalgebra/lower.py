@@ -122,10 +122,14 @@ def _build_module(source: fx.GraphModule, overlay: _Overlay, graph: fx.Graph) ->
     """The output module: the live attributes of ``graph``, generated code, the source's meta."""
     out = fx.GraphModule(overlay, graph, class_name=type(source).__name__)
     out.meta = dict(getattr(source, "meta", {}))
+    # The constants become plain attributes: out of state_dict (packed tensors are opaque),
+    # untouched by .to()/.half() (oneDNN reads them as packed), and read by the generated code
+    # without nn.Module.__getattr__ (measured: 1.7 us per buffer read, 0.13 us per attribute;
+    # a fused op reads four, every call).
     for name, value in overlay.named_buffers(recurse=False):
-        if hasattr(out, name):  # constants stay out of state_dict (packed tensors are opaque)
+        if hasattr(out, name):
             delattr(out, name)  # GraphModule made it a persistent buffer, or a parameter
-            out.register_buffer(name, value, persistent=False)
+            out.__dict__[name] = value
     return out
 
 

@@ -400,9 +400,14 @@ def test_the_lowered_module_holds_what_its_graph_reads_and_no_packed_state() -> 
     held |= {k for k, v in vars(lowered).items() if isinstance(v, torch.Tensor)}
     assert read and read <= held  # every attribute the graph reads is there ...
     assert held <= read  # ... and nothing the lowering replaced (the int8 weights) is kept
-    # Packed weights are opaque oneDNN tensors: they stay out of state_dict.
+    # Packed weights are opaque oneDNN tensors: they stay out of state_dict, and .to() leaves
+    # them alone (plain attributes, which the generated code also reads fastest).
     packed = {t for t in read if isinstance(t, str) and t.startswith("_qalgebra_")}
     assert packed and not packed & set(lowered.state_dict())
+    assert packed <= set(vars(lowered))
+    before = {name: getattr(lowered, name) for name in packed}
+    lowered.to(torch.float64)
+    assert all(getattr(lowered, name) is tensor for name, tensor in before.items())
 
 
 def test_report_names_unfused_quant_nodes() -> None:
