@@ -49,7 +49,7 @@ from rich.progress import (
 from rich.table import Table
 
 from qalgebra.testing.properties import PropertyFailure, check_example
-from qalgebra.testing.strategies import ExampleLike, examples, families
+from qalgebra.testing.strategies import PRIMARY_FORMS, ExampleLike, examples, families
 
 __all__ = ["CampaignSummary", "Failure", "default_workers", "run_campaign"]
 
@@ -163,14 +163,7 @@ class CampaignSummary:
         return [fam, fusions, mods, totals]
 
 
-_PRIMARY_ORDER = (
-    "op",
-    "tensor_qparams",
-    "tensor_qparams_f32",
-    "decomposed",
-    "decomposed_single_clamp",
-    "decomposed_keep_zero_zp",
-)
+_PRIMARY_ORDER = PRIMARY_FORMS
 
 
 def default_workers() -> int:

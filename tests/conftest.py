@@ -1,4 +1,4 @@
-"""Test-wide configuration: the Hypothesis profiles.
+"""Test-wide configuration: the Hypothesis profiles, and the ``one_thread`` fixture.
 
 ``QALGEBRA_HYPOTHESIS_PROFILE`` picks one (an unknown name is an error); without it the profile is
 ``ci`` when the ``CI`` variable is set, else ``dev``:
@@ -17,7 +17,10 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 
+import pytest
+import torch
 from hypothesis import HealthCheck, settings
 from hypothesis.database import DirectoryBasedExampleDatabase
 
@@ -54,3 +57,13 @@ settings.register_profile(
     "fuzz", max_examples=5000, deadline=None, database=_database(explicit_only=False)
 )
 settings.load_profile(os.environ.get("QALGEBRA_HYPOTHESIS_PROFILE") or _default_profile())
+
+
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """One intra-op thread for a module's tests: oneDNN's thread pool costs more than their
+    tiny ops (20x on a 2-core machine). Restores the previous count."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

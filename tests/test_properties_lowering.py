@@ -15,8 +15,6 @@ printed with the falsifying example.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import torch
 from hypothesis import HealthCheck, example, given, note, settings
@@ -49,13 +47,7 @@ FAMILY_NAMES = sorted(families())
 _SLOW_OK = settings(suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """oneDNN's thread pool costs more than these tiny ops (20x on a 2-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _check(ex: ExampleLike) -> None:

@@ -53,6 +53,7 @@ from torch import fx
 
 from qalgebra.fusions.pointwise import LOW_MEMORY_MAX_POOL
 from qalgebra.testing import forms as _forms
+from qalgebra.testing.strategies import PRIMARY_FORMS
 
 __all__ = [
     "FAMILIES",
@@ -86,16 +87,8 @@ POINTWISE_FUSIONS: tuple[str, ...] = (
     "quant_lift_up_max_pool",
 )
 
-#: Forms of :data:`qalgebra.testing.forms.FORMS` an example may be drawn in (``primary`` or
-#: ``primary+modifier``).
-PRIMARY_FORMS: tuple[str, ...] = (
-    "op",
-    "tensor_qparams",
-    "tensor_qparams_f32",
-    "decomposed",
-    "decomposed_single_clamp",
-    "decomposed_keep_zero_zp",
-)
+#: Forms an example may be drawn in: ``primary`` or ``primary+modifier``, the primaries those
+#: of the conv/linear strategies (:data:`qalgebra.testing.strategies.PRIMARY_FORMS`).
 MODIFIERS: tuple[str, ...] = (
     "",
     "shared_dequants",

@@ -61,7 +61,7 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Literal, Protocol, TypeAlias
+from typing import Any, Literal, Protocol, TypeAlias, get_args
 
 import torch
 import torch.ao.quantization.fx._decomposed
@@ -1575,19 +1575,7 @@ def _residuals(draw: st.DrawFn, main: Layer, rms: float, x_rms: float) -> tuple[
 @st.composite
 def uncovered_specs(draw: st.DrawFn) -> UncoveredSpec:
     """A graph outside the catalog (see :class:`UncoveredSpec`)."""
-    kind: UncoveredKind = draw(
-        st.sampled_from(
-            [
-                "float_conv",
-                "float_linear",
-                "avg_pool",
-                "sigmoid",
-                "per_tensor_weight_conv",
-                "activation_matmul",
-                "conv_transpose",
-            ]
-        )
-    )
+    kind: UncoveredKind = draw(st.sampled_from(get_args(UncoveredKind)))
     if kind in ("float_linear", "activation_matmul", "sigmoid"):
         shape: tuple[int, ...] = (
             draw(st.integers(1, 3)),
