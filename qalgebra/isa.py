@@ -4,26 +4,127 @@ Without AVX512-VNNI or AMX, oneDNN multiplies uint8 activations by int8 weights 
 ``vpmaddubsw``, which adds adjacent products in saturating int16: ``255 * 127 * 2`` overflows and
 the result is silently wrong. ``int8_pairs_saturate()`` runs one tiny product to find out, and
 ``pair_sum_may_saturate`` says whether given operand ranges are at risk.
+
+Every such question is a *probe*: a function of no arguments returning a bool, run once per
+process (its answer is cached) and listed in :data:`PROBES`. The lowering branches on probes, so
+tests must see both answers on whatever CPU they run: :func:`forced` makes probes answer as
+told, inside a ``with`` block; the environment variable ``QALGEBRA_FORCE_PROBES`` (for example
+``int8_pairs_saturate=1,qconv_binary_emits_bf16=0``) does the same for a whole process, such as
+a fuzz worker or a script run in a fresh interpreter.
+
+>>> with forced(int8_pairs_saturate=True):
+...     int8_pairs_saturate()
+True
+>>> with forced(int8_pairs_saturate=False):
+...     pair_sum_may_saturate(255, torch.full((2,), 127, dtype=torch.int8))
+False
+>>> sorted(PROBES)[:1]
+['int8_pairs_saturate']
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import os
+from collections.abc import Callable, Iterator, Mapping
 
 import torch
 
 __all__ = [
+    "FORCE_ENV",
     "INT16_MAX",
+    "PROBES",
+    "cpu_description",
+    "forced",
     "int8_pairs_saturate",
     "pair_sum_may_saturate",
+    "probe",
+    "probe_answers",
     "qconv_binary_emits_bf16",
     "qlinear_binary_emits_bf16",
 ]
 
 INT16_MAX = 32767
 
+#: Environment variable forcing probe answers for a whole process: ``name=0|1`` pairs, commas.
+FORCE_ENV = "QALGEBRA_FORCE_PROBES"
 
-@functools.cache
+#: Every probe by name, in definition order.
+PROBES: dict[str, Callable[[], bool]] = {}
+
+_forced: dict[str, bool] = {}
+
+
+def _parse_forced(text: str) -> dict[str, bool]:
+    answers: dict[str, bool] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, sep, value = item.partition("=")
+        if not sep or value.strip() not in ("0", "1", "true", "false"):
+            raise ValueError(f"{FORCE_ENV}: expected name=0|1 pairs, got {item!r}")
+        answers[name.strip()] = value.strip() in ("1", "true")
+    return answers
+
+
+def probe(fn: Callable[[], bool]) -> Callable[[], bool]:
+    """Register ``fn`` as a probe: answered once per process, unless :func:`forced` says."""
+    cached = functools.cache(fn)
+    name = fn.__name__
+
+    @functools.wraps(fn)
+    def answer() -> bool:
+        told = _forced.get(name)
+        return cached() if told is None else told
+
+    PROBES[name] = answer
+    return answer
+
+
+def _check_names(names: Mapping[str, bool]) -> None:
+    unknown = sorted(set(names) - set(PROBES))
+    if unknown:
+        raise ValueError(f"unknown probe(s) {unknown}; known: {sorted(PROBES)}")
+
+
+@contextlib.contextmanager
+def forced(**answers: bool) -> Iterator[None]:
+    """Make the named probes answer ``answers`` inside the block (tests, on any CPU)."""
+    _check_names(answers)
+    saved = dict(_forced)
+    _forced.update(answers)
+    try:
+        yield
+    finally:
+        _forced.clear()
+        _forced.update(saved)
+
+
+def probe_answers() -> dict[str, bool]:
+    """Every probe's answer in this process (forced answers included)."""
+    return {name: fn() for name, fn in PROBES.items()}
+
+
+_FLAGS_OF_INTEREST = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8")
+
+
+def cpu_description() -> dict[str, object]:
+    """What identifies this CPU for oneDNN: model name, torch's capability, relevant flags."""
+    model, flags = "unknown", set[str]()
+    with contextlib.suppress(OSError), open("/proc/cpuinfo", encoding="utf-8") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and model == "unknown":
+                model = value.strip()
+            elif key.strip() == "flags" and not flags:
+                flags = set(value.split())
+    return {
+        "model": model,
+        "capability": torch.backends.cpu.get_cpu_capability(),
+        "flags": [f for f in _FLAGS_OF_INTEREST if f in flags],
+    }
+
+
+@probe
 def int8_pairs_saturate() -> bool:
     """True when oneDNN's u8 x s8 products saturate in int16 pairs on this machine."""
     onednn = torch.ops.onednn
@@ -46,7 +147,7 @@ def pair_sum_may_saturate(max_abs_activation: int, weight: torch.Tensor) -> bool
     return 2 * max_abs_activation * max_abs_weight > INT16_MAX
 
 
-@functools.cache
+@probe
 def qlinear_binary_emits_bf16() -> bool:
     """Whether ``onednn.qlinear_pointwise.binary`` accepts a bf16 ``other`` and output here."""
     onednn = torch.ops.onednn
@@ -63,7 +164,7 @@ def qlinear_binary_emits_bf16() -> bool:
     return True
 
 
-@functools.cache
+@probe
 def qconv_binary_emits_bf16() -> bool:
     """Whether ``onednn.qconv2d_pointwise.binary`` accepts a bf16 accumulator and output here."""
     onednn = torch.ops.onednn
@@ -81,3 +182,7 @@ def qconv_binary_emits_bf16() -> bool:
     except RuntimeError:
         return False
     return True
+
+
+_forced.update(_parse_forced(os.environ.get(FORCE_ENV, "")))
+_check_names(_forced)
