@@ -221,7 +221,23 @@ def _as_pattern(value: object, where: str) -> Pattern:
     )
 
 
-def _union_vars(children: Iterable[Pattern], where: str) -> frozenset[Var[Any]]:
+class _Lazy:
+    """Text worked out when shown: the context of an error a valid pattern never raises (a
+    description costs more than building the pattern it describes)."""
+
+    __slots__ = ("_make",)
+
+    def __init__(self, make: Callable[[], str]) -> None:
+        self._make = make
+
+    def __str__(self) -> str:
+        return self._make()
+
+    def __format__(self, spec: str) -> str:
+        return format(self._make(), spec)
+
+
+def _union_vars(children: Iterable[Pattern], where: str | _Lazy) -> frozenset[Var[Any]]:
     """All Vars of the children, refusing one name used with two types."""
     result: set[Var[Any]] = set()
     by_name: dict[str, Var[Any]] = {}
@@ -260,7 +276,7 @@ class _Composite(Pattern):
         return self._element_vars
 
 
-def _init_composite(self: Pattern, children: Sequence[Pattern], where: str) -> None:
+def _init_composite(self: Pattern, children: Sequence[Pattern], where: str | _Lazy) -> None:
     all_vars = _union_vars(children, where)
     object.__setattr__(self, "_vars", all_vars)
     object.__setattr__(self, "_element_vars", _union_element_vars(children))
@@ -606,7 +622,7 @@ class Optional(_Composite):
                 )
         assert absent is not None
         object.__setattr__(self, "_absent", absent)
-        where = f"optional({_brief(self.present)})"
+        where = _Lazy(lambda: f"optional({_brief(self.present)})")
         _init_composite(self, (self.present,), where)
         only_present = self.present.vars - absent.vars
         for var, value in self.defaults.items():
