@@ -146,7 +146,7 @@ class _Context:
     #: reached. Failures tied at that rank mirror the first order's and are not listed.
     mirrored_rank: tuple[int, int] | None = None
     _normalized: dict[fx.Node, dict[str, object] | None] = field(default_factory=dict)
-    #: (pattern, node, bindings of its Vars) that were tried and yielded nothing: trying them
+    #: (optional node, graph value, bindings of its Vars) tried that yielded nothing: trying them
     #: again cannot succeed, and without this k nested optionals cost 2^k on a failing graph.
     failed: set[tuple[object, ...]] = field(default_factory=set)
     _order: dict[fx.Node, int] | None = None
@@ -178,7 +178,7 @@ class _Context:
         calls: dict[tuple[Path, int], int] = {}  # (path, id of the value) -> index in merged
         seen: set[tuple[Path, str]] = set()
         for mm in self.deepest:
-            if mm.template is _EXPECTED_CALL:
+            if mm.template == _EXPECTED_CALL:
                 where = (mm.path, id(mm.at))
                 if where in calls:
                     names = targets[calls[where]]
