@@ -35,7 +35,7 @@ from qalgebra.combinators import (
     with_dtype_convert,
 )
 from qalgebra.fusions.base import Fusion, Rewriter
-from qalgebra.fusions.common import OQ, QUANT_RANGE_KEY
+from qalgebra.fusions.common import OQ, QUANT_RANGE_KEY, output_quantize
 from qalgebra.fusions.pointwise import (
     max_pool2d,
     move_vars,
@@ -49,8 +49,6 @@ from qalgebra.match import match_node
 from qalgebra.pattern import Match, Pattern, Var, ignored, optional, where
 
 __all__ = ["LIFT_DEPTH", "QUANT_LIFT_UP", "QUANT_LIFT_UP_MAX_POOL"]
-
-qd = torch.ops.quantized_decomposed
 
 #: The longest chain of movements one lift passes.
 LIFT_DEPTH = 4
@@ -89,17 +87,7 @@ def movement_chain(x: Pattern) -> Pattern:
 
 
 def _lifted_quant(m: Match, rw: Rewriter) -> fx.Node:
-    q = rw.call(
-        qd.quantize_per_tensor.default,
-        m[SOURCE],
-        m[OQ.scale],
-        m[OQ.zero_point],
-        m[OQ.quant_min],
-        m[OQ.quant_max],
-        m[OQ.dtype],
-    )
-    q.meta[QUANT_RANGE_KEY] = (m[OQ.quant_min], m[OQ.quant_max])
-    return q
+    return output_quantize(m, rw, m[SOURCE])
 
 
 def _lift_over_movements(m: Match, rw: Rewriter) -> fx.Node:

@@ -110,6 +110,7 @@ def quantize_pt2e(
     calibration_batches: int = 2,
     bf16: bool = False,
     reduce_range: bool | None = None,
+    quantize_matmul: bool = False,
 ) -> fx.GraphModule:
     """Quantize ``model`` with torchao's X86InductorQuantizer and return the converted graph.
 
@@ -118,7 +119,9 @@ def quantize_pt2e(
     parameters are reproducible. ``reduce_range=None`` picks 7-bit activations where oneDNN's
     int8 products saturate (see the module docstring); pass a bool to force either.
     With ``dynamic_batch`` every input's dimension 0 is one symbolic ``batch`` (size >= 2 in the
-    example inputs, or export specialises it).
+    example inputs, or export specialises it). ``quantize_matmul`` also quantizes the inputs of
+    every ``torch.matmul`` (activation x activation, as in attention): the quantizer's
+    ``set_function_type_qconfig(torch.matmul, config)``, which its default recipe leaves off.
     """
     from torchao.quantization.pt2e import move_exported_model_to_eval
     from torchao.quantization.pt2e.quantize_pt2e import (
@@ -132,9 +135,12 @@ def quantize_pt2e(
     if reduce_range is None:
         reduce_range = int8_pairs_saturate()
     quantizer = xiq.X86InductorQuantizer()
-    quantizer.set_global(
-        xiq.get_default_x86_inductor_quantization_config(is_qat=is_qat, reduce_range=reduce_range)
+    config = xiq.get_default_x86_inductor_quantization_config(
+        is_qat=is_qat, reduce_range=reduce_range
     )
+    quantizer.set_global(config)
+    if quantize_matmul:
+        quantizer.set_function_type_qconfig(torch.matmul, config)
     model = copy.deepcopy(model)
     model.train(is_qat)
     dynamic_shapes = _batch_dynamic_shapes(inputs) if dynamic_batch else None

@@ -33,7 +33,7 @@ Strategies (public factories; the classes behind them are plain frozen dataclass
 
 Families plug in through :data:`FAMILIES` (name -> zero-argument factory of a strategy of
 Examples): :func:`register_family` adds one; the modules named in :data:`PLUGIN_MODULES` (the
-pointwise and weight-only families) are imported on first use and may either call
+pointwise, weight-only and reduction families) are imported on first use and may either call
 :func:`register_family` or define a ``FAMILIES`` mapping of their own.
 
 Numerics bounds (:class:`OutputBound`, DESIGN.md "Lowering: numerics"). The fused kernel and
@@ -160,6 +160,7 @@ FORMS: tuple[str, ...] = tuple(p if not m else f"{p}+{m}" for p in PRIMARY_FORMS
 PLUGIN_MODULES: tuple[str, ...] = (
     "qalgebra.testing.pointwise_strategies",
     "qalgebra.testing.woq_strategies",
+    "qalgebra.testing.reduce_strategies",
 )
 
 _CONV_UNARIES = (
