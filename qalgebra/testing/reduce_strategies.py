@@ -228,11 +228,11 @@ _INT16 = (torch.int16, -(2**15), 2**15 - 1)
 @st.composite
 def _x_quant(draw: st.DrawFn, out: Quantization) -> Quantization:
     """The input's qparams: the output's (what the quantizer shares), others, or int16."""
-    kind = draw(st.integers(0, 7))
-    if kind == 0:
+    kind = draw(st.integers(0, 7))  # (Hypothesis favours the ends of a range)
+    if kind == 4:
         dtype, low, high = _INT16
         return Quantization(out.scale, draw(st.integers(-300, 300)), low, high, dtype)
-    if kind <= 2:
+    if kind in (2, 5):
         return draw(quantizations())
     return draw(quantizations(like=out))
 
@@ -251,7 +251,7 @@ def mean_specs(draw: st.DrawFn) -> MeanSpec:
         chosen = draw(st.lists(st.integers(0, rank - 1), min_size=1, max_size=rank, unique=True))
         dims = tuple(d - rank if draw(st.booleans()) else d for d in chosen)
     else:
-        windowed = draw(st.integers(0, 4)) == 0
+        windowed = draw(st.integers(0, 4)) == 2
         output_size = (2, draw(st.integers(1, 2))) if windowed else (1, 1)
     out_quant = draw(quantizations())
     return MeanSpec(
