@@ -47,7 +47,7 @@ if str(REPO) not in sys.path:  # runnable from a checkout without `pip install -
     sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
-import torch.ao.quantization.fx._decomposed  # noqa: E402, F401  registers quantized_decomposed
+import torch.ao.quantization.fx._decomposed  # noqa: E402  registers quantized_decomposed
 from torch import fx  # noqa: E402
 
 from qalgebra.cli import paired_ratio, quiet_third_party, timed_samples  # noqa: E402
@@ -75,6 +75,7 @@ SE_MODELS = tuple(SE_SHAPES)
 X_Q = (0.02, 3)
 OUT_Q = (0.01, 0)
 A_Q, B_Q = (0.014, 134), (0.018, 131)
+MATMUL_OUT_Q = (0.5, 128)
 
 
 def _u8(shape: tuple[int, ...], seed: int, channels_last: bool = False) -> torch.Tensor:
@@ -154,7 +155,8 @@ def se_mul_cases(batch: int) -> list[tuple[str, dict[str, Kernel]]]:
                     "quantized.mul (gate rounded)": lambda x_q=x_q, gate=gate: (
                         aten.int_repr.default(
                             quantized.mul(
-                                _quint8(x_q, X_Q), _quint8(_q(gate, (1 / 255, 0)), (1 / 255, 0)),
+                                _quint8(x_q, X_Q),
+                                _quint8(_q(gate, (1 / 255, 0)), (1 / 255, 0)),
                                 *OUT_Q,
                             )
                         )
@@ -209,10 +211,9 @@ def matmul_cases(batch: int) -> list[tuple[str, dict[str, Kernel]]]:
         ("p @ v (int8 out)", (batch, heads, seq, seq), (batch, heads, seq, dim), True),
     ):
         a, b = _u8(sa, 1), _u8(sb, 2)
-        out_q = (0.5, 128)
 
         def finish(y: torch.Tensor, quant_out: bool = quant_out) -> torch.Tensor:
-            return _q(y, out_q) if quant_out else y
+            return _q(y, MATMUL_OUT_Q) if quant_out else y
 
         kernels: dict[str, Kernel] = {
             "float": lambda a=a, b=b, f=finish: f(_dq(a, A_Q) @ _dq(b, B_Q)),
@@ -220,7 +221,7 @@ def matmul_cases(batch: int) -> list[tuple[str, dict[str, Kernel]]]:
         }
         if quant_out:
             kernels["quantized.matmul"] = lambda a=a, b=b: aten.int_repr.default(
-                quantized.matmul(_quint8(a, A_Q), _quint8(b, B_Q), *out_q)
+                quantized.matmul(_quint8(a, A_Q), _quint8(b, B_Q), *MATMUL_OUT_Q)
             )
         cases.append((f"{name} [{batch}, {heads}, ...]", kernels))
     return cases
@@ -241,33 +242,41 @@ def _difference(reference: torch.Tensor, other: torch.Tensor) -> str:
     return f"{rel:.1e} rel"
 
 
-def run_case(kernels: dict[str, Kernel], runs: int, warmup: int) -> list[str]:
-    """One cell per candidate: ratio to the float path (median per round), and steps."""
+def run_case(kernels: dict[str, Kernel], names: Sequence[str], runs: int, warmup: int) -> list[str]:
+    """The float path's time, then per candidate of ``names`` its time relative to the float
+    path (median of per-round ratios) and its difference from it ("n/a": no such kernel)."""
     reference = kernels["float"]()
     samples = timed_samples(kernels, (), runs=runs, warmup=warmup)
     base = sorted(samples["float"])[len(samples["float"]) // 2]
     cells = [f"{base * 1e3:.3f} ms"]
-    for name in kernels:
-        if name != "float":
-            ratio = paired_ratio(samples, name, "float")
+    for name in names:
+        ratio = paired_ratio(samples, name, "float")
+        if ratio is None:
+            cells.append("n/a")
+        else:
             cells.append(f"{ratio:.2f}x ({_difference(reference, kernels[name]())})")
     return cells
 
 
-def kernel_tables(cases: Sequence[str], batches: Sequence[int], runs: int, warmup: int) -> list[str]:
+def kernel_tables(
+    cases: Sequence[str], batches: Sequence[int], runs: int, warmup: int
+) -> list[str]:
     lines: list[str] = []
     for case in cases:
         for batch in batches:
             rows = CASES[case](batch)
-            names = [n for n in rows[0][1] if n != "float"]
+            names = list(dict.fromkeys(n for _, kernels in rows for n in kernels if n != "float"))
             lines += [
                 f"### {case}, batch {batch}",
                 "",
-                "| shape | float path | " + " | ".join(f"{n} / float (steps)" for n in names) + " |",
+                "| shape | float path | "
+                + " | ".join(f"{n} / float (steps)" for n in names)
+                + " |",
                 "|---|--:|" + "--:|" * len(names),
             ]
             for label, kernels in rows:
-                lines.append(f"| {label} | " + " | ".join(run_case(kernels, runs, warmup)) + " |")
+                cells = run_case(kernels, names, runs, warmup)
+                lines.append(f"| {label} | " + " | ".join(cells) + " |")
                 print(lines[-1], file=sys.stderr, flush=True)
             lines.append("")
     return lines
