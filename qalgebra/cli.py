@@ -289,6 +289,8 @@ class Comparison:
     """Median runtime of "fp32", "reference", "torchao", "qalgebra" (and others a caller adds)."""
     qalgebra_over_torchao: float | None = None
     """Median per-round ratio of qalgebra's runtime to torchao's (see :func:`paired_ratio`)."""
+    graphs: dict[str, fx.GraphModule] = field(default_factory=dict)
+    """The modules that ran: "reference", and "qalgebra" / "torchao" where lowering worked."""
 
 
 def _short_error(exc: BaseException) -> str:
@@ -365,6 +367,7 @@ def compare(
         lowered.pop("qalgebra", None)
     if result.torchao_error is not None:
         lowered.pop("torchao", None)
+    result.graphs = {"reference": reference, **lowered}
 
     if runs > 0:
         timed: dict[str, Callable[..., object]] = {"fp32": model, "reference": reference}
