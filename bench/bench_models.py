@@ -84,11 +84,20 @@ def leftovers(gm: fx.GraphModule) -> Counter[str]:
     return out
 
 
-def measure(name: str, size: Size, batch: int, runs: int, warmup: int) -> ModelResult:
+def measure(
+    name: str, size: Size, batch: int, runs: int, warmup: int, *, time_reference: bool
+) -> ModelResult:
     model, inputs = build(name, size=size, batch=batch)
     label = f"{name}[b{batch}]"
     result = compare(
-        label, model, inputs, step=bl.step, runs=runs, warmup=warmup, lower_repeats=bl.LOWER_REPEATS
+        label,
+        model,
+        inputs,
+        step=bl.step,
+        runs=runs,
+        warmup=warmup,
+        lower_repeats=bl.LOWER_REPEATS,
+        time_reference=time_reference,
     )
     out = ModelResult(result)
     exported = torch.export.export(model, inputs).module()
@@ -130,7 +139,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--threads", type=int, default=1, help="torch intra-op threads (see bench_lowering.py)"
     )
-    parser.add_argument("--out", type=Path, help="also write the markdown report here")
+    parser.add_argument(
+        "--time-reference",
+        action="store_true",
+        help="also time the un-lowered quantized module (several times slower than fp32)",
+    )
+    parser.add_argument(
+        "--out", type=Path, help="also write the markdown report here (after every model)"
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     quiet_third_party()
@@ -146,7 +162,9 @@ def main(argv: list[str] | None = None) -> int:
         for batch in batches:
             bl.log(f"{name} batch {batch}: start")
             start = time.perf_counter()
-            r = measure(name, args.size, batch, args.runs, args.warmup)
+            r = measure(
+                name, args.size, batch, args.runs, args.warmup, time_reference=args.time_reference
+            )
             results.append(r)
             c = r.comparison
             bl.log(
@@ -156,20 +174,31 @@ def main(argv: list[str] | None = None) -> int:
                 f"runtime {c.runtime_ms}; qalgebra/torchao {bl.fmt_ratio(c.qalgebra_over_torchao)}"
             )
             gc.collect()
-    comparisons = [r.comparison for r in results]
+            if args.out is not None:  # a long run keeps what it measured so far
+                _write(args, command, start_load, results)
+    print("\n".join(_body(results)))
+    return 1 if any(r.comparison.qalgebra_error for r in results) else 0
+
+
+def _body(results: list[ModelResult]) -> list[str]:
     coverage = ("Fusion coverage and quantize/dequantize nodes left", coverage_table(results))
-    body = bl.report_body(comparisons, {}, [coverage])
-    print("\n".join(body))
-    if args.out is not None:
-        head = bl.header(
-            command,
-            (start_load, os.getloadavg()),
-            bl.Args(False, args.out, args.runs, args.warmup, 0.0, args.threads),
-        )
-        head[0] = "# Model zoo benchmark: qalgebra vs torchao"
-        args.out.write_text("\n".join(head + body))
-        bl.log(f"wrote {args.out}")
-    return 1 if any(c.qalgebra_error for c in comparisons) else 0
+    return bl.report_body([r.comparison for r in results], {}, [coverage])
+
+
+def _write(
+    args: argparse.Namespace,
+    command: str,
+    start_load: tuple[float, float, float],
+    results: list[ModelResult],
+) -> None:
+    head = bl.header(
+        command,
+        (start_load, os.getloadavg()),
+        bl.Args(False, args.out, args.runs, args.warmup, 0.0, args.threads),
+    )
+    head[0] = "# Model zoo benchmark: qalgebra vs torchao"
+    args.out.write_text("\n".join(head + _body(results)))
+    bl.log(f"wrote {args.out}")
 
 
 if __name__ == "__main__":
