@@ -23,7 +23,9 @@ import torch
 from torch import Tensor, fx
 
 from qalgebra.fusions.inplace import FUNCTIONAL
+from qalgebra.fusions.liftup import QUANT_LIFT_UP_CAT, QUANT_LIFT_UP_MAX_POOL, QUANT_SHARE_MAX_POOL
 from qalgebra.lower import LoweringReport, lower_with_report
+from qalgebra.match import find_matches
 from qalgebra.testing.quantize import quantize_pt2e
 from qalgebra.testing.zoo import ZOO, build
 
@@ -101,3 +103,18 @@ def test_numerics_match_the_quantized_module(name: str, one_thread: None) -> Non
             expected, got = gm(inputs.clone()), lowered(inputs.clone())
             bound = 1e-3 * max(1.0, float(expected.abs().max()))
             assert float((got - expected).abs().max()) <= bound
+
+
+def test_googlenet_pools_and_cats_run_on_int8(one_thread: None) -> None:
+    """GoogLeNet's branch outputs reach each ``cat`` (and the pool branch reads the cat) in
+    float: the quantize is lifted over the cat, and a pool reads its input's int8 quantize when
+    the qparams are alike. Afterwards no lift-up pattern matches the lowered graph any more."""
+    _, lowered, report, _ = _lowered("googlenet")
+    assert report.fired["quant_lift_up_cat"] > 0 and report.fired["quant_share_max_pool"] > 0
+    for fusion in (QUANT_LIFT_UP_CAT, QUANT_SHARE_MAX_POOL, QUANT_LIFT_UP_MAX_POOL):
+        assert find_matches(fusion.pattern, lowered.graph) == [], fusion.name
+    int8_pools = [
+        n for n in lowered.graph.nodes if n.target is torch.ops.quantized.max_pool2d.default
+    ]
+    float_pools = [n for n in lowered.graph.nodes if n.target is aten.max_pool2d.default]
+    assert len(int8_pools) > 2 * len(float_pools), report.summary()
