@@ -130,7 +130,7 @@ def clamp_to_quant_range(
     low, high = m[OQ.quant_min], m[OQ.quant_max]
     if _narrow_quant_range(m) is not None and not enforced:
         node = range_clamp(rw, node, (low, high), torch.iinfo(m[OQ.dtype]), in_place=owned)
-    node.meta[QUANT_RANGE_KEY] = (low, high)
+    rw.set_meta(node, QUANT_RANGE_KEY, (low, high))
     return node
 
 
@@ -170,7 +170,7 @@ def reshaped_output(m: Match, rw: Rewriter, node: fx.Node, shape: list[Any]) -> 
         return node
     out = rw.call(torch.ops.aten.reshape.default, node, shape)
     if QUANT_RANGE_KEY in node.meta:
-        out.meta[QUANT_RANGE_KEY] = node.meta[QUANT_RANGE_KEY]
+        rw.set_meta(out, QUANT_RANGE_KEY, node.meta[QUANT_RANGE_KEY])
     return out
 
 
