@@ -8,8 +8,9 @@ placeholders (count, dtype, rank, static sizes; empty example inputs mean none a
 are not compared), a malformed graph, a graph in training mode
 (batch norm updating its statistics, dropout), and (de)quantize nodes that cannot run (a
 dequantize of a tensor of another dtype, a quantize of an integer tensor, a quant range outside
-its dtype). Everything else is judged fusion by fusion: what a fusion cannot lower exactly is
-left as it is, with the reason in the report (``docs/bad-inputs.md`` lists the cases).
+its dtype, a scale of 0 to divide by). Everything else is judged fusion by fusion: what a fusion
+cannot lower exactly is left as it is, with the reason in the report (``docs/bad-inputs.md``
+lists the cases).
 
 >>> import torch
 >>> gm = torch.fx.symbolic_trace(torch.nn.ReLU())
@@ -218,17 +219,23 @@ def _check_quant(
     if not isinstance(dtype, torch.dtype) or not isinstance(source, fx.Node):
         return
     known = given.get(source) or _constant_dtype(gm, source)
+    what = source.name if source.op != "get_attr" else f"{source.name} (attribute {source.target})"
     if dequantize and known is not None and known != dtype:
         raise UnsupportedGraphError(
-            f"lower: {node.name} dequantizes {source.name} as {dtype}, but it holds {known} "
+            f"lower: {node.name} dequantizes {what} as {dtype}, but it holds {known} "
             "(the graph cannot run)"
         )
     if dequantize:
         return
     if known is not None and known not in _FLOATS:
         raise UnsupportedGraphError(
-            f"lower: {node.name} quantizes {source.name}, a {known} tensor: quantize takes "
+            f"lower: {node.name} quantizes {what}, a {known} tensor: quantize takes "
             "floats (the graph cannot run)"
+        )
+    scale = values.get("scale")
+    if isinstance(scale, float) and scale == 0.0:
+        raise UnsupportedGraphError(
+            f"lower: {node.name} quantizes with scale 0.0 and divides by it (the graph cannot run)"
         )
     low, high = values.get("quant_min"), values.get("quant_max")
     if dtype.is_floating_point or dtype == torch.bool:

@@ -330,7 +330,7 @@ def _with_first_quant_args(gm: fx.GraphModule, scale: float, zp: int) -> fx.Grap
 
 @pytest.mark.parametrize(
     ("scale", "zp", "reason"),
-    [(0.0, 0, "scale"), (math.nan, 0, "scale"), (0.02, 300, "zero point")],
+    [(-0.02, 0, "scale"), (math.nan, 0, "scale"), (0.02, 300, "zero point")],
 )
 def test_invalid_qparams_are_left_unlowered_with_a_reason(
     scale: float, zp: int, reason: str
@@ -629,4 +629,30 @@ def test_a_conv_never_accumulates_into_its_own_input() -> None:
     x, accum = binary.args[0], binary.args[6]
     assert isinstance(accum, fx.Node) and accum is not x  # the copy stays: no elision here
     assert accum.target is torch.ops.aten.clone.default and accum.args[0] is x
+    assert_close_to_reference(gm(*inputs), lowered(*inputs), gm)
+
+
+class _BatchNormConvBatchNorm(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.bn1 = torch.nn.BatchNorm2d(3)
+        self.conv = torch.nn.Conv2d(3, 8, 3)
+        self.bn2 = torch.nn.BatchNorm2d(8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.bn2(self.conv(self.bn1(x)))
+        return out
+
+
+def test_qat_batchnorm_conv_batchnorm_lowers() -> None:
+    # Issue 9: torchao's move_exported_model_to_eval swaps the batch norm in by subgraph
+    # rewriting and leaves its pattern's example shape on it; qconv_prepack was given that shape
+    # as the activation's and failed ("could not create a primitive descriptor").
+    torch.manual_seed(0)
+    inputs = (torch.randn(2, 3, 8, 8),)
+    gm = quantize_pt2e(_BatchNormConvBatchNorm(), inputs, is_qat=True)
+    (bn,) = [n for n in gm.graph.nodes if n.target is torch.ops.aten.batch_norm.default]
+    assert list(bn.meta["val"].shape) == [1, 1, 3, 3]  # the stale shape this test is about
+    lowered, report = lower_with_report(gm, inputs, strict=True)
+    assert report.fired == {"qconv": 1} and not report.refused, report.summary()
     assert_close_to_reference(gm(*inputs), lowered(*inputs), gm)

@@ -196,7 +196,7 @@ def _lower(
     return lowered, report, list(Probe.made)
 
 
-def _normalized(code: str) -> str:
+def normalized(code: str) -> str:
     """Code with the lowering's constant counters dropped (they count across lowerings)."""
     return re.sub(r"_qalgebra_([a-z0-9_]*?)_\d+\b", r"_qalgebra_\1", code)
 
@@ -227,7 +227,7 @@ def test_a_failure_at_any_operation_is_rolled_back_exactly(fusion: str) -> None:
 
     # The oracle: the same match refused before its first edit.
     refused, refused_report, _ = _lower(subject, Target(fusion, root, 1, refuse=True))
-    expected_code = _normalized(refused.code)
+    expected_code = normalized(refused.code)
     expected_out = _outputs(refused, subject.inputs)
     subject.close(reference, expected_out)
     assert any((r.fusion, r.root) == (fusion, root) for r in refused_report.refused)
@@ -242,7 +242,7 @@ def test_a_failure_at_any_operation_is_rolled_back_exactly(fusion: str) -> None:
         ], where
         assert report.fired == refused_report.fired, where
         assert report.refused == [r for r in refused_report.refused if r.root != root], where
-        assert _normalized(lowered.code) == expected_code, where
+        assert normalized(lowered.code) == expected_code, where
         got = _outputs(lowered, subject.inputs)
         assert all(torch.equal(a, b) for a, b in zip(got, expected_out, strict=True)), where
     assert subject.gm.code == code_before  # the caller's module is never touched

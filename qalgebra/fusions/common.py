@@ -195,6 +195,9 @@ def check_common(m: Match, *, allowed_act: tuple[torch.dtype, ...]) -> None:
         raise Refusal(f"weight quantized along axis {m[WQ.axis]}, expected 0 (output channels)")
     if bool((m[WQ.zero_points] != 0).any()):
         raise Refusal("weight zero points are not all 0 (oneDNN needs symmetric weights)")
+    scales = m[WQ.scales]
+    if not bool((torch.isfinite(scales) & (scales > 0)).all()):
+        raise Refusal("weight scales are not all finite positive numbers")
     # Without VNNI, oneDNN turns int8 activations into uint8 by adding 128 before the same
     # saturating pair sums: their magnitude is then up to 255 whatever the quant range.
     max_act = 255 if act == torch.int8 else _max_abs_activation(m)
