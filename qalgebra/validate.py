@@ -24,7 +24,8 @@ qalgebra.errors.UnsupportedGraphError: lower: example_inputs has 2 inputs, the g
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+import functools
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -185,24 +186,45 @@ def _check_call(
     op: OpOverload[..., Any],
     given: Mapping[fx.Node, torch.dtype],
 ) -> None:
-    name = op._schema.name
-    if name in _TRAINING_OPS or any(
-        arg.name in ("training", "train") and value is True for arg, value in _arguments(node, op)
-    ):
+    kind = _kind(op)
+    if kind == "training" or (isinstance(kind, tuple) and _argument(node, *kind) is True):
         raise UnsupportedGraphError(
             f"lower: {node.name} ({op}) runs in training mode; {_EVAL_HINT}"
         )
-    if name in _QUANTIZE or name in _DEQUANTIZE:
-        _check_quant(gm, node, op, given, dequantize=name in _DEQUANTIZE)
+    if kind in ("quantize", "dequantize"):
+        _check_quant(gm, node, op, given, dequantize=kind == "dequantize")
 
 
-def _arguments(node: fx.Node, op: OpOverload[..., Any]) -> Iterator[tuple[Any, Any]]:
-    """(schema argument, value) of every argument the node passes."""
+@functools.cache
+def _kind(op: OpOverload[..., Any]) -> str | tuple[int, str] | None:
+    """What the checks look at in a call of ``op``: ``training`` (only exists in training
+    mode), ``quantize``/``dequantize``, the (index, name) of its training flag, or nothing."""
+    name = op._schema.name
+    if name in _TRAINING_OPS:
+        return "training"
+    if name in _QUANTIZE:
+        return "quantize"
+    if name in _DEQUANTIZE:
+        return "dequantize"
     for i, arg in enumerate(op._schema.arguments):
-        if i < len(node.args):
-            yield arg, node.args[i]
-        elif arg.name in node.kwargs:
-            yield arg, node.kwargs[arg.name]
+        if arg.name in ("training", "train"):
+            return i, arg.name
+    return None
+
+
+def _argument(node: fx.Node, index: int, name: str) -> object:
+    return node.args[index] if index < len(node.args) else node.kwargs.get(name)
+
+
+_QUANT_ARGUMENTS = ("input", "scale", "quant_min", "quant_max", "dtype")
+
+
+@functools.cache
+def _positions(op: OpOverload[..., Any]) -> tuple[tuple[int, str], ...]:
+    """(index, name) of the (de)quantize arguments the checks read, in _QUANT_ARGUMENTS order
+    (index -1: the op has no such argument)."""
+    names = [arg.name for arg in op._schema.arguments]
+    return tuple((names.index(n) if n in names else -1, n) for n in _QUANT_ARGUMENTS)
 
 
 def _check_quant(
@@ -213,9 +235,9 @@ def _check_quant(
     *,
     dequantize: bool,
 ) -> None:
-    values = {arg.name: value for arg, value in _arguments(node, op)}
-    dtype = values.get("dtype")
-    source = values.get("input")
+    source, scale, low, high, dtype = (
+        None if i < 0 else _argument(node, i, name) for i, name in _positions(op)
+    )
     if not isinstance(dtype, torch.dtype) or not isinstance(source, fx.Node):
         return
     known = given.get(source) or _constant_dtype(gm, source)
@@ -232,12 +254,10 @@ def _check_quant(
             f"lower: {node.name} quantizes {what}, a {known} tensor: quantize takes "
             "floats (the graph cannot run)"
         )
-    scale = values.get("scale")
     if isinstance(scale, float) and scale == 0.0:
         raise UnsupportedGraphError(
             f"lower: {node.name} quantizes with scale 0.0 and divides by it (the graph cannot run)"
         )
-    low, high = values.get("quant_min"), values.get("quant_max")
     if dtype.is_floating_point or dtype == torch.bool:
         return  # float8 and the like: the fusions refuse what they do not lower
     info = torch.iinfo(dtype)

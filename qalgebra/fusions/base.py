@@ -316,7 +316,7 @@ class Rewriter:
     def _snapshot_args(self, users: Sequence[fx.Node], inputs: Sequence[fx.Node]) -> None:
         """Record the arguments of ``users`` and the order of the users of ``inputs`` (and of
         whatever the users read) before an edit changes them; the undo restores both."""
-        saved = [(u, u.args, dict(u.kwargs)) for u in users]
+        saved = [(u, u.args, u.kwargs) for u in users]
         touched = {n: None for n in inputs}
         for u in users:
             touched.update(dict.fromkeys(u.all_input_nodes))
