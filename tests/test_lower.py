@@ -656,3 +656,19 @@ def test_qat_batchnorm_conv_batchnorm_lowers() -> None:
     lowered, report = lower_with_report(gm, inputs, strict=True)
     assert report.fired == {"qconv": 1} and not report.refused, report.summary()
     assert_close_to_reference(gm(*inputs), lowered(*inputs), gm)
+
+
+def test_an_edit_behind_the_rewriters_back_that_defeats_rollback_stops_the_lowering() -> None:
+    def sneaky(m: Match, rw: Rewriter) -> fx.Node:
+        built = rw.call(torch.ops.aten.relu.default, m.root)
+        rw.graph.call_function(torch.ops.aten.neg.default, (built,))  # not through rw
+        raise RuntimeError("replacement bug")
+
+    qconv = DEFAULT_FUSIONS[[f.name for f in DEFAULT_FUSIONS].index("qconv")]
+    gm, inputs = _quantized("conv2d_relu")
+    before = gm.code
+    with pytest.raises(LoweringError, match=r"rolling back sneaky at .* failed") as caught:
+        lower(gm, inputs, fusions=(Fusion("sneaky", "test", qconv.pattern, sneaky),))
+    assert "the input module is untouched" in str(caught.value)
+    assert isinstance(caught.value.__cause__, RuntimeError)
+    assert gm.code == before
