@@ -81,12 +81,9 @@ def _linear_view_permute() -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
 
 
 @functools.cache
-def _quantized(
-    name: str, reduce_range: bool | None = None
-) -> tuple[fx.GraphModule, tuple[torch.Tensor, ...]]:
-    """``name`` quantized; ``reduce_range`` None: 7-bit activations where products saturate."""
+def _quantized(name: str) -> tuple[fx.GraphModule, tuple[torch.Tensor, ...]]:
     model, inputs = _linear_view_permute() if name == "linear_view_permute" else MODELS[name]()
-    return quantize_pt2e(model, inputs, reduce_range=reduce_range), inputs
+    return quantize_pt2e(model, inputs), inputs
 
 
 @functools.cache
@@ -171,7 +168,8 @@ def test_pointwise_lowering_alone_is_bit_exact(name: str, form: str) -> None:
 
 
 def test_resnet_stem_conv_fuses_with_int8_output_into_the_pool() -> None:
-    gm, inputs = _quantized("resnet_like_2", reduce_range=True)  # 7-bit on every CPU
+    model, inputs = MODELS["resnet_like_2"]()
+    gm = quantize_pt2e(model, inputs, reduce_range=True)  # 7-bit activations on every CPU
     lowered = lower(gm, inputs)
     (pool,) = _calls(lowered, QMAXPOOL_OP)
     assert pool.args[1:] == ([2, 2], [2, 2], [0, 0], [1, 1], False)

@@ -133,7 +133,7 @@ def _quantize(m: Match, rw: Rewriter, x: fx.Node) -> fx.Node:
         m[OQ.quant_max],
         m[OQ.dtype],
     )
-    q.meta[QUANT_RANGE_KEY] = (m[OQ.quant_min], m[OQ.quant_max])
+    rw.set_meta(q, QUANT_RANGE_KEY, (m[OQ.quant_min], m[OQ.quant_max]))
     return q
 
 
@@ -142,7 +142,7 @@ def _lift_over_movements(m: Match, rw: Rewriter) -> fx.Node:
     for mv in reversed(STEPS):
         moved = replay(m, mv, rw, node)
         if moved is not node:
-            moved.meta[QUANT_RANGE_KEY] = (m[OQ.quant_min], m[OQ.quant_max])
+            rw.set_meta(moved, QUANT_RANGE_KEY, (m[OQ.quant_min], m[OQ.quant_max]))
         node = moved
     return node
 
