@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
 from qalgebra.aliasing import observable_write, runs_after
+from qalgebra.errors import UnsupportedGraphError
 from qalgebra.fusions.inplace import FUNCTIONAL
 from qalgebra.lower import LoweringReport, lower_with_report
 from qalgebra.testing.quantize import quantize_pt2e
@@ -132,15 +133,15 @@ def test_observable_writes_stay_in_place_and_are_reported(model: nn.Module, reas
     ]
 
 
-def test_training_dropout_is_left_alone() -> None:
+def test_a_training_dropout_is_refused_not_removed() -> None:
     class M(nn.Module):
         def forward(self, x: Tensor) -> Tensor:
             return F.dropout(x * 2, 0.5, training=True)
 
     gm = _export(M(), torch.randn(4, 4))
-    lowered, report = lower_with_report(gm, (torch.randn(4, 4),))
-    assert report.fired["eval_dropout"] == 0
-    assert aten.dropout.default in _targets(lowered)
+    assert aten.dropout.default in _targets(gm)
+    with pytest.raises(UnsupportedGraphError, match="training mode"):
+        lower_with_report(gm, (torch.randn(4, 4),))
 
 
 def _graph(*, reader_after: bool, through: str = "self") -> tuple[fx.Graph, fx.Node]:
