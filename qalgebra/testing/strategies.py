@@ -33,7 +33,7 @@ Strategies (public factories; the classes behind them are plain frozen dataclass
 
 Families plug in through :data:`FAMILIES` (name -> zero-argument factory of a strategy of
 Examples): :func:`register_family` adds one; the modules named in :data:`PLUGIN_MODULES` (the
-pointwise and weight-only families) are imported on first use and may either call
+pointwise, weight-only and other-config families) are imported on first use and may either call
 :func:`register_family` or define a ``FAMILIES`` mapping of their own.
 
 Numerics bounds (:class:`OutputBound`, DESIGN.md "Lowering: numerics"). The fused kernel and
@@ -160,6 +160,7 @@ FORMS: tuple[str, ...] = tuple(p if not m else f"{p}+{m}" for p in PRIMARY_FORMS
 PLUGIN_MODULES: tuple[str, ...] = (
     "qalgebra.testing.pointwise_strategies",
     "qalgebra.testing.woq_strategies",
+    "qalgebra.testing.config_strategies",
 )
 
 _CONV_UNARIES = (
@@ -1211,8 +1212,9 @@ def graph_code(
     lines = [
         f"# Reproduces a qalgebra lowering example: {title}".rstrip(": "),
     ]
-    if recipe:
-        lines.append(f"# rebuilt by qalgebra.testing.strategies.{recipe}")
+    if recipe:  # a plug-in's recipe names its own module
+        module = "" if recipe.startswith("qalgebra.") else "qalgebra.testing.strategies."
+        lines.append(f"# rebuilt by {module}{recipe}")
     lines += [
         "import importlib",
         "import operator",
