@@ -204,7 +204,8 @@ QCONV_BINARY = Fusion(
     pattern=with_residual(conv(), int8_output_needs_quantized_other=True),
     rewrite=_rewrite_qconv_binary,
     doc="dequant -> conv -> add(., other) -> [relu] -> [quant]  =>  "
-    "onednn.qconv2d_pointwise.binary (sum into a tensor the graph owns)",
+    "onednn.qconv2d_pointwise.binary[_tensor] (sum into a tensor the graph owns; beyond "
+    "Inductor/torchao: runtime qparams, per-tensor weights, int8 activations shifted)",
 )
 
 QLINEAR_BINARY = Fusion(
@@ -213,7 +214,8 @@ QLINEAR_BINARY = Fusion(
     pattern=with_residual(linear(), int8_output_needs_quantized_other=False),
     rewrite=_rewrite_qlinear_binary,
     doc="dequant -> linear -> add(., other) -> [relu] -> [quant]  =>  "
-    "onednn.qlinear_pointwise.binary (add, out of place)",
+    "onednn.qlinear_pointwise.binary[_tensor] (add, out of place; beyond Inductor/torchao: "
+    "per-tensor weights, 3-D with runtime qparams)",
 )
 
 

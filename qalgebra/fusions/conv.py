@@ -4,7 +4,9 @@
 as ``convert_pt2e`` leaves them, ``aten.convolution`` as decompositions leave them), fp32 or
 int8-mixed-bf16, int8 or float output, post-ops none / relu / hardtanh (relu6) / hardswish / silu
 -- the ones oneDNN's quantized conv accepts -- lowers to ``onednn.qconv_pointwise`` with the
-weight prepacked by ``onednn.qconv_prepack`` at lowering time.
+weight prepacked by ``onednn.qconv_prepack`` at lowering time. Beyond Inductor and torchao:
+runtime activation qparams (``.tensor``), per-tensor weights, and int8 activations shifted to
+the uint8 the op takes (:mod:`qalgebra.fusions.common`).
 
 The binary (residual add) variant lives in :mod:`qalgebra.fusions.conv_binary`.
 """

@@ -10,7 +10,9 @@
 fp32 or int8-mixed-bf16, int8 or float output, and every unary post-op oneDNN's qlinear accepts
 (relu, gelu erf/tanh, leaky_relu, tanh, hardtanh/relu6, hardswish, silu as ``swish``; checked
 against the op) -> ``onednn.qlinear_pointwise`` with the weight prepacked by
-``onednn.qlinear_prepack``.
+``onednn.qlinear_prepack``. Activation qparams computed at run time (dynamic quantization) go
+to the ``.tensor`` overload; weights may be quantized per channel or per tensor
+(:mod:`qalgebra.fusions.common`).
 """
 
 from __future__ import annotations
@@ -159,6 +161,6 @@ QLINEAR = Fusion(
     pattern=maybe_output_quant(with_unary(linear(), UNARY, *LINEAR_UNARIES)),
     rewrite=_rewrite_qlinear,
     doc="dequant -> linear | [view] mm/addmm [view] -> [unary] -> [quant]  =>  "
-    "onednn.qlinear_pointwise[.tensor] (beyond Inductor/torchao: per-tensor weights; "
-    "runtime activation qparams as Inductor)",
+    "onednn.qlinear_pointwise[.tensor] (runtime activation qparams: 2-D as Inductor, 3-D "
+    "beyond it; per-tensor weights beyond Inductor/torchao)",
 )
