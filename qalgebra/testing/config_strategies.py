@@ -497,11 +497,11 @@ def dynamic_linear_specs(draw: st.DrawFn) -> DynamicLinearSpec:
     """1 or 2 linears of one dynamically quantized activation (2-D or 3-D)."""
     k = draw(st.integers(1, 24))
     lead = draw(st.sampled_from([(draw(st.integers(1, 6)),), (2, draw(st.integers(1, 4)))]))
-    n = draw(st.integers(1, 2))
+    n = draw(st.sampled_from([2, 1]))  # two linears first: promotion and the binary add
     combine: Combine = draw(st.sampled_from(["apart", "add", "add_relu"])) if n == 2 else "apart"
     first = draw(st.integers(1, 16))
     out = (first,) * n if combine != "apart" else tuple(draw(st.integers(1, 16)) for _ in range(n))
-    post_ops = tuple(draw(st.sampled_from(list(_LINEAR_POST_OPS))) for _ in range(n))
+    post_ops = tuple(draw(st.sampled_from([Unary.NONE, *_LINEAR_POST_OPS])) for _ in range(n))
     return DynamicLinearSpec(
         input_shape=(*lead, k),
         out_features=out,
