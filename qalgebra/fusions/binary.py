@@ -150,7 +150,7 @@ def _rewrite_qconv_binary(m: Match, rw: Rewriter) -> fx.Node:
             dtype=accum_dtype,
             memory_format=torch.channels_last,
         )
-    accum.meta["qalgebra_accumulator"] = True
+    rw.set_meta(accum, "qalgebra_accumulator", True)
     unary, scalars, algorithm = unary_args(m)
     x, xq = activation_input(m, rw, allowed_act=CONV_ACTIVATIONS)
     fused = rw.call(
