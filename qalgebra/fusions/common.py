@@ -265,11 +265,12 @@ def check_common(m: Match, *, allowed_act: tuple[torch.dtype, ...]) -> None:
     else:
         max_act = 255 if act == torch.int8 else _max_abs(low, high)
     if pair_sum_may_saturate(max_act, m[W]):
+        shifted = " (int8 shifted to uint8)" if shifted_to_uint8(m, allowed_act) else ""
         raise Refusal(
             "this CPU's int8 kernels add products in saturating int16 pairs (no AVX512-VNNI/AMX): "
-            f"activations up to {max_act} times weights up to "
+            f"activations up to {max_act}{shifted} times weights up to "
             f"{int(m[W].to(torch.int16).abs().max())} would overflow; quantize activations to "
-            "7 bits (reduce_range=True) or lower on a VNNI/AMX CPU"
+            "7-bit uint8 (reduce_range=True) or lower on a VNNI/AMX CPU"
         )
 
 
