@@ -229,7 +229,11 @@ def test_squeeze_excitation_in_inductors_spelling_pools_with_mean_dim() -> None:
 def test_squeeze_excitation_with_a_symbolic_batch_and_in_int8_mixed_bf16(variant: str) -> None:
     act, gate = SE_VARIANTS["relu_sigmoid"]
     inputs = (_image((2, 8, 7, 7)),)
-    gm = quantize_pt2e(_seeded(lambda: SEBlock(act, gate)), inputs, **{variant: True})
+    model = _seeded(lambda: SEBlock(act, gate))
+    if variant == "bf16":
+        gm = quantize_pt2e(model, inputs, bf16=True)
+    else:
+        gm = quantize_pt2e(model, inputs, dynamic_batch=True)
     lowered, report = lower_with_report(gm, inputs)
     assert report.fired["qmean"] == 2 and not report.refused, report.summary()
     runs = (inputs[0].repeat(2, 1, 1, 1),) if variant == "dynamic_batch" else inputs

@@ -45,9 +45,9 @@ import torch
 from torch import fx
 
 from qalgebra.checks import Check, dtype_in, valid_qparams
-from qalgebra.combinators import dequantize_per_tensor, quantize_per_tensor
+from qalgebra.combinators import QParams, dequantize_per_tensor, qparams, quantize_per_tensor
 from qalgebra.fusions.base import Fusion, Refusal, Rewriter
-from qalgebra.fusions.common import OQ, XQ, X, output_quantize
+from qalgebra.fusions.common import OQ, X, output_quantize
 from qalgebra.fusions.pointwise import (
     FLOAT_OP,
     READ_ONLY_BY_QUANT,
@@ -69,6 +69,10 @@ __all__ = [
 ]
 
 aten = torch.ops.aten
+
+#: The input's qparams, constants only (the requantize is computed when lowering; a scale known
+#: only at run time, from dynamic quantization, is left to the graph).
+XQ: QParams = qparams("x")
 
 #: The adaptive average pools a global pool is spelled with (``_adaptive_avg_pool2d`` is what
 #: ``adaptive_avg_pool2d`` decomposes to for an output other than ``[1, 1]``).
