@@ -225,17 +225,21 @@ def test_squeeze_excitation_in_inductors_spelling_pools_with_mean_dim() -> None:
     assert_close_to_reference(graph(*inputs), lowered(*inputs), gm)
 
 
-@pytest.mark.parametrize("variant", ["dynamic_batch", "bf16"])
-def test_squeeze_excitation_with_a_symbolic_batch_and_in_int8_mixed_bf16(variant: str) -> None:
+@pytest.mark.parametrize("variant", ["dynamic_batch", "bf16", "int8_activations"])
+def test_squeeze_excitation_symbolic_batch_bf16_and_signed_activations(variant: str) -> None:
     act, gate = SE_VARIANTS["relu_sigmoid"]
     inputs = (_image((2, 8, 7, 7)),)
     model = _seeded(lambda: SEBlock(act, gate))
     if variant == "bf16":
         gm = quantize_pt2e(model, inputs, bf16=True)
+    elif variant == "int8_activations":  # the pools average int8 levels
+        gm = quantize_pt2e(model, inputs, act_dtype=torch.int8)
     else:
         gm = quantize_pt2e(model, inputs, dynamic_batch=True)
     lowered, report = lower_with_report(gm, inputs)
     assert report.fired["qmean"] == 2 and not report.refused, report.summary()
+    if variant == "int8_activations":
+        assert _mean_input_dtypes(lowered, inputs) == [torch.int8, torch.int8]
     runs = (inputs[0].repeat(2, 1, 1, 1),) if variant == "dynamic_batch" else inputs
     assert_close_to_reference(gm(*runs), lowered(*runs), gm)
 
