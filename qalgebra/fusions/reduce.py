@@ -9,6 +9,10 @@ quantize of the (small) result -- no dequantized float copy of the large input:
     quantize_per_tensor(mean.dim(x, dims, keepdim, dtype=float32) - x_zp,
                         out_scale / x_scale, out_zp, out_qmin, out_qmax, out_dtype)
 
+With input and output quantized alike (what the quantizer writes) that quantize is a rounding:
+``round(mean)`` converted to the dtype, clamped only if the output's range is narrower than
+the input's known range.
+
 One definition, in every quant/dequant form: ``adaptive_avg_pool2d`` and
 ``_adaptive_avg_pool2d`` with output ``[1, 1]`` (the mean over the last two dims, kept), and
 ``mean.dim`` over any list of dims, keepdim or not (what decompositions, Inductor and
@@ -19,7 +23,7 @@ Why it is exact to within one quantization step: dequantizing is affine, so the 
 ``round(that / out_scale) + out_zp``, clamped. The two computations differ only by float
 rounding (the reference rounds every dequantized element and sums floats; here a sum of integer
 levels, exact below 2**24), so an output moves by one step at most, where the value lies within
-float rounding of a rounding boundary. The quant's range is applied by the quantize itself.
+float rounding of a rounding boundary.
 
 Why this kernel: on plain uint8, ``adaptive_avg_pool2d``, ``avg_pool2d`` and ``mean`` without a
 dtype are not implemented; ``aten.adaptive_avg_pool2d`` and ``aten.mean`` have QuantizedCPU
