@@ -80,12 +80,19 @@ def conv() -> Pattern:
 
 
 def conv_geometry(m: Match) -> tuple[list[int], list[int], list[int], int]:
-    """(stride, padding, dilation, groups), each list expanded to the spatial rank."""
+    """(stride, padding, dilation, groups), each list expanded to the spatial rank.
+
+    The dilation of a kernel dimension of size 1 is 1: dilating one tap changes nothing, and
+    oneDNN's AVX512 and AMX int8 convolutions crash (segfault) on a dilated width-1 kernel
+    whose every output column lies in the padding (docs/findings.md, bug 4).
+    """
     spatial = m[W].dim() - 2
+    dilation = _expand(m[DILATION], spatial, "dilation")
+    kernel = m[W].shape[2:]
     return (
         _expand(m[STRIDE], spatial, "stride"),
         _expand(m[PADDING], spatial, "padding"),
-        _expand(m[DILATION], spatial, "dilation"),
+        [1 if size == 1 else d for size, d in zip(kernel, dilation, strict=True)],
         m[GROUPS],
     )
 
