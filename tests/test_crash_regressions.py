@@ -1,8 +1,8 @@
-"""Graphs whose lowering once crashed the process, each rerun as its reproduction script.
+"""Graphs on which oneDNN's AVX512/AMX int8 conv crashed or erred (docs/findings.md, bug 4).
 
-A crash (segfault in oneDNN) takes the interpreter with it, so each reproducer runs in a
-subprocess; on a CPU where the kernel never crashed, the structural check beside it (how the
-lowering calls the kernel) still fails if the fix is undone.
+A crash (segfault in oneDNN) takes the interpreter with it, so each crash reproducer runs in a
+subprocess; on a CPU where the kernel never misbehaved, the structural checks beside them (how
+the lowering calls the kernel) still fail if a fix is undone.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import torch
 
 from qalgebra.combinators import Unary
 from qalgebra.lower import lower
+from qalgebra.testing.properties import check_example
 from qalgebra.testing.strategies import (
     ConvSpec,
     Example,
@@ -75,6 +76,16 @@ DILATED_WIDTH_ONE_BINARY = build_example(
     form="op",
 )
 CRASHERS = {"qconv": DILATED_WIDTH_ONE, "qconv_binary": DILATED_WIDTH_ONE_BINARY}
+#: A single output column from a strided window: wrong on AMX (lowered, and eager bf16 too).
+SINGLE_COLUMN = build_example(
+    GraphSpec(
+        family="qconv",
+        input_shape=(1, 4, 6, 6),
+        input_quant=_u8(0.03, 5),
+        main=Layer(ConvSpec(4, 4, (2, 3), stride=(1, 2), dilation=(1, 2)), seed=7),
+    ),
+    form="op",
+)
 
 
 @pytest.mark.parametrize("name", sorted(CRASHERS))
@@ -97,3 +108,14 @@ def test_size_one_kernel_dimensions_are_called_undilated() -> None:
     assert consumer.args[9] == [2, 1]  # a (3, 1) kernel: the width-1 dimension is not dilated
     (binary,) = _conv_calls(DILATED_WIDTH_ONE_BINARY)
     assert binary.args[10] == [1, 1]
+
+
+def test_a_single_output_column_is_computed_from_its_window() -> None:
+    (call,) = _conv_calls(SINGLE_COLUMN)
+    stride, padding = call.args[7], call.args[8]
+    assert stride == [1, 1] and padding == [0, 0]  # width: unstrided, unpadded
+    window = call.args[0]
+    assert isinstance(window, torch.fx.Node)
+    assert window.target is torch.ops.aten.constant_pad_nd.default
+    assert window.args[1] == [0, -1] and window.args[2] == 5  # the 5 columns it reads; zp 5
+    check_example(SINGLE_COLUMN)  # against the reference

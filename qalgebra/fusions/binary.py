@@ -48,7 +48,7 @@ from qalgebra.fusions.common import (
     unary_args,
     weight_constants,
 )
-from qalgebra.fusions.conv import conv, conv_geometry, prepack_conv
+from qalgebra.fusions.conv import conv, conv_activation, conv_geometry, prepack_conv
 from qalgebra.fusions.linear import (
     OUT_SHAPE,
     X_SHAPE,
@@ -153,7 +153,7 @@ def _rewrite_qconv_binary(m: Match, rw: Rewriter) -> fx.Node:
     unary, scalars, algorithm = unary_args(m)
     fused = rw.call(
         onednn.qconv2d_pointwise.binary,
-        m[X], m[XQ.scale], m[XQ.zero_point], packed, w_scales, w_zps, accum, bias,
+        conv_activation(m, rw), m[XQ.scale], m[XQ.zero_point], packed, w_scales, w_zps, accum, bias,
         stride, padding, dilation, groups, out_scale, out_zp, out_dtype,
         accum_scale, accum_zp, "sum", 1.0, unary, scalars, algorithm,
     )  # fmt: skip

@@ -37,7 +37,7 @@ from qalgebra.fusions.common import (
 from qalgebra.pattern import Match, Pattern, Var, any_of, call, ignored
 from qalgebra.shapes import known_shape
 
-__all__ = ["CONV_UNARIES", "QCONV", "conv", "conv_geometry"]
+__all__ = ["CONV_UNARIES", "QCONV", "conv", "conv_activation", "conv_geometry"]
 
 aten = torch.ops.aten
 onednn = torch.ops.onednn
@@ -80,21 +80,57 @@ def conv() -> Pattern:
 
 
 def conv_geometry(m: Match) -> tuple[list[int], list[int], list[int], int]:
-    """(stride, padding, dilation, groups), each list expanded to the spatial rank.
+    """(stride, padding, dilation, groups) of the oneDNN call, each list of the spatial rank.
 
-    The dilation of a kernel dimension of size 1 is 1: dilating one tap changes nothing, and
-    oneDNN's AVX512 and AMX int8 convolutions crash (segfault) on a dilated width-1 kernel
-    whose every output column lies in the padding (docs/findings.md, bug 4).
+    Exact normalizations keep oneDNN's AVX512 and AMX int8 convolutions off geometries they
+    get wrong (docs/findings.md, bug 4): a kernel dimension of size 1 is not dilated (dilating
+    one tap changes nothing; dilated width-1 kernels whose output columns read only padding
+    crashed), and an output of a single column is computed from its one window, cut out of the
+    activation by :func:`conv_activation`: no padding, no stride (AMX computed such padded or
+    strided convolutions wrongly).
     """
+    stride, padding, dilation, _ = _geometry(m)
+    if _single_column(m) is not None:
+        stride[-1], padding[-1] = 1, 0
+    return stride, padding, dilation, m[GROUPS]
+
+
+def _geometry(m: Match) -> tuple[list[int], list[int], list[int], list[int]]:
+    """(stride, padding, dilation, kernel) as written, but for size-1 kernel dilations."""
     spatial = m[W].dim() - 2
     dilation = _expand(m[DILATION], spatial, "dilation")
-    kernel = m[W].shape[2:]
+    kernel = [int(k) for k in m[W].shape[2:]]
     return (
         _expand(m[STRIDE], spatial, "stride"),
         _expand(m[PADDING], spatial, "padding"),
         [1 if size == 1 else d for size, d in zip(kernel, dilation, strict=True)],
-        m[GROUPS],
+        kernel,
     )
+
+
+def _single_column(m: Match) -> tuple[int, int] | None:
+    """(left, right) padding of the width that cuts out the one window of a padded or strided
+    conv whose static output has a single column (negative: a crop), else None."""
+    shape = static_shape(m[X])
+    stride, padding, dilation, kernel = _geometry(m)
+    if shape is None or len(shape) != len(kernel) + 2:
+        return None
+    width, s, p = shape[-1], stride[-1], padding[-1]
+    extent = dilation[-1] * (kernel[-1] - 1) + 1
+    slack = width + 2 * p - extent
+    if not 0 <= slack < s or (p == 0 and s == 1):
+        return None  # more than one column, or nothing to cut
+    return p, extent - p - width
+
+
+def conv_activation(m: Match, rw: Rewriter) -> fx.Node:
+    """The quantized activation the conv is called on: the matched one, or for a single
+    output column its one window (padded with the zero point, which dequantizes to 0)."""
+    pads = _single_column(m)
+    if pads is None or pads == (0, 0):
+        x: fx.Node = m[X]
+        return x
+    return rw.call(aten.constant_pad_nd.default, m[X], list(pads), m[XQ.zero_point])
 
 
 def _expand(values: list[Any], n: int, what: str) -> list[int]:
@@ -124,9 +160,13 @@ def prepack_conv(m: Match) -> torch.Tensor:
     other batch sizes.
     """
     stride, padding, dilation, groups = conv_geometry(m)
+    shape = static_shape(m[X])
+    pads = _single_column(m)
+    if shape is not None and pads is not None:
+        shape[-1] += sum(pads)
     packed: torch.Tensor = onednn.qconv_prepack(
         m[W], m[WQ.scales], m[XQ.scale], m[XQ.zero_point], stride, padding, dilation, groups,
-        static_shape(m[X]),
+        shape,
     )  # fmt: skip
     return packed
 
@@ -139,7 +179,7 @@ def _rewrite_qconv(m: Match, rw: Rewriter) -> fx.Node:
     attr, scalars, algorithm, enforced = unary_args_enforcing_range(m)
     fused = rw.call(
         onednn.qconv_pointwise.default,
-        m[X],
+        conv_activation(m, rw),
         m[XQ.scale],
         m[XQ.zero_point],
         packed,
