@@ -7,6 +7,7 @@ type. Subclasses say which phase refused: building a pattern, matching, or lower
 from __future__ import annotations
 
 __all__ = [
+    "ExampleDatabaseError",
     "InvalidQParamsError",
     "LoweringError",
     "MatchError",
@@ -38,3 +39,7 @@ class InvalidQParamsError(LoweringError, ValueError):
 
 class UnsupportedGraphError(LoweringError):
     """The input is not something qalgebra can lower (not a GraphModule, ...)."""
+
+
+class ExampleDatabaseError(QAlgebraError, ValueError):
+    """The example database named for the properties cannot be used (unreachable server...)."""

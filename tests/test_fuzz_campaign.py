@@ -111,7 +111,7 @@ def from_1000(k: int) -> str | None:
 # Crashes
 
 
-@pytest.mark.parametrize("sig", [signal.SIGSEGV, signal.SIGABRT])
+@pytest.mark.parametrize("sig", [signal.SIGSEGV, signal.SIGABRT], ids=["SIGSEGV", "SIGABRT"])
 def test_a_worker_killed_by_a_signal_is_a_failure_with_its_example(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, sig: signal.Signals
 ) -> None:
