@@ -1,11 +1,11 @@
 """Lower a PT2E-quantized GraphModule to a runnable graph of oneDNN int8 ops, eagerly.
 
 ``lower(gm, example_inputs)`` copies the graph, runs the catalog's fusions in priority order
-(each one ``find_matches`` + typed replacement code), prepacks weights at lowering time, removes
-dead nodes, lints and recompiles. The input module is never mutated: the rewrite works on a copy,
-and a replacement that refuses or fails is rolled back, leaving that subgraph as it was.
-``lower_with_report`` also returns what fired, what each fusion consumed, what was refused and
-why, and which quantize/dequantize nodes are left.
+(each one ``find_matches`` of its compiled matcher + typed replacement code), prepacks weights at
+lowering time, removes dead nodes, lints and recompiles. The input module is never mutated: the
+rewrite works on a copy, and a replacement that refuses or fails is rolled back, leaving that
+subgraph as it was. ``lower_with_report`` also returns what fired, what each fusion consumed,
+what was refused and why, and which quantize/dequantize nodes are left.
 
 >>> import torch
 >>> gm = torch.fx.symbolic_trace(torch.nn.ReLU())
@@ -31,7 +31,7 @@ from torch import fx
 from qalgebra.errors import UnsupportedGraphError
 from qalgebra.fusions import DEFAULT_FUSIONS
 from qalgebra.fusions.base import Fusion, Refusal, Rewriter
-from qalgebra.match import DTYPE_KEY, METADATA_ASSERTS, find_matches, node_dtype
+from qalgebra.match import DTYPE_KEY, METADATA_ASSERTS, node_dtype
 from qalgebra.shapes import SHAPE_KEY, known_shape
 
 __all__ = ["DEFAULT_FUSIONS", "LoweringReport", "lower", "lower_with_report"]
@@ -208,7 +208,7 @@ def _apply(
 ) -> None:
     replaced: dict[fx.Node, fx.Node] = {}
     chains: list[tuple[fx.Node, ...]] = []
-    for m in find_matches(fusion.pattern, graph, exclusive=fusion.exclusive):
+    for m in fusion.matcher.find_matches(graph, exclusive=fusion.exclusive):
         rw = Rewriter(graph, module, m.root, replaced)
         try:
             new = fusion.rewrite(m, rw)

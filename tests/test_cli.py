@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import math
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 from typer.testing import CliRunner, Result
 
-from qalgebra import fuzz
-from qalgebra.cli import app
+from qalgebra import Mismatch, fuzz
+from qalgebra.cli import _explain_one, app
 from qalgebra.fuzz import default_workers
 from qalgebra.lower import DEFAULT_FUSIONS
 from qalgebra.testing import campaign
@@ -93,6 +94,24 @@ def test_explain_says_matches_or_why_not() -> None:
     assert "qconv_binary does not match at node conv2d" in why.output
     for field in ("path:", "node:", "reason:"):
         assert field in why.output
+
+
+def test_explain_shows_every_alternative_that_fails_as_far_in() -> None:
+    graph = torch.fx.Graph()
+    x = graph.placeholder("x")
+    add = graph.call_function(torch.ops.aten.add.Tensor, (x, 3))
+    first = Mismatch("expected {}, got {}", (1, 3), (".args[1]",), 3)
+    tied = Mismatch("expected {}, got {}", (2, 3), (".args[1]",), 3)
+    text = str(_explain_one("f", add, replace(first, tied=(tied,))))
+    assert text.splitlines()[1:] == [
+        "  path:   root.args[1]",
+        "  node:   3",
+        "  reason: expected 1, got 3",
+        "  or",
+        "  path:   root.args[1]",
+        "  node:   3",
+        "  reason: expected 2, got 3",
+    ]
 
 
 def test_explain_unknown_names_fail_with_suggestions() -> None:

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import fx
 
 from qalgebra.errors import QAlgebraError
+from qalgebra.match import Matcher
 from qalgebra.pattern import Match, Pattern
 
 __all__ = ["Fusion", "Refusal", "Rewriter"]
@@ -28,19 +29,52 @@ class Refusal(QAlgebraError):
 
 @dataclass(frozen=True, slots=True)
 class Fusion:
-    """One catalog entry: a pattern, and the typed code that replaces what it matches."""
+    """One catalog entry: a pattern, and the typed code that replaces what it matches.
+
+    A fusion compiles its pattern once, when it is made (``matcher``: the lowering matches
+    through it), and describes itself from its pattern: ``describe()`` is the pattern's short
+    description; ``doc`` defaults to its first line, cut to a line's length.
+
+    >>> import torch
+    >>> from qalgebra import Var, call
+    >>> relu = Fusion("relu", "demo", call(torch.ops.aten.relu.default, Var("x", fx.Node)),
+    ...               lambda m, rw: m.root)
+    >>> relu.doc
+    'aten.relu.default(x)'
+    """
 
     name: str
     family: str
     pattern: Pattern
     rewrite: Callable[[Match, Rewriter], fx.Node]
+    #: What is replaced with what, in one line for people (``qalgebra catalog``).
     doc: str = ""
     #: Inner nodes of a match must be read only inside it (else fusing would compute them
     #: twice); off for fusions that keep their inner nodes (promotion, clone elision).
     exclusive: bool = True
+    #: The pattern compiled: its plans and indexes, kept for every lowering.
+    matcher: Matcher = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "matcher", Matcher(self.pattern))
+        if not self.doc:
+            object.__setattr__(self, "doc", _first_line(self.pattern.describe()))
+
+    def describe(self) -> str:
+        """The pattern in English, each shared part once (see :mod:`qalgebra.sharing`)."""
+        return self.pattern.describe()
 
     def __repr__(self) -> str:
         return f"<Fusion {self.name} ({self.family})>"
+
+
+#: A derived ``doc`` is cut to this many characters.
+DOC_WIDTH = 120
+
+
+def _first_line(text: str) -> str:
+    line = text.split("\n", 1)[0]
+    return line if len(line) <= DOC_WIDTH else line[: DOC_WIDTH - 3] + "..."
 
 
 _counter = itertools.count()
