@@ -117,5 +117,27 @@ def test_a_single_output_column_is_computed_from_its_window() -> None:
     window = call.args[0]
     assert isinstance(window, torch.fx.Node)
     assert window.target is torch.ops.aten.constant_pad_nd.default
-    assert window.args[1] == [0, -1] and window.args[2] == 5  # the 5 columns it reads; zp 5
+    assert window.args[1] == [0, -1, 0, 0] and window.args[2] == 5  # its 5 columns; zp 5
     check_example(SINGLE_COLUMN)  # against the reference
+
+
+#: A window of padding only: a (2, 1) kernel with height padding 2 on a 1-row input.
+PADDING_ONLY_WINDOW = build_example(
+    GraphSpec(
+        family="qconv",
+        input_shape=(1, 1, 1, 5),
+        input_quant=_u8(0.03, 7),
+        main=Layer(ConvSpec(1, 6, (2, 1), padding=(2, 0)), seed=9),
+    ),
+    form="op",
+)
+
+
+def test_a_window_of_padding_only_reads_explicit_padding() -> None:
+    (call,) = _conv_calls(PADDING_ONLY_WINDOW)
+    assert call.args[8] == [0, 0]  # the conv runs unpadded
+    padded = call.args[0]
+    assert isinstance(padded, torch.fx.Node)
+    assert padded.target is torch.ops.aten.constant_pad_nd.default
+    assert padded.args[1] == [0, 0, 2, 2] and padded.args[2] == 7  # height 2 + 2, zero point
+    check_example(PADDING_ONLY_WINDOW)

@@ -85,13 +85,17 @@ def conv_geometry(m: Match) -> tuple[list[int], list[int], list[int], int]:
     Exact normalizations keep oneDNN's AVX512 and AMX int8 convolutions off geometries they
     get wrong (docs/findings.md, bug 4): a kernel dimension of size 1 is not dilated (dilating
     one tap changes nothing; dilated width-1 kernels whose output columns read only padding
-    crashed), and an output of a single column is computed from its one window, cut out of the
-    activation by :func:`conv_activation`: no padding, no stride (AMX computed such padded or
-    strided convolutions wrongly).
+    crashed); padding as large as a window, so that some window reads only padding, is written
+    into the activation instead (:func:`conv_activation`; such windows came out as garbage);
+    and an output of a single column is computed from its one window, cut out of the
+    activation, unpadded and unstrided (AMX computed such padded or strided columns wrongly).
     """
     stride, padding, dilation, _ = _geometry(m)
-    if _single_column(m) is not None:
-        stride[-1], padding[-1] = 1, 0
+    pads = _explicit_pads(m)
+    if pads is not None:
+        padding = [0] * len(padding)
+        if _single_column(m) is not None:
+            stride[-1] = 1
     return stride, padding, dilation, m[GROUPS]
 
 
@@ -123,14 +127,31 @@ def _single_column(m: Match) -> tuple[int, int] | None:
     return p, extent - p - width
 
 
+def _explicit_pads(m: Match) -> list[tuple[int, int]] | None:
+    """(before, after) of each spatial dimension to write into the activation (negative: a
+    crop), with which the conv runs unpadded; None to call it as it is."""
+    _, padding, dilation, kernel = _geometry(m)
+    column = _single_column(m)
+    window_in_padding = any(
+        p >= d * (k - 1) + 1 for p, d, k in zip(padding, dilation, kernel, strict=True)
+    )
+    if column is None and not window_in_padding:
+        return None
+    pads = [(p, p) for p in padding]
+    if column is not None:
+        pads[-1] = column
+    return pads
+
+
 def conv_activation(m: Match, rw: Rewriter) -> fx.Node:
-    """The quantized activation the conv is called on: the matched one, or for a single
-    output column its one window (padded with the zero point, which dequantizes to 0)."""
-    pads = _single_column(m)
-    if pads is None or pads == (0, 0):
-        x: fx.Node = m[X]
+    """The quantized activation the conv is called on: the matched one, or padded as
+    :func:`conv_geometry` says with the zero point (which dequantizes to 0)."""
+    pads = _explicit_pads(m)
+    x: fx.Node = m[X]
+    if pads is None or all(p == (0, 0) for p in pads):
         return x
-    return rw.call(aten.constant_pad_nd.default, m[X], list(pads), m[XQ.zero_point])
+    flat = [side for pair in reversed(pads) for side in pair]  # last dimension first
+    return rw.call(aten.constant_pad_nd.default, x, flat, m[XQ.zero_point])
 
 
 def _expand(values: list[Any], n: int, what: str) -> list[int]:
@@ -161,9 +182,10 @@ def prepack_conv(m: Match) -> torch.Tensor:
     """
     stride, padding, dilation, groups = conv_geometry(m)
     shape = static_shape(m[X])
-    pads = _single_column(m)
+    pads = _explicit_pads(m)
     if shape is not None and pads is not None:
-        shape[-1] += sum(pads)
+        for dim, (before, after) in enumerate(pads):
+            shape[dim + 2] += before + after
     packed: torch.Tensor = onednn.qconv_prepack(
         m[W], m[WQ.scales], m[XQ.scale], m[XQ.zero_point], stride, padding, dilation, groups,
         shape,
