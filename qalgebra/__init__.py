@@ -10,6 +10,7 @@ from qalgebra.errors import (
     MatchError,
     PatternError,
     QAlgebraError,
+    RewriteError,
     UnsupportedGraphError,
 )
 from qalgebra.pattern import (
@@ -40,6 +41,7 @@ __all__ = [
     "Pattern",
     "PatternError",
     "QAlgebraError",
+    "RewriteError",
     "UnsupportedGraphError",
     "Var",
     "any_of",

@@ -452,10 +452,15 @@ def _refusals_table(results: Sequence[Comparison]) -> Table | None:
         for r in results
         if r.report is not None
         for x in r.report.refused
+    ] + [
+        (r.name, x.fusion, x.root, escape(f"failed, rolled back: {x.error}"))
+        for r in results
+        if r.report is not None
+        for x in r.report.failed
     ]
     if not rows:
         return None
-    table = Table(title="Refused matches", title_justify="left")
+    table = Table(title="Refused (or failed) matches", title_justify="left")
     for column in ("model", "fusion", "at node", "reason"):
         table.add_column(column)
     for row in rows:

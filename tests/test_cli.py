@@ -172,3 +172,22 @@ def test_fuzz_workers_report_every_failure_and_exit_1(
     assert all(
         f.path.exists() and "deliberately broken" in f.path.read_text() for f in summary.failures
     )
+
+
+def test_the_refusals_table_lists_failed_rewrites_too() -> None:
+    from rich.console import Console
+
+    from qalgebra.cli import Comparison, _refusals_table
+    from qalgebra.lower import FailedRewrite, LoweringReport, RefusedMatch
+
+    report = LoweringReport(
+        refused=[RefusedMatch("qlinear", "linear", "weight dtype torch.float32 is not int8")],
+        failed=[FailedRewrite("qconv", "conv2d", "RuntimeError: could not create a primitive")],
+    )
+    table = _refusals_table([Comparison("m", report=report)])
+    assert table is not None
+    console = Console(width=200, record=True)
+    console.print(table)
+    text = console.export_text()
+    assert "weight dtype torch.float32 is not int8" in text
+    assert "failed, rolled back: RuntimeError: could not create a primitive" in text

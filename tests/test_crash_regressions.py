@@ -1,4 +1,4 @@
-"""Graphs on which oneDNN's AVX512/AMX int8 conv crashed or erred (docs/findings.md, bug 4).
+"""Graphs on which oneDNN's AVX512/AMX int8 conv crashed or erred (docs/findings.md, bug 5).
 
 A crash (segfault in oneDNN) takes the interpreter with it, so each crash reproducer runs in a
 subprocess; on a CPU where the kernel never misbehaved, the structural checks beside them (how
@@ -35,7 +35,7 @@ def _u8(scale: float, zero_point: int) -> QuantSpec:
     return QuantSpec(scale, zero_point, 0, 127, torch.uint8)
 
 
-#: ``qalgebra fuzz --max-examples 600 --seed 73115`` (bug 4 in docs/findings.md): the consumer
+#: ``qalgebra fuzz --max-examples 600 --seed 73115`` (bug 5 in docs/findings.md): the consumer
 #: conv has a (3, 1) kernel dilated (2, 2) on a width-1 input padded by 1 with stride 2, so
 #: both output columns read only padding; oneDNN's AVX512/AMX kernel segfaulted on it.
 DILATED_WIDTH_ONE = build_example(

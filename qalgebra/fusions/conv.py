@@ -37,7 +37,14 @@ from qalgebra.fusions.common import (
 from qalgebra.pattern import Match, Pattern, Var, any_of, call, ignored
 from qalgebra.shapes import known_shape
 
-__all__ = ["CONV_UNARIES", "QCONV", "conv", "conv_activation", "conv_geometry"]
+__all__ = [
+    "CONV_UNARIES",
+    "QCONV",
+    "conv",
+    "conv_activation",
+    "conv_geometry",
+    "input_shape_hint",
+]
 
 aten = torch.ops.aten
 onednn = torch.ops.onednn
@@ -83,7 +90,7 @@ def conv_geometry(m: Match) -> tuple[list[int], list[int], list[int], int]:
     """(stride, padding, dilation, groups) of the oneDNN call, each list of the spatial rank.
 
     Exact normalizations keep oneDNN's AVX512 and AMX int8 convolutions off geometries they
-    get wrong (docs/findings.md, bug 4): a kernel dimension of size 1 is not dilated (dilating
+    get wrong (docs/findings.md, bug 5): a kernel dimension of size 1 is not dilated (dilating
     one tap changes nothing; dilated width-1 kernels whose output columns read only padding
     crashed); padding as large as a window, so that some window reads only padding, is written
     into the activation instead (:func:`conv_activation`; such windows came out as garbage);
@@ -114,8 +121,10 @@ def _geometry(m: Match) -> tuple[list[int], list[int], list[int], list[int]]:
 
 def _single_column(m: Match) -> tuple[int, int] | None:
     """(left, right) padding of the width that cuts out the one window of a padded or strided
-    conv whose static output has a single column (negative: a crop), else None."""
-    shape = static_shape(m[X])
+    conv whose static output has a single column (negative: a crop), else None. The shape must
+    be one the graph's shapes confirm (:func:`input_shape_hint`): a stale one would cut the
+    wrong window."""
+    shape = input_shape_hint(m)
     stride, padding, dilation, kernel = _geometry(m)
     if shape is None or len(shape) != len(kernel) + 2:
         return None
@@ -173,15 +182,39 @@ def static_shape(node: fx.Node) -> list[int] | None:
     return dims if len(dims) == len(shape) else None
 
 
+def input_shape_hint(m: Match) -> list[int] | None:
+    """The activation's static shape, when it fits the weight and the conv's result, else None.
+
+    ``meta['val']`` can be stale: torchao's ``move_exported_model_to_eval`` swaps batch norms by
+    subgraph rewriting and leaves the pattern's example shape (``[1, 1, 3, 3]``) on the new
+    nodes, and ``qconv_prepack`` fails for a shape that contradicts the weight (Inductor and
+    torchao re-export first, so their shapes are fresh). A shape is only a layout hint.
+    """
+    shape = static_shape(m[X])
+    w = m[W]
+    stride, padding, dilation, _ = _geometry(m)  # as written: what the graph's shapes follow
+    groups = m[GROUPS]
+    if shape is None or len(shape) != w.dim() or shape[1] != w.shape[1] * groups:
+        return None
+    out = static_shape(m.root)  # every root (unary, quantize, residual add) keeps the shape
+    if out is None:
+        return shape
+    spatial = [
+        (size + 2 * p - d * (k - 1) - 1) // s + 1
+        for size, p, d, k, s in zip(shape[2:], padding, dilation, w.shape[2:], stride, strict=True)
+    ]
+    return shape if out == [shape[0], w.shape[0], *spatial] else None
+
+
 def prepack_conv(m: Match) -> torch.Tensor:
     """The oneDNN-packed weight, laid out for the activation shape when it is static.
 
-    A symbolic shape is left out (the packed weight then works for any shape, as Inductor does
-    for dynamic shapes); a given shape lets oneDNN pick a faster layout and still accepts
-    other batch sizes.
+    A symbolic or inconsistent shape is left out (the packed weight then works for any shape,
+    as Inductor does for dynamic shapes); a given shape lets oneDNN pick a faster layout and
+    still accepts other batch sizes.
     """
     stride, padding, dilation, groups = conv_geometry(m)
-    shape = static_shape(m[X])
+    shape = input_shape_hint(m)
     pads = _explicit_pads(m)
     if shape is not None and pads is not None:
         for dim, (before, after) in enumerate(pads):
