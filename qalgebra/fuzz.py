@@ -57,7 +57,7 @@ from rich.progress import (
 )
 
 from qalgebra.fuzz_summary import CampaignSummary, Failure
-from qalgebra.fuzz_worker import Job, read_in_flight, serve, write_failure
+from qalgebra.fuzz_worker import InFlight, Job, read_in_flight, serve, write_failure
 from qalgebra.testing.database import DB_ENV, DEFAULT_DB, example_database, redacted
 from qalgebra.testing.strategies import examples, families
 
@@ -324,9 +324,9 @@ class _Supervisor:
         code = worker.process.exitcode
         how = _signal_name(code)
         flight = read_in_flight(self._flights / f"{worker.ident}.json")
-        if flight is None:
-            self._errors.append(f"worker {worker.ident} died ({how}) before its first example")
-            return
+        if flight is None or not flight.code:  # between examples: drawing one, or Hypothesis
+            note = f"# no example was being checked ({job.family}, job seed {job.seed})\n"
+            flight = InFlight(job.family, "", flight.checked if flight else 0, note)
         failure = write_failure(
             self.out_dir, f"w{worker.ident}_crash", None, None, code=flight.code,
             family=flight.family, form=flight.form, signal=how,

