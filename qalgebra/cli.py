@@ -872,13 +872,27 @@ def fuzz(
         int | None,
         typer.Option("--workers", help="Processes sharing the work (default: 2 if 2 cores)."),
     ] = None,
+    db: Annotated[
+        str | None,
+        typer.Option(
+            "--db",
+            help="Example database: a directory, or a Redis URL shared by machines (default: "
+            "$QALGEBRA_HYPOTHESIS_DB, else .hypothesis/examples).",
+        ),
+    ] = None,
 ) -> None:
     """Check the lowering's properties on random quantized graphs (exit 1 on any failure)."""
     quiet_third_party()
+    from qalgebra.errors import ExampleDatabaseError
     from qalgebra.fuzz import run_campaign
 
     names = [n for entry in families or [] for n in entry.split(",") if n]
-    summary = run_campaign(max_examples, minutes, seed, names or None, out, workers=workers)
+    try:
+        summary = run_campaign(
+            max_examples, minutes, seed, names or None, out, workers=workers, database=db
+        )
+    except ExampleDatabaseError as exc:
+        raise _fail(Console(stderr=True), str(exc), code=2) from None
     raise typer.Exit(summary.exit_code)
 
 

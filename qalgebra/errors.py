@@ -7,6 +7,7 @@ type. Subclasses say which phase refused: building a pattern, matching, or lower
 from __future__ import annotations
 
 __all__ = [
+    "ExampleDatabaseError",
     "InvalidQParamsError",
     "LoweringError",
     "MatchError",
@@ -54,3 +55,7 @@ class RewriteError(LoweringError):
 
     def __str__(self) -> str:
         return f"{self.fusion} failed at {self.node}: {self.cause}"
+
+
+class ExampleDatabaseError(QAlgebraError, ValueError):
+    """The example database named for the properties cannot be used (unreachable server...)."""

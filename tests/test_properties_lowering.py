@@ -8,6 +8,8 @@ reported, nothing else), the input module and tensors are untouched, the lowered
 and runs without writing its inputs or aliasing them, its outputs are within the derived
 bound of the reference, and lowering it again fires nothing and changes nothing.
 
+``test_family[...]`` is :func:`qalgebra.testing.campaign.family_test`, parametrized by family:
+the one definition of a family's property test, which ``qalgebra fuzz`` and HypoFuzz run too.
 The Hypothesis profile (tests/conftest.py) sets the number of examples: ``ci`` is derandomized.
 A failure shrinks to a small graph; its standalone reproduction script (``example.code()``) is
 printed with the falsifying example.
@@ -20,6 +22,7 @@ import torch
 from hypothesis import HealthCheck, example, given, note, settings
 
 from qalgebra.combinators import Unary
+from qalgebra.testing.campaign import family_test
 from qalgebra.testing.properties import (
     PropertyFailure,
     check_example,
@@ -111,14 +114,9 @@ def test_every_family_every_form(ex: ExampleLike) -> None:
     _check(ex)
 
 
-@pytest.mark.parametrize("family", FAMILY_NAMES)
-def test_family(family: str) -> None:
-    @_SLOW_OK
-    @given(ex=examples([family]))
-    def run(ex: ExampleLike) -> None:
-        _check(ex)
-
-    run()
+#: One Hypothesis test per family (the definition ``qalgebra fuzz`` and HypoFuzz run too):
+#: ``hypothesis fuzz -- tests/test_properties_lowering.py -k test_family`` fuzzes each family.
+test_family = pytest.mark.parametrize("family", FAMILY_NAMES)(_SLOW_OK(family_test()))
 
 
 @pytest.mark.parametrize(

@@ -48,7 +48,13 @@ from qalgebra.fusions.common import (
     weight_constants,
     weight_quant,
 )
-from qalgebra.fusions.conv import CONV_ACTIVATIONS, conv, conv_geometry, prepack_conv
+from qalgebra.fusions.conv import (
+    CONV_ACTIVATIONS,
+    conv,
+    conv_activation,
+    conv_geometry,
+    prepack_conv,
+)
 from qalgebra.fusions.linear import (
     LINEAR_ACTIVATIONS,
     OUT_SHAPE,
@@ -155,7 +161,8 @@ def _rewrite_qconv_binary(m: Match, rw: Rewriter) -> fx.Node:
     x, xq = activation_input(m, rw, allowed_act=CONV_ACTIVATIONS)
     fused = rw.call(
         overload_for(xq, onednn.qconv2d_pointwise.binary, onednn.qconv2d_pointwise.binary_tensor),
-        x, xq.scale, xq.zero_point, packed, w_scales, w_zps, accum, bias,
+        conv_activation(m, rw, x, xq), xq.scale, xq.zero_point, packed, w_scales, w_zps, accum,
+        bias,
         stride, padding, dilation, groups, out_scale, out_zp, out_dtype,
         accum_scale, accum_zp, "sum", 1.0, unary, scalars, algorithm,
     )  # fmt: skip

@@ -227,9 +227,19 @@ def check_idempotent(
 
 
 def check_example(example: ExampleLike) -> Outcome:
-    """Lower ``example.gm`` once and check every property of :data:`PROPERTIES` on it."""
-    with torch.no_grad():
-        return _check_example(example)
+    """Lower ``example.gm`` once and check every property of :data:`PROPERTIES` on it.
+
+    Eager aten ops -- the whole reference, what the lowering leaves -- run on PyTorch's native
+    kernels, not oneDNN's: on AMX, oneDNN's eager bf16 conv gets degenerate geometries wrong
+    too (docs/findings.md, bug 5), which would make the reference wrong.
+    """
+    enabled = torch._C._get_mkldnn_enabled()
+    torch._C._set_mkldnn_enabled(False)
+    try:
+        with torch.no_grad():
+            return _check_example(example)
+    finally:
+        torch._C._set_mkldnn_enabled(enabled)
 
 
 def _check_example(example: ExampleLike) -> Outcome:
