@@ -124,6 +124,22 @@ def _saturation_check_off() -> None:
     _patch_everywhere("pair_sum_may_saturate", lambda max_abs_activation, weight: False)
 
 
+def _mean_truncated() -> None:
+    """The int8 mean (``qmean``) converted to int8 without its ``round``: truncated."""
+    import torch
+
+    from qalgebra.fusions.base import Rewriter
+
+    original = Rewriter.call
+
+    def call(self: Rewriter, target: Any, *args: Any, **kwargs: Any) -> Any:
+        if target is torch.ops.aten.round.default:
+            return args[0]
+        return original(self, target, *args, **kwargs)
+
+    setattr(Rewriter, "call", call)  # noqa: B010  # the mutant replaces the method
+
+
 def _shift_zero_point_kept() -> None:
     """int8 activations shifted to uint8 for conv, their zero point left unshifted."""
     _patch_everywhere("_plus_128", lambda q, rw: q)
@@ -247,6 +263,11 @@ MUTANTS: dict[str, Mutant] = {
             "clamp_dropped",
             "no clamp to a narrower (reduce_range) output quant range",
             _clamp_dropped,
+        ),
+        Mutant(
+            "mean_truncated",
+            "qmean: the mean of the int8 levels truncated instead of rounded",
+            _mean_truncated,
         ),
         Mutant(
             "shift_zero_point_kept",

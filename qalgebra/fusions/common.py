@@ -181,6 +181,22 @@ def clamp_to_quant_range(
     return node
 
 
+def output_quantize(m: Match, rw: Rewriter, x: fx.Node, scale: float | None = None) -> fx.Node:
+    """``x`` quantized with the matched output quant (op form), ``scale`` in place of its scale
+    when given; its range is recorded for later fusions."""
+    out = rw.call(
+        torch.ops.quantized_decomposed.quantize_per_tensor.default,
+        x,
+        m[OQ.scale] if scale is None else scale,
+        m[OQ.zero_point],
+        m[OQ.quant_min],
+        m[OQ.quant_max],
+        m[OQ.dtype],
+    )
+    rw.set_meta(out, QUANT_RANGE_KEY, (m[OQ.quant_min], m[OQ.quant_max]))
+    return out
+
+
 def range_clamp(
     rw: Rewriter, node: fx.Node, bounds: tuple[int, int], info: torch.iinfo, *, in_place: bool
 ) -> fx.Node:

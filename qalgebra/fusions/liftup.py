@@ -45,7 +45,7 @@ from qalgebra.combinators import (
     with_dtype_convert,
 )
 from qalgebra.fusions.base import Fusion, Rewriter
-from qalgebra.fusions.common import OQ, QUANT_RANGE_KEY
+from qalgebra.fusions.common import OQ, QUANT_RANGE_KEY, output_quantize
 from qalgebra.fusions.pointwise import (
     CAT_DIM,
     FLOAT_OP,
@@ -80,7 +80,6 @@ __all__ = [
 ]
 
 aten = torch.ops.aten
-qd = torch.ops.quantized_decomposed
 
 #: The longest chain of movements one lift passes.
 LIFT_DEPTH = 4
@@ -119,22 +118,7 @@ def movement_chain(x: Pattern) -> Pattern:
 
 
 def _lifted_quant(m: Match, rw: Rewriter) -> fx.Node:
-    return _quantize(m, rw, m[SOURCE])
-
-
-def _quantize(m: Match, rw: Rewriter, x: fx.Node) -> fx.Node:
-    """``x`` quantized with the match's output qparams (op form), its int8 range recorded."""
-    q = rw.call(
-        qd.quantize_per_tensor.default,
-        x,
-        m[OQ.scale],
-        m[OQ.zero_point],
-        m[OQ.quant_min],
-        m[OQ.quant_max],
-        m[OQ.dtype],
-    )
-    rw.set_meta(q, QUANT_RANGE_KEY, (m[OQ.quant_min], m[OQ.quant_max]))
-    return q
+    return output_quantize(m, rw, m[SOURCE])
 
 
 def _lift_over_movements(m: Match, rw: Rewriter) -> fx.Node:
@@ -240,7 +224,7 @@ def _lift_over_cat(m: Match, rw: Rewriter) -> fx.Node:
     for x in m.each(_CAT_INPUT):
         if x not in quantized:
             rw.anchor = m[FLOAT_OP]  # each quantize right before the cat, after its input
-            quantized[x] = _quantize(m, rw, x)
+            quantized[x] = output_quantize(m, rw, x)
     rw.anchor = m.root
     joined = rw.call(aten.cat.default, [quantized[x] for x in m.each(_CAT_INPUT)], m[CAT_DIM])
     joined.meta[QUANT_RANGE_KEY] = (m[OQ.quant_min], m[OQ.quant_max])

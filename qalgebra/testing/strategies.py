@@ -33,8 +33,8 @@ Strategies (public factories; the classes behind them are plain frozen dataclass
 
 Families plug in through :data:`FAMILIES` (name -> zero-argument factory of a strategy of
 Examples): :func:`register_family` adds one; the modules named in :data:`PLUGIN_MODULES` (the
-pointwise, weight-only and other-config families) are imported on first use and may either call
-:func:`register_family` or define a ``FAMILIES`` mapping of their own.
+pointwise, weight-only, other-config and reduction families) are imported on first use and may
+either call :func:`register_family` or define a ``FAMILIES`` mapping of their own.
 
 Numerics bounds (:class:`OutputBound`, DESIGN.md "Lowering: numerics"). The fused kernel and
 the reference compute the same integer products; they differ by float rounding (fp32: the
@@ -161,6 +161,7 @@ PLUGIN_MODULES: tuple[str, ...] = (
     "qalgebra.testing.pointwise_strategies",
     "qalgebra.testing.woq_strategies",
     "qalgebra.testing.config_strategies",
+    "qalgebra.testing.reduce_strategies",
 )
 
 _CONV_UNARIES = (
