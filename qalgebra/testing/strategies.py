@@ -842,7 +842,7 @@ def _linear(
     return y
 
 
-F = torch.nn.functional
+_F = torch.nn.functional
 
 #: Each post-op as a float64 function of the pre-activation (and the layer's scalars), and where
 #: it has its minimum (None: it is monotone), so that the error model maps an interval of
@@ -852,11 +852,11 @@ _POST_OPS: dict[Unary, tuple[Callable[[torch.Tensor, Layer], torch.Tensor], floa
     Unary.RELU6: (lambda t, layer: t.clamp(0.0, 6.0), None),
     Unary.HARDTANH: (lambda t, layer: t.clamp(layer.post_scalars[0], layer.post_scalars[1]), None),
     Unary.TANH: (lambda t, layer: torch.tanh(t), None),
-    Unary.LEAKY_RELU: (lambda t, layer: F.leaky_relu(t, layer.post_scalars[0]), None),
-    Unary.HARDSWISH: (lambda t, layer: F.hardswish(t), -1.5),
-    Unary.SILU: (lambda t, layer: F.silu(t), -1.2784645428),
-    Unary.GELU: (lambda t, layer: F.gelu(t), -0.7517915),
-    Unary.GELU_TANH: (lambda t, layer: F.gelu(t, approximate="tanh"), -0.7522),
+    Unary.LEAKY_RELU: (lambda t, layer: _F.leaky_relu(t, layer.post_scalars[0]), None),
+    Unary.HARDSWISH: (lambda t, layer: _F.hardswish(t), -1.5),
+    Unary.SILU: (lambda t, layer: _F.silu(t), -1.2784645428),
+    Unary.GELU: (lambda t, layer: _F.gelu(t), -0.7517915),
+    Unary.GELU_TANH: (lambda t, layer: _F.gelu(t, approximate="tanh"), -0.7522),
 }
 
 
