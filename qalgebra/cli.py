@@ -289,6 +289,8 @@ class Comparison:
     """Median runtime of "fp32", "reference", "torchao", "qalgebra" (and others a caller adds)."""
     qalgebra_over_torchao: float | None = None
     """Median per-round ratio of qalgebra's runtime to torchao's (see :func:`paired_ratio`)."""
+    graphs: dict[str, fx.GraphModule] = field(default_factory=dict)
+    """The modules that ran: "reference", and "qalgebra" / "torchao" where lowering worked."""
 
 
 def _short_error(exc: BaseException) -> str:
@@ -304,6 +306,7 @@ def compare(
     runs: int = 20,
     warmup: int = 3,
     lower_repeats: int = 3,
+    time_reference: bool = True,
 ) -> Comparison:
     """Quantize ``model``, lower it with qalgebra and torchao, compare numerics and speed.
 
@@ -313,7 +316,8 @@ def compare(
     lowering starts after a ``gc.collect()``, so neither pays for the other's garbage. A crash of
     either lowering is recorded (traceback in ``*_error``), never raised. Every module call gets
     fresh copies of the inputs: a lowered module that writes into its inputs is reported in
-    ``mutates_inputs`` and cannot disturb the other measurements.
+    ``mutates_inputs`` and cannot disturb the other measurements. ``time_reference=False``
+    leaves the (slow, un-lowered) reference out of the runtime rounds.
     """
     from qalgebra.lower import lower_with_report
     from qalgebra.testing.quantize import torchao_lower
@@ -365,9 +369,12 @@ def compare(
         lowered.pop("qalgebra", None)
     if result.torchao_error is not None:
         lowered.pop("torchao", None)
+    result.graphs = {"reference": reference, **lowered}
 
     if runs > 0:
-        timed: dict[str, Callable[..., object]] = {"fp32": model, "reference": reference}
+        timed: dict[str, Callable[..., object]] = {"fp32": model}
+        if time_reference:
+            timed["reference"] = reference
         timed.update(lowered)
         with step(f"{name}: runtime ({runs} runs each)"):
             per_round = timed_samples(timed, inputs, runs=runs, warmup=warmup)

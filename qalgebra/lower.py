@@ -204,9 +204,12 @@ def _erase_dead(graph: fx.Graph, chains: list[tuple[fx.Node, ...]]) -> None:
 
     Only matched nodes, and then their inputs (weights, qparams), can die from a rewrite: a
     worklist from them replaces a whole-graph dead-code pass (and its per-node purity checks),
-    so later fusions neither match nor prepack what was replaced.
+    so later fusions neither match nor prepack what was replaced. A matched node is erased once
+    unread even if fx deems it impure (an in-place op, an eval dropout): the fusion that
+    replaced it answers for its effect (``qalgebra.fusions.inplace``); other impure nodes stay.
     """
     work = [n for chain in chains for n in chain]
+    matched = set(work)
     while work:
         node = work.pop()
         if node._erased or node.op in ("placeholder", "output"):
@@ -215,7 +218,7 @@ def _erase_dead(graph: fx.Graph, chains: list[tuple[fx.Node, ...]]) -> None:
         if asserts and len(asserts) == len(node.users):
             for user in asserts:  # they check a value nothing else reads any more
                 graph.erase_node(user)
-        if node.users or node.is_impure():
+        if node.users or (node not in matched and node.is_impure()):
             continue  # read elsewhere: if those readers die, they bring it back here
         inputs = node.all_input_nodes
         graph.erase_node(node)

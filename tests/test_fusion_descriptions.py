@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from graphs import GraphBuilder, convert, dequantize, dequantize_weight, quantize
+from graphs import QP, GraphBuilder, convert, dequantize, dequantize_weight, quantize
 from torch import fx
 
 from qalgebra import PatternError, Var, call, list_of
@@ -84,7 +84,7 @@ def _qlinear_binary() -> tuple[GraphBuilder, fx.Node]:
 
 def _qconv() -> tuple[GraphBuilder, fx.Node]:
     b = GraphBuilder()
-    w = b.const(torch.zeros(4, 3, 1, 1, dtype=torch.int8))
+    w = b.input("w", (4, 3, 1, 1), torch.int8)
     per_tensor = b.op(qd.dequantize_per_tensor.default, w, 0.5, 0, -128, 127, torch.int8)
     conv = _conv(b, _dequantized_input(b, (1, 3, 4, 4)), per_tensor)
     return b, b.op(aten.relu.default, conv)
@@ -153,13 +153,43 @@ def _view_as_reshape() -> tuple[GraphBuilder, fx.Node]:
     return b, b.op(aten.reshape.default, b.input("x", (2, 3)), [6])
 
 
+def _eval_dropout() -> tuple[GraphBuilder, fx.Node]:
+    b = GraphBuilder()
+    return b, b.op(aten.dropout.default, b.input("x", (2, 3)), 0.5, True)
+
+
+def _functionalize() -> tuple[GraphBuilder, fx.Node]:
+    b = GraphBuilder()
+    return b, b.op(aten.clamp_max_.default, b.input("q", (2, 3), U8), 127)
+
+
+def _share_max_pool() -> tuple[GraphBuilder, fx.Node]:
+    b = GraphBuilder()
+    x = b.input("x", (1, 2, 4, 4))
+    b.op(aten.relu.default, dequantize(b, quantize(b, x)))
+    pool = b.op(aten.max_pool2d.default, x, [2, 2], [2, 2])
+    return b, quantize(b, pool, QP(scale=0.05))
+
+
+def _lift_up_cat() -> tuple[GraphBuilder, fx.Node]:
+    b = GraphBuilder()
+    a = b.op(aten.relu.default, b.input("x", (1, 2, 4, 4)))
+    b.op(aten.neg.default, a)
+    cat = b.op(aten.cat.default, [a, b.input("y", (1, 2, 4, 4))], 1)
+    return b, quantize(b, cat)
+
+
 NEAR_MISSES: dict[str, NearMiss] = {
+    "eval_dropout": ("a dropout in training (train=True)", _eval_dropout),
+    "functionalize": ("clamp_max_ of a uint8 tensor (int8 code)", _functionalize),
+    "quant_share_max_pool": ("x quantized with another scale than its pool", _share_max_pool),
+    "quant_lift_up_cat": ("a cat input read twice", _lift_up_cat),
     "dequant_promotion": ("a dequantize read once (nothing to promote)", _promotion),
     "quant_lift_up": ("view -> quantize of a dequantize (the pointwise family's)", _lift_up),
     "quant_lift_up_max_pool": ("the max_pool2d is read twice", _lift_up_max_pool),
     "qconv_binary": ("add(conv, other) with alpha=2", _qconv_binary),
     "qlinear_binary": ("sub(linear, other) instead of add", _qlinear_binary),
-    "qconv": ("a conv weight dequantized per tensor", _qconv),
+    "qconv": ("a conv weight that is an input, not a constant", _qconv),
     "qlinear": ("a linear of a float activation", _qlinear),
     "qmaxpool2d": ("avg_pool2d instead of max_pool2d", _qmaxpool2d),
     "qcat": ("cat of a dequantized and a float input", _qcat),
@@ -225,9 +255,10 @@ def test_a_fusion_derives_its_doc_unless_given_one() -> None:
     relu = Fusion("relu", "demo", call(aten.relu.default, X), _keep)
     assert relu.doc == "aten.relu.default(x)"
     assert Fusion("relu", "demo", relu.pattern, _keep, doc="relu => relu").doc == "relu => relu"
-    long = Fusion("long", "demo", DEFAULT_FUSIONS[6].pattern, _keep)
+    qlinear = next(f for f in DEFAULT_FUSIONS if f.name == "qlinear")
+    long = Fusion("long", "demo", qlinear.pattern, _keep)
     assert len(long.doc) == DOC_WIDTH and long.doc.endswith("...") and "\n" not in long.doc
-    assert long.describe() == DEFAULT_FUSIONS[6].pattern.describe()
+    assert long.describe() == qlinear.pattern.describe()
 
 
 def test_a_fusion_compiles_its_pattern_when_made_and_lowers_through_it() -> None:

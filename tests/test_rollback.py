@@ -37,6 +37,7 @@ from qalgebra.testing.models import MODELS
 from qalgebra.testing.properties import flat_outputs
 from qalgebra.testing.quantize import quantize_pt2e
 from qalgebra.testing.woq_strategies import FamilyCase, dynamic_fp16_case, int_mm_case, woq_case
+from qalgebra.testing.zoo import ZOO, build
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -70,8 +71,16 @@ def _conv_then_view() -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
         return ConvThenView().eval(), (torch.randn(2, 3, 8, 8),)
 
 
+def _model(name: str) -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
+    if name == "conv_then_view":
+        return _conv_then_view()
+    if name in ZOO:  # public architectures as written (in-place ops, dropout, cats)
+        return build(name, size="ci", batch=1)
+    return MODELS[name]()
+
+
 def _quantized(name: str, form: str = "op") -> Subject:
-    model, inputs = _conv_then_view() if name == "conv_then_view" else MODELS[name]()
+    model, inputs = _model(name)
     op_form = quantize_pt2e(model, inputs, reduce_range=True)  # 7-bit: lowered on every CPU
 
     def close(reference: Sequence[torch.Tensor], got: Sequence[torch.Tensor]) -> None:
@@ -96,6 +105,10 @@ def _woq(*out_features: int) -> Subject:
 
 #: A graph each catalog fusion fires on (checked by the test).
 SUBJECTS: dict[str, Callable[[], Subject]] = {
+    "eval_dropout": lambda: _quantized("mnasnet1_0"),
+    "functionalize": lambda: _quantized("mnasnet1_0"),
+    "quant_share_max_pool": lambda: _quantized("googlenet"),
+    "quant_lift_up_cat": lambda: _quantized("googlenet"),
     "dequant_promotion": lambda: _quantized("shared_input_conv", "shared_dequants"),
     "quant_lift_up": lambda: _quantized("resnet_like_2"),
     "quant_lift_up_max_pool": lambda: _quantized("resnet_like_2"),
