@@ -18,8 +18,8 @@ True
 >>> with forced(int8_pairs_saturate=False):
 ...     pair_sum_may_saturate(255, torch.full((2,), 127, dtype=torch.int8))
 False
->>> sorted(PROBES)[:1]
-['int8_pairs_saturate']
+>>> "int8_pairs_saturate" in PROBES
+True
 """
 
 from __future__ import annotations
@@ -35,9 +35,12 @@ __all__ = [
     "FORCE_ENV",
     "INT16_MAX",
     "PROBES",
+    "aten_vectors_are_avx2",
     "cpu_description",
     "forced",
     "int8_pairs_saturate",
+    "measured",
+    "pair_safe_level",
     "pair_sum_may_saturate",
     "probe",
     "probe_answers",
@@ -54,6 +57,7 @@ FORCE_ENV = "QALGEBRA_FORCE_PROBES"
 PROBES: dict[str, Callable[[], bool]] = {}
 
 _forced: dict[str, bool] = {}
+_measured: dict[str, Callable[[], bool]] = {}
 
 
 def _parse_forced(text: str) -> dict[str, bool]:
@@ -77,7 +81,18 @@ def probe(fn: Callable[[], bool]) -> Callable[[], bool]:
         return cached() if told is None else told
 
     PROBES[name] = answer
+    _measured[name] = cached
     return answer
+
+
+def measured(name: str) -> bool:
+    """The machine's own answer to probe ``name``, whatever :func:`forced` says.
+
+    For tests that state a fact about this CPU's kernels (another lowering's numbers are wrong
+    here), not for decisions: decisions read the probe, which tests force both ways.
+    """
+    _check_names({name: True})
+    return _measured[name]()
 
 
 def _check_names(names: Mapping[str, bool]) -> None:
@@ -147,6 +162,19 @@ def pair_sum_may_saturate(max_abs_activation: int, weight: torch.Tensor) -> bool
     return 2 * max_abs_activation * max_abs_weight > INT16_MAX
 
 
+def pair_safe_level(max_abs_weight: int) -> int:
+    """The largest uint8 level ``L`` with ``2 * L * max_abs_weight <= 32767``.
+
+    Activations at or below it are computed exactly on every CPU, saturating or not (int8
+    activations are shifted by +128 first on a saturating CPU): data chosen within it checks the
+    numerics of a lowering that only a VNNI/AMX CPU would do, on any CPU.
+
+    >>> pair_safe_level(127), pair_safe_level(64)
+    (129, 255)
+    """
+    return min(255, INT16_MAX // (2 * max(max_abs_weight, 1)))
+
+
 @probe
 def qlinear_binary_emits_bf16() -> bool:
     """Whether ``onednn.qlinear_pointwise.binary`` accepts a bf16 ``other`` and output here."""
@@ -182,6 +210,16 @@ def qconv_binary_emits_bf16() -> bool:
     except RuntimeError:
         return False
     return True
+
+
+@probe
+def aten_vectors_are_avx2() -> bool:
+    """Whether ATen dispatches its AVX2 kernels here (8 floats a vector; AVX512: 16).
+
+    The vectorized bf16 ``_weight_int8pack_mm`` reads activations a whole vector at a time with
+    no tail (see :func:`qalgebra.fusions.woq.bf16_k_multiple`).
+    """
+    return torch.backends.cpu.get_cpu_capability() == "AVX2"
 
 
 _forced.update(_parse_forced(os.environ.get(FORCE_ENV, "")))

@@ -10,6 +10,12 @@ fails is rolled back exactly, leaving that subgraph as it was, and the rest stil
 (:mod:`qalgebra.validate`). ``lower_with_report`` also returns what fired, what each fusion
 consumed, what was refused and why, what failed, and which quantize/dequantize nodes are left.
 
+The lowered module returns the dtypes and shapes the input module returns: int8-mixed-bf16
+outputs stay bf16, also where this CPU's oneDNN cannot emit a bf16 sum (computed in fp32, then
+converted: ``qalgebra.isa``). The graph is lowered as exported: run under an ambient
+``torch.autocast`` (not exported under it), the input module's conv/linear return bf16 and the
+lowered module's oneDNN ops do not autocast.
+
 >>> import torch
 >>> gm = torch.fx.symbolic_trace(torch.nn.ReLU())
 >>> lowered, report = lower_with_report(gm, (torch.randn(2),))

@@ -1,4 +1,5 @@
-"""Test-wide configuration: the Hypothesis profiles, and the ``one_thread`` fixture.
+"""Test-wide configuration: the Hypothesis profiles, and the ``one_thread``, ``pairs_saturate``
+and ``onednn_bf16`` fixtures.
 
 ``QALGEBRA_HYPOTHESIS_PROFILE`` picks one (an unknown name is an error); without it the profile is
 ``ci`` when the ``CI`` variable is set, else ``dev``:
@@ -27,6 +28,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, settings
 
+from qalgebra import isa
 from qalgebra.testing.database import DB_ENV, CpuTaggedDatabase, example_database
 
 
@@ -70,3 +72,21 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(params=[True, False], ids=["saturating", "vnni"])
+def pairs_saturate(request: pytest.FixtureRequest) -> Iterator[bool]:
+    """The test runs once as on a CPU whose int8 pair sums saturate (AVX2 only) and once as on
+    one with VNNI/AMX, whatever this CPU is: ``qalgebra.isa.int8_pairs_saturate`` is forced."""
+    answer: bool = request.param
+    with isa.forced(int8_pairs_saturate=answer):
+        yield answer
+
+
+@pytest.fixture(params=[True, False], ids=["bf16_out", "fp32_fallback"])
+def onednn_bf16(request: pytest.FixtureRequest) -> Iterator[bool]:
+    """The test runs once as on a CPU whose oneDNN binary qconv/qlinear emit bf16, and once as
+    on one where they cannot (the lowering computes in fp32 and converts)."""
+    answer: bool = request.param
+    with isa.forced(qlinear_binary_emits_bf16=answer, qconv_binary_emits_bf16=answer):
+        yield answer

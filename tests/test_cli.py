@@ -73,7 +73,7 @@ def test_lower_bad_path_fails_with_a_message_and_no_traceback(tmp_path: Path, ki
 
 def test_lower_saved_program_prints_the_report_and_numerics(tmp_path: Path) -> None:
     model, inputs = build("conv2d_relu")
-    converted = quantize_pt2e(model, inputs)
+    converted = quantize_pt2e(model, inputs, reduce_range=True)  # exact on every CPU
     path = tmp_path / "conv2d_relu.pt2"
     torch.export.save(torch.export.export(converted, inputs), str(path))
     result = invoke("lower", str(path))

@@ -55,7 +55,7 @@ NAMES = [
 @functools.cache
 def _lowered(name: str) -> tuple[fx.GraphModule, fx.GraphModule, LoweringReport, Tensor]:
     model, (x,) = build(name, size="ci", batch=2)
-    gm = quantize_pt2e(model, (x,))
+    gm = quantize_pt2e(model, (x,), reduce_range=True)  # 7-bit: lowered alike on every CPU
     lowered, report = lower_with_report(gm, (x,))
     return gm, lowered, report, x
 

@@ -69,6 +69,7 @@ from torch._ops import OpOverload, OpOverloadPacket
 from qalgebra.checks import Check
 from qalgebra.combinators import dtype_convert, with_reshape
 from qalgebra.fusions.base import Fusion, Refusal, Rewriter
+from qalgebra.isa import aten_vectors_are_avx2
 from qalgebra.match import match_node
 from qalgebra.pattern import (
     Match,
@@ -410,9 +411,10 @@ def bf16_k_multiple() -> int:
 
     The vectorized bf16 kernel reads x 8 (AVX2) or 16 (AVX512; 8 with NEON) values at a time,
     with aligned loads and no tail: another K reads past the rows and crashes (measured on AVX2:
-    a segfault for every K % 8 != 0). 16 is safe for every path.
+    a segfault for every K % 8 != 0). 16 is safe for every path. The vector width is the probe
+    :func:`qalgebra.isa.aten_vectors_are_avx2`, so tests see both answers on any CPU.
     """
-    return 8 if torch.backends.cpu.get_cpu_capability() == "AVX2" else 16
+    return 8 if aten_vectors_are_avx2() else 16
 
 
 @dataclass(frozen=True, slots=True)

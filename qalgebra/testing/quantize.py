@@ -19,7 +19,8 @@ catalog must accept:
   no VNNI/AMX int8 dot product) limits activations to 7 bits (``quant_max=127``). Without
   VNNI, oneDNN's int8 kernels add ``u8 * s8`` pairs in saturating int16 and give results tens
   of percent off the reference (measured in ``docs/onednn_ops.md``); with 7-bit activations
-  they agree to float rounding.
+  they agree to float rounding on every CPU. Tests pass it explicitly (both ranges), so the
+  graphs they check do not depend on the CPU they run on.
 - ``dynamic=True``: ``get_default_x86_inductor_quantization_config(is_dynamic=True)``: each
   activation is quantized with qparams ``choose_qparams`` computes while the graph runs
   (``.tensor`` quantize/dequantize reading runtime scale and zero point).
