@@ -32,9 +32,20 @@ from qalgebra.errors import UnsupportedGraphError
 from qalgebra.fusions import DEFAULT_FUSIONS
 from qalgebra.fusions.base import Fusion, Refusal, Rewriter
 from qalgebra.match import DTYPE_KEY, METADATA_ASSERTS, find_matches, node_dtype
+from qalgebra.selfcheck import SelfCheck, SelfCheckMode, SelfCheckStats
 from qalgebra.shapes import SHAPE_KEY, known_shape
 
-__all__ = ["DEFAULT_FUSIONS", "LoweringReport", "lower", "lower_with_report"]
+__all__ = [
+    "DEFAULT_FUSIONS",
+    "DEFAULT_SELFCHECK",
+    "LoweringReport",
+    "RefusedMatch",
+    "lower",
+    "lower_with_report",
+]
+
+#: The self-check mode ``lower`` uses unless told (see :mod:`qalgebra.selfcheck`).
+DEFAULT_SELFCHECK: SelfCheckMode = "on"
 
 _QUANT_TARGETS = frozenset(
     {
@@ -53,6 +64,9 @@ class RefusedMatch:
     fusion: str
     root: str
     reason: str
+    #: What decided (:class:`~qalgebra.fusions.base.Refusal`): ``"rule"``, ``"probe:<name>"``
+    #: (this CPU's kernels were found wrong by an ISA probe) or ``"selfcheck"``.
+    cause: str = "rule"
 
 
 @dataclass(slots=True)
@@ -64,10 +78,16 @@ class LoweringReport:
     refused: list[RefusedMatch] = field(default_factory=list)
     unfused_quant_nodes: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    selfcheck: SelfCheckStats = field(default_factory=SelfCheckStats)
 
     @property
     def total_fired(self) -> int:
         return sum(self.fired.values())
+
+    @property
+    def probe_refusals(self) -> list[RefusedMatch]:
+        """The refusals an ISA probe decided (this CPU's kernel computes the match wrongly)."""
+        return [r for r in self.refused if r.cause.startswith("probe:")]
 
     def summary(self) -> str:
         """A few lines for people."""
@@ -75,7 +95,10 @@ class LoweringReport:
         for name, count in sorted(self.fired.items()):
             lines.append(f"  {name}: fired {count}x, consumed {self.nodes_consumed[name]} nodes")
         for r in self.refused:
-            lines.append(f"  refused {r.fusion} at {r.root}: {r.reason}")
+            by = "" if r.cause == "rule" else f" [{r.cause}]"
+            lines.append(f"  refused {r.fusion} at {r.root}: {r.reason}{by}")
+        if self.selfcheck.mode != "off":
+            lines.append(f"  {self.selfcheck.summary()}")
         if self.unfused_quant_nodes:
             lines.append(f"  unfused quant/dequant nodes: {', '.join(self.unfused_quant_nodes)}")
         return "\n".join(lines)
@@ -204,7 +227,11 @@ def _erase_dead(graph: fx.Graph, chains: list[tuple[fx.Node, ...]]) -> None:
 
 
 def _apply(
-    fusion: Fusion, graph: fx.Graph, module: torch.nn.Module, report: LoweringReport
+    fusion: Fusion,
+    graph: fx.Graph,
+    module: torch.nn.Module,
+    report: LoweringReport,
+    selfcheck: SelfCheck,
 ) -> None:
     replaced: dict[fx.Node, fx.Node] = {}
     chains: list[tuple[fx.Node, ...]] = []
@@ -212,9 +239,12 @@ def _apply(
         rw = Rewriter(graph, module, m.root, replaced)
         try:
             new = fusion.rewrite(m, rw)
+            selfcheck.check(fusion.name, m, rw, new)
         except Refusal as refusal:
             rw.rollback()
-            report.refused.append(RefusedMatch(fusion.name, m.root.name, str(refusal)))
+            report.refused.append(
+                RefusedMatch(fusion.name, m.root.name, str(refusal), refusal.cause)
+            )
             continue
         except Exception:
             rw.rollback()
@@ -240,17 +270,19 @@ def lower_with_report(
     example_inputs: Sequence[torch.Tensor],
     *,
     fusions: Sequence[Fusion] = DEFAULT_FUSIONS,
+    selfcheck: SelfCheckMode = DEFAULT_SELFCHECK,
 ) -> tuple[fx.GraphModule, LoweringReport]:
     """Like :func:`lower`, and also say what fired, what was refused and what is left."""
     start = time.perf_counter()
     source = _validate(gm, example_inputs)
     report = LoweringReport()
+    checker = SelfCheck(selfcheck, report.selfcheck)
     with _gc_paused():
         overlay = _Overlay(source)
         graph = _copy_graph(source, overlay)
         with _single_thread():
             for fusion in fusions:
-                _apply(fusion, graph, overlay, report)
+                _apply(fusion, graph, overlay, report, checker)
         out = _build_module(source, overlay, graph)
         out.graph.lint()
     report.unfused_quant_nodes = [n.name for n in out.graph.nodes if _is_quant_node(n)]
@@ -263,6 +295,12 @@ def lower(
     example_inputs: Sequence[torch.Tensor],
     *,
     fusions: Sequence[Fusion] = DEFAULT_FUSIONS,
+    selfcheck: SelfCheckMode = DEFAULT_SELFCHECK,
 ) -> fx.GraphModule:
-    """A new, runnable module whose graph calls oneDNN int8 ops; ``gm`` is left untouched."""
-    return lower_with_report(gm, example_inputs, fusions=fusions)[0]
+    """A new, runnable module whose graph calls oneDNN int8 ops; ``gm`` is left untouched.
+
+    ``selfcheck`` (:mod:`qalgebra.selfcheck`): ``"on"`` runs each distinct fused kernel call
+    once per process on random inputs against the subgraph it replaces, and leaves unfused
+    what disagrees; ``"off"`` trusts the kernels.
+    """
+    return lower_with_report(gm, example_inputs, fusions=fusions, selfcheck=selfcheck)[0]

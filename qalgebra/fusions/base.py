@@ -23,7 +23,16 @@ __all__ = ["Fusion", "Refusal", "Rewriter"]
 
 
 class Refusal(QAlgebraError):
-    """Raised by replacement code that will not lower this match; the reason is reported."""
+    """Raised by replacement code that will not lower this match; the reason is reported.
+
+    ``cause`` says what decided, for the report: ``"rule"`` (the fusion's own checks),
+    ``"probe:<name>"`` (a :mod:`qalgebra.isa` probe found this CPU computes it wrongly) or
+    ``"selfcheck"`` (the fused op disagreed with its reference, :mod:`qalgebra.selfcheck`).
+    """
+
+    def __init__(self, reason: str, *, cause: str = "rule") -> None:
+        super().__init__(reason)
+        self.cause = cause
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +77,11 @@ class Rewriter:
         self._replaced = replaced
         self._created: list[fx.Node] = []
         self._attrs: list[str] = []
+
+    @property
+    def created(self) -> tuple[fx.Node, ...]:
+        """The nodes built so far (constants' ``get_attr`` nodes included), in creation order."""
+        return tuple(self._created)
 
     def node(self, n: fx.Node) -> fx.Node:
         """The current stand-in for ``n`` (itself unless an earlier rewrite replaced it)."""

@@ -49,6 +49,7 @@ from qalgebra.fusions.common import (
     weight_constants,
 )
 from qalgebra.fusions.conv import conv, conv_geometry, prepack_conv
+from qalgebra.fusions.conv_guard import check_conv_kernel
 from qalgebra.fusions.linear import (
     OUT_SHAPE,
     X_SHAPE,
@@ -126,6 +127,7 @@ def _rewrite_qconv_binary(m: Match, rw: Rewriter) -> fx.Node:
         raise Refusal("oneDNN's quantized conv binary post-op exists for conv2d only")
     _check_other(m)
     stride, padding, dilation, groups = conv_geometry(m)
+    check_conv_kernel(m[X], m[W], stride, padding, dilation)
     out_scale, out_zp, out_dtype = _output(m)
     if OQ.scale in m:
         if m[OTHER_Q.dtype] != out_dtype:

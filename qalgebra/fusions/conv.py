@@ -34,6 +34,7 @@ from qalgebra.fusions.common import (
     weight,
     weight_constants,
 )
+from qalgebra.fusions.conv_guard import check_conv_kernel
 from qalgebra.pattern import Match, Pattern, Var, any_of, call, ignored
 from qalgebra.shapes import known_shape
 
@@ -127,6 +128,7 @@ def prepack_conv(m: Match) -> torch.Tensor:
 def _rewrite_qconv(m: Match, rw: Rewriter) -> fx.Node:
     check_common(m, allowed_act=(torch.uint8,))
     stride, padding, dilation, groups = conv_geometry(m)
+    check_conv_kernel(m[X], m[W], stride, padding, dilation)
     packed, w_scales, w_zps, bias = weight_constants(m, rw, prepack_conv(m), "qconv")
     out_scale, out_zp, out_dtype = output_qparams(m)
     attr, scalars, algorithm, enforced = unary_args_enforcing_range(m)

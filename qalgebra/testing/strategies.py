@@ -65,11 +65,12 @@ from typing import Any, Literal, Protocol, TypeAlias, get_args
 
 import torch
 import torch.ao.quantization.fx._decomposed
+from hypothesis import assume
 from hypothesis import strategies as st
 from torch import fx
 
 from qalgebra.combinators import Unary
-from qalgebra.isa import INT16_MAX, int8_pairs_saturate
+from qalgebra.isa import INT16_MAX, int8_pairs_saturate, qconv_single_column_stride_wrong
 from qalgebra.testing import forms as _forms
 
 __all__ = [
@@ -98,6 +99,7 @@ __all__ = [
     "UncoveredSpec",
     "apply_form",
     "build_example",
+    "conv_geometry_refusal",
     "conv_specs",
     "examples",
     "families",
@@ -545,6 +547,64 @@ def saturates(quant: QuantSpec, weight_max: int) -> bool:
     return 2 * top * weight_max > INT16_MAX
 
 
+def _geometry_classes(op: ConvSpec, input_shape: tuple[int, ...]) -> tuple[bool, bool]:
+    """(some output position reads only padding, the output is one column wide from a kernel
+    and a stride both wider than 1)."""
+    height, width = input_shape[2:]
+    taps = torch.nn.functional.conv2d(
+        torch.ones(1, 1, height, width),
+        torch.ones(1, 1, *op.kernel),
+        None,
+        op.stride,
+        op.padding,
+        op.dilation,
+    )
+    one_column = op.output_shape(input_shape)[-1] == 1
+    return not bool(taps.all()), one_column and op.kernel[1] > 1 and op.stride[1] > 1
+
+
+def conv_geometry_refusal(op: ConvSpec, input_shape: tuple[int, ...] | None) -> str | None:
+    """Why the lowering must refuse this conv's geometry (a substring of the reason), or None.
+
+    Measured (docs/onednn_ops.md, "Conv geometries oneDNN gets wrong"): an output position
+    reading only padding is garbage (or a crash) with the AMX and AVX512-VNNI kernels; a
+    one-column output from a kernel and a stride wider than 1 is wrong with the AMX kernel
+    (probe ``qconv_single_column_stride_wrong``). ``input_shape=None``: the lowering cannot see
+    it and judges the smallest input the conv accepts.
+    """
+    if input_shape is None:
+        smallest = [
+            max(1, d * (k - 1) + 1 - 2 * p)
+            for k, p, d in zip(op.kernel, op.padding, op.dilation, strict=True)
+        ]
+        input_shape = (1, op.in_channels, *smallest)
+    padding_only, strided_column = _geometry_classes(op, input_shape)
+    if padding_only:
+        return "read only padding"
+    if strided_column and qconv_single_column_stride_wrong():
+        return "one column wide"
+    return None
+
+
+def _bf16_reference_reliable(spec: GraphSpec) -> bool:
+    """Whether eager bf16 convs compute this graph's reference on every CPU.
+
+    They share the two oneDNN faults the lowering refuses (docs/onednn_ops.md): with AMX,
+    ``F.conv2d`` in bf16 returns garbage for a strided one-column output and garbage or a crash
+    where outputs read only padding. Such bf16 graphs are not drawn: their reference cannot be
+    computed.
+    """
+    convs: list[tuple[ConvSpec, tuple[int, ...]]] = []
+    if isinstance(spec.main.op, ConvSpec):
+        convs.append((spec.main.op, spec.input_shape))
+        if spec.consumer is not None and isinstance(spec.consumer.op, ConvSpec):
+            convs.append((spec.consumer.op, spec.main.op.output_shape(spec.input_shape)))
+    layer = spec.residual.layer if spec.residual is not None else None
+    if layer is not None and isinstance(layer.op, ConvSpec):
+        convs.append((layer.op, spec.input_shape))
+    return not any(any(_geometry_classes(op, shape)) for op, shape in convs)
+
+
 # --------------------------------------------------------------------------------------------
 # Building: an fx.Graph whose nodes are evaluated while they are added
 # --------------------------------------------------------------------------------------------
@@ -813,11 +873,16 @@ def _input(
 
 
 class _Plan:
-    """Accumulates expected fusions and refusals while the graph is built."""
+    """Accumulates expected fusions and refusals while the graph is built.
 
-    def __init__(self) -> None:
+    ``shapes_known``: whether the lowering can see the conv inputs' shapes (``meta['val']``
+    upstream of them; not through the ``.tensor`` qparam overloads, see ``_other_shape_known``).
+    """
+
+    def __init__(self, shapes_known: bool) -> None:
         self.fired: dict[str, int] = dict.fromkeys(TRACKED_FUSIONS, 0)
         self.refusals: set[str] = set()
+        self.shapes_known = shapes_known
 
     def blocker(self, layer: Layer, act: QuantSpec) -> str | None:
         """Why the lowering must refuse this layer (a substring of its reason), or None."""
@@ -828,9 +893,15 @@ class _Plan:
             return "saturating"
         return None
 
-    def plain(self, layer: Layer, act: QuantSpec) -> None:
+    def geometry(self, layer: Layer, input_shape: tuple[int, ...]) -> str | None:
+        """Why the lowering must refuse this conv's geometry, or None (linears: None)."""
+        if not isinstance(layer.op, ConvSpec):
+            return None
+        return conv_geometry_refusal(layer.op, input_shape if self.shapes_known else None)
+
+    def plain(self, layer: Layer, act: QuantSpec, input_shape: tuple[int, ...]) -> None:
         """A conv/linear (with its post-op and int8 or float output) fuses unless refused."""
-        reason = self.blocker(layer, act)
+        reason = self.blocker(layer, act) or self.geometry(layer, input_shape)
         if reason is None:
             self.fired["q" + layer.kind] += 1
         else:
@@ -870,15 +941,15 @@ def _other_shape_known(spec: GraphSpec, form: str) -> bool:
 def _expect_block(spec: GraphSpec, form: str, plan: _Plan) -> None:
     main, res = spec.main, spec.residual
     if res is None:
-        plan.plain(main, spec.input_quant)
+        plan.plain(main, spec.input_quant, spec.input_shape)
     else:
         _expect_binary(spec, form, plan)
         if res.source == "layer":
             assert res.layer is not None
-            plan.plain(res.layer, spec.input_quant)
+            plan.plain(res.layer, spec.input_quant, spec.input_shape)
     if spec.consumer is not None:
         assert spec.output_quant is not None
-        plan.plain(spec.consumer, spec.output_quant)
+        plan.plain(spec.consumer, spec.output_quant, main.op.output_shape(spec.input_shape))
 
 
 def _expect_binary(spec: GraphSpec, form: str, plan: _Plan) -> None:
@@ -902,6 +973,8 @@ def _expect_binary(spec: GraphSpec, form: str, plan: _Plan) -> None:
     if matches and reason is None:
         if not _other_shape_known(spec, form):
             reason = "is unknown"  # the added tensor's shape
+        elif geometry := plan.geometry(main, spec.input_shape):
+            reason = geometry
         elif (
             int8_path
             and main.kind == "conv"
@@ -915,7 +988,7 @@ def _expect_binary(spec: GraphSpec, form: str, plan: _Plan) -> None:
         return
     if matches and reason is not None:
         plan.refusals.add(reason)
-    plan.plain(main, spec.input_quant)  # the compute op alone, float output
+    plan.plain(main, spec.input_quant, spec.input_shape)  # the compute op alone, float output
 
 
 def _expected_promotions(spec: GraphSpec, form: str, shared_users: Sequence[int]) -> int:
@@ -968,7 +1041,8 @@ def apply_form(gm: fx.GraphModule, form: str) -> fx.GraphModule:
 
 def _build_graph_spec(spec: GraphSpec, form: str) -> tuple[_Builder, Expected, fx.GraphModule]:
     b = _Builder()
-    plan = _Plan()
+    tensor_qparams = form.split("+")[0].startswith("tensor_qparams")
+    plan = _Plan(spec.meta != "none" and not (tensor_qparams and spec.meta == "export"))
     x = _input(b, "x", spec.input_shape, spec.input_quant, spec.seed, spec.dtype)
     qx_val = _exact_quantize(b, x, spec.input_quant)
     qx = _QTensor(b, qx_val, spec.input_quant, spec.dtype, share=spec.share_dequants, fused=False)
@@ -1518,7 +1592,7 @@ def graph_specs(
                 returns = "dequantized"
         else:
             returns = draw(st.sampled_from(["quantized", "dequantized"]))
-    return GraphSpec(
+    spec = GraphSpec(
         family=family,
         input_shape=input_shape,
         input_quant=input_quant,
@@ -1532,6 +1606,8 @@ def graph_specs(
         meta=meta,
         seed=draw(st.integers(0, 2**16)),
     )
+    assume(dtype != "bf16" or _bf16_reference_reliable(spec))
+    return spec
 
 
 _SOURCES: tuple[Literal["dequant", "float", "layer"], ...] = ("dequant", "float", "layer")
