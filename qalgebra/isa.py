@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import os
 from collections.abc import Callable, Iterator, Mapping
 
@@ -189,23 +190,29 @@ def qconv_binary_emits_bf16() -> bool:
 def qconv_single_column_stride_wrong() -> bool:
     """Whether oneDNN's int8 conv is wrong here for one output column, kernel and stride > 1.
 
-    The smallest case measured wrong (docs/onednn_ops.md, "Conv geometries oneDNN gets
-    wrong"): oneDNN's AMX kernel returns other values than the exact integer convolution; the
-    AVX2 and AVX512-VNNI kernels compute it right. Inputs are small integers and scales 1, so
-    the right answer is exact in float32.
+    Runs the two smallest convs measured wrong (docs/onednn_ops.md, "Conv geometries oneDNN
+    gets wrong"): one only with the AMX kernel, one with every AVX512 kernel (AVX2's computes
+    both right). Small integers and scales 1: the exact answer is exact in float32.
     """
     onednn = torch.ops.onednn
-    x = (torch.arange(96) % 5).to(torch.uint8).reshape(1, 8, 6, 2)
-    weight = (torch.arange(32) % 3 - 1).to(torch.int8).reshape(2, 4, 2, 2)
-    ones = torch.ones(2)
-    geometry = ([1, 2], [0, 0], [1, 1], 2)  # stride, padding, dilation, groups
-    packed = onednn.qconv_prepack(weight, ones, 1.0, 0, *geometry, None)
-    y = onednn.qconv_pointwise(
-        x.contiguous(memory_format=torch.channels_last), 1.0, 0, packed, ones,
-        torch.zeros(2, dtype=torch.int64), None, *geometry, 1.0, 0, torch.float32, "none", [], None,
-    )  # fmt: skip
-    exact = torch.nn.functional.conv2d(x.float(), weight.float(), None, *geometry)
-    return not torch.equal(y, exact)
+    cases = (((1, 8, 6, 2), 2, 2), ((1, 2, 4, 2), 16, 2))  # (input shape, outputs, groups)
+    for shape, outputs, groups in cases:
+        channels = shape[1] // groups
+        x = (torch.arange(math.prod(shape)) % 5).to(torch.uint8).reshape(shape)
+        weight = (torch.arange(outputs * channels * 4) % 3 - 1).to(torch.int8)
+        weight = weight.reshape(outputs, channels, 2, 2)
+        ones = torch.ones(outputs)
+        geometry = ([1, 2], [0, 0], [1, 1], groups)  # stride, padding, dilation, groups
+        packed = onednn.qconv_prepack(weight, ones, 1.0, 0, *geometry, None)
+        y = onednn.qconv_pointwise(
+            x.contiguous(memory_format=torch.channels_last), 1.0, 0, packed, ones,
+            torch.zeros(outputs, dtype=torch.int64), None, *geometry, 1.0, 0, torch.float32,
+            "none", [], None,
+        )  # fmt: skip
+        exact = torch.nn.functional.conv2d(x.float(), weight.float(), None, *geometry)
+        if not torch.equal(y, exact):
+            return True
+    return False
 
 
 _forced.update(_parse_forced(os.environ.get(FORCE_ENV, "")))

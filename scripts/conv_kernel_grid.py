@@ -1,6 +1,6 @@
 """Which conv geometries oneDNN's int8 conv computes wrongly, per ISA (docs/onednn_ops.md).
 
-    python scripts/conv_kernel_grid.py [--random 600] [--seed 0] [--isas AVX2,AVX512_CORE_VNNI,ALL]
+    python scripts/conv_kernel_grid.py [--random 600] [--seed 0] [--isas AVX2,AVX512_CORE,...]
 
 Each ISA runs in a child process with ``ONEDNN_MAX_CPU_ISA`` set (``ALL``: the best this CPU
 has) and calls ``onednn.qconv_prepack`` + ``onednn.qconv_pointwise`` directly (uint8
@@ -10,8 +10,8 @@ the dequantized tensors. A conv is *wrong* when ``max |y - ref| > 1e-3 * max(1, 
 so that a kernel reading memory it did not write shows it.
 
 1. **Grid**: the width geometry (kernel width ``kw``, width stride ``sw``, output width ``ow``,
-   the input width following from them) x groups (1, 2, 4) x channels per group (1->1, 4->1,
-   16->8), for 2-D (height 6, kernel height 2), 3-D (depth 3) and 1-D convs.
+   the input width following from them) x groups (1, 2, 4) x channels per group (1->1, 1->8,
+   4->1, 16->8), for 2-D (height 6, kernel height 2), 3-D (depth 3) and 1-D convs.
 2. **Random**: geometries drawn with padding and dilation too, each run in a forked process (a
    crash is counted, not fatal), classified by :mod:`qalgebra.fusions.conv_guard`'s predicates:
    ``single_strided_column`` (A) and ``padding_only_axis`` (B).
@@ -42,8 +42,8 @@ if str(ROOT) not in sys.path:  # runnable from a checkout without `pip install -
 
 from qalgebra.fusions.conv_guard import padding_only_axis, single_strided_column  # noqa: E402
 
-ISAS = ("AVX2", "AVX512_CORE_VNNI", "ALL")
-CHANNELS = ((1, 1), (4, 1), (16, 8))  # (in, out) channels per group
+ISAS = ("AVX2", "AVX512_CORE", "AVX512_CORE_VNNI", "ALL")
+CHANNELS = ((1, 1), (1, 8), (4, 1), (16, 8))  # (in, out) channels per group
 GROUPS = (1, 2, 4)
 WIDTH_AXIS = (1, 2, 3)  # kw, sw, ow each take these values
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
@@ -244,7 +244,8 @@ def tables(results: dict[str, IsaResult]) -> list[str]:
                 for i in isas
             ]
             lines.append(f"| {rank}-D | {klass} | " + " | ".join(cells) + " |")
-    lines += ["", "2-D, output width 1, by kernel width and width stride (9 convs each):", ""]
+    per = len(GROUPS) * len(CHANNELS)
+    lines += ["", f"2-D, output width 1, by kernel width and width stride ({per} convs each):", ""]
     lines += ["| kw | sw | " + head, "|--:|--:|" + rule]
     for kw, sw in itertools.product(WIDTH_AXIS, WIDTH_AXIS):
         cells = [
@@ -268,8 +269,8 @@ def tables(results: dict[str, IsaResult]) -> list[str]:
             for i in isas
         ]
         lines.append(f"| {groups} | {icg} -> {ocg} | " + " | ".join(cells) + " |")
-    lines += ["", "Random 2-D geometries by class (A: single strided column, B: an axis of", ""]
-    lines[-2] += " padding-only outputs), wrong + crashed / run:"
+    lines += ["", "Random 2-D geometries by class (A: one strided column, B: outputs reading only"]
+    lines += ["padding), wrong + crashed / run:", ""]
     lines += ["| class | " + head, "|---|" + rule]
     for klass in ("A", "B", "A and B", "neither"):
         cells = []

@@ -8,12 +8,15 @@ oneDNN rejects). Verdicts are cached per process: every test starts from an empt
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
 from torch import fx
+from typer.testing import CliRunner
 
 from qalgebra import isa, selfcheck
+from qalgebra.cli import app
 from qalgebra.errors import LoweringError
 from qalgebra.fusions import Fusion, Rewriter
 from qalgebra.fusions.conv import QCONV
@@ -234,3 +237,17 @@ def test_agreement_rejects_other_dtypes_and_shapes() -> None:
     assert not agreement(ref, torch.zeros(2, 3), dtype=torch.bfloat16).ok
     assert not agreement(ref, torch.zeros(2, 3, dtype=torch.uint8)).ok
     assert not agreement(ref, (ref, ref)).ok
+
+
+def test_the_cli_takes_the_mode(tmp_path: Path) -> None:
+    model, inputs = build("conv2d_relu")
+    path = tmp_path / "conv2d_relu.pt2"
+    torch.export.save(torch.export.export(quantize_pt2e(model, inputs), inputs), str(path))
+    env = {"COLUMNS": "240", "NO_COLOR": "1", "TERM": "dumb"}
+    on = CliRunner().invoke(app, ["lower", str(path)], env=env)
+    assert on.exit_code == 0 and "self-check (on): 2 signature(s) run" in on.output, on.output
+    off = CliRunner().invoke(app, ["lower", str(path), "--selfcheck", "off"], env=env)
+    assert off.exit_code == 0 and "qconv: fired 2x" in off.output, off.output
+    assert "self-check" not in off.output
+    bad = CliRunner().invoke(app, ["lower", str(path), "--selfcheck", "maybe"], env=env)
+    assert bad.exit_code == 2 and "--selfcheck must be one of off, on" in bad.output

@@ -5,14 +5,15 @@ Measured against ``onednn.qconv_prepack`` + ``onednn.qconv_pointwise`` on a floa
 gets wrong"). Two classes, each a plain function of the geometry:
 
 - :func:`single_strided_column`: the output is one column wide, from a kernel and a stride both
-  wider than 1 along the last spatial axis. oneDNN's AMX kernel returns wrong values for such
-  convs (grouped or not, 2-D and 3-D, whatever the post-op or output dtype); its AVX2 and
-  AVX512-VNNI kernels compute them right. Refused where the probe
+  wider than 1 along the last spatial axis. oneDNN's AVX512 kernels (with or without VNNI)
+  return wrong values for some such convs (grouped, one input channel per group), its AMX
+  kernel for many more (grouped or not, 2-D and 3-D, whatever the post-op or output dtype);
+  its AVX2 kernel, and every 1-D conv, compute them right. Refused where the probe
   :func:`qalgebra.isa.qconv_single_column_stride_wrong` finds this CPU wrong.
 - :func:`padding_only_axis`: some output position reads only padding (its value is the bias).
-  oneDNN's AMX and AVX512-VNNI kernels return garbage there, depending on what memory held
-  before, or crash (segmentation fault). Refused on every CPU: a crash cannot be probed
-  in-process, and the result depends on memory, not on the CPU alone.
+  oneDNN's AVX512 and AMX kernels return garbage there, depending on what memory held before,
+  or crash (segmentation fault). Refused on every CPU: a crash cannot be probed in-process,
+  and the result depends on memory, not on the CPU alone.
 
 An input size that is symbolic counts as the smallest it may be (its lower bound, else the
 smallest the conv accepts): both classes are most likely on small inputs.

@@ -567,8 +567,8 @@ def conv_geometry_refusal(op: ConvSpec, input_shape: tuple[int, ...] | None) -> 
     """Why the lowering must refuse this conv's geometry (a substring of the reason), or None.
 
     Measured (docs/onednn_ops.md, "Conv geometries oneDNN gets wrong"): an output position
-    reading only padding is garbage (or a crash) with the AMX and AVX512-VNNI kernels; a
-    one-column output from a kernel and a stride wider than 1 is wrong with the AMX kernel
+    reading only padding is garbage (or a crash) with the AVX512 and AMX kernels; a one-column
+    output from a kernel and a stride wider than 1 is wrong with them for some channel counts
     (probe ``qconv_single_column_stride_wrong``). ``input_shape=None``: the lowering cannot see
     it and judges the smallest input the conv accepts.
     """
