@@ -32,7 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -286,6 +286,29 @@ def problem_lines(results: list[Comparison], compiled: dict[str, Compiled]) -> l
     return lines or ["- none"]
 
 
+def report_body(
+    results: list[Comparison],
+    compiled: dict[str, Compiled],
+    extra: Sequence[tuple[str, list[str]]] = (),
+) -> list[str]:
+    """The markdown sections of a report; ``extra`` (title, lines) go after the runtimes."""
+    sections = [
+        ("Lowering and numerics", lowering_table(results)),
+        ("Steady-state runtime (median)", runtime_table(results, compiled)),
+        *extra,
+        ("What fired", fired_lines(results)),
+        (
+            "Output graphs: ops whose count differs (qalgebra vs torchao)",
+            op_difference_lines(results),
+        ),
+        ("Problems found", problem_lines(results, compiled)),
+    ]
+    body: list[str] = []
+    for title, lines in sections:
+        body += [f"## {title}", "", *lines, ""]
+    return body
+
+
 def cpu_model() -> str:
     try:
         with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
@@ -439,28 +462,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{result.runtime_ms}, compile {compiled[spec.name]}"
         )
     load = (start_load, os.getloadavg())
-    body = [
-        "## Lowering and numerics",
-        "",
-        *lowering_table(results),
-        "",
-        "## Steady-state runtime (median)",
-        "",
-        *runtime_table(results, compiled),
-        "",
-        "## What fired",
-        "",
-        *fired_lines(results),
-        "",
-        "## Output graphs: ops whose count differs (qalgebra vs torchao)",
-        "",
-        *op_difference_lines(results),
-        "",
-        "## Problems found",
-        "",
-        *problem_lines(results, compiled),
-        "",
-    ]
+    body = report_body(results, compiled)
     print("\n".join(body))
     if args.out is not None:
         args.out.write_text("\n".join(header(command, load, args) + body))

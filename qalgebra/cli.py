@@ -290,6 +290,8 @@ class Comparison:
     """Median runtime of "fp32", "reference", "torchao", "qalgebra" (and others a caller adds)."""
     qalgebra_over_torchao: float | None = None
     """Median per-round ratio of qalgebra's runtime to torchao's (see :func:`paired_ratio`)."""
+    graphs: dict[str, fx.GraphModule] = field(default_factory=dict)
+    """The modules that ran: "reference", and "qalgebra" / "torchao" where lowering worked."""
 
 
 def _short_error(exc: BaseException) -> str:
@@ -305,6 +307,7 @@ def compare(
     runs: int = 20,
     warmup: int = 3,
     lower_repeats: int = 3,
+    time_reference: bool = True,
 ) -> Comparison:
     """Quantize ``model``, lower it with qalgebra and torchao, compare numerics and speed.
 
@@ -314,7 +317,8 @@ def compare(
     lowering starts after a ``gc.collect()``, so neither pays for the other's garbage. A crash of
     either lowering is recorded (traceback in ``*_error``), never raised. Every module call gets
     fresh copies of the inputs: a lowered module that writes into its inputs is reported in
-    ``mutates_inputs`` and cannot disturb the other measurements.
+    ``mutates_inputs`` and cannot disturb the other measurements. ``time_reference=False``
+    leaves the (slow, un-lowered) reference out of the runtime rounds.
     """
     from qalgebra.lower import lower_with_report
     from qalgebra.testing.quantize import torchao_lower
@@ -366,9 +370,12 @@ def compare(
         lowered.pop("qalgebra", None)
     if result.torchao_error is not None:
         lowered.pop("torchao", None)
+    result.graphs = {"reference": reference, **lowered}
 
     if runs > 0:
-        timed: dict[str, Callable[..., object]] = {"fp32": model, "reference": reference}
+        timed: dict[str, Callable[..., object]] = {"fp32": model}
+        if time_reference:
+            timed["reference"] = reference
         timed.update(lowered)
         with step(f"{name}: runtime ({runs} runs each)"):
             per_round = timed_samples(timed, inputs, runs=runs, warmup=warmup)
@@ -453,10 +460,15 @@ def _refusals_table(results: Sequence[Comparison]) -> Table | None:
         for r in results
         if r.report is not None
         for x in r.report.refused
+    ] + [
+        (r.name, x.fusion, x.root, escape(f"failed, rolled back: {x.error}"))
+        for r in results
+        if r.report is not None
+        for x in r.report.failed
     ]
     if not rows:
         return None
-    table = Table(title="Refused matches", title_justify="left")
+    table = Table(title="Refused (or failed) matches", title_justify="left")
     for column in ("model", "fusion", "at node", "reason"):
         table.add_column(column)
     for row in rows:
@@ -814,12 +826,12 @@ def explain(
             code=2,
         )
     if node is not None:
-        console.print(_explain_one(fusion, nodes[node], explain_match(chosen.pattern, nodes[node])))
+        console.print(_explain_one(fusion, nodes[node], explain_match(chosen.matcher, nodes[node])))
         return
     console.print(f"{fusion} on {where} of {model}:", highlight=False)
     wrong_root: list[str] = []
     for n in nodes.values():
-        mismatch = explain_match(chosen.pattern, n)
+        mismatch = explain_match(chosen.matcher, n)
         if mismatch is not None and not mismatch.path:
             wrong_root.append(n.name)  # not even the pattern's root op: nothing to explain
             continue
@@ -836,13 +848,15 @@ def _explain_one(fusion: str, n: fx.Node, mismatch: Mismatch | None) -> Text:
     op = str(n.target)
     if mismatch is None:
         return Text(f"{fusion} matches at node {n.name} ({op})")
-    at = mismatch.node.name if mismatch.node is not None else repr(mismatch.at)
-    return Text(
-        f"{fusion} does not match at node {n.name} ({op}):\n"
-        f"  path:   {mismatch.path_str}\n"
-        f"  node:   {at}\n"
-        f"  reason: {mismatch.reason}"
-    )
+    lines = [f"{fusion} does not match at node {n.name} ({op}):"]
+    for i, failure in enumerate((mismatch, *mismatch.tied)):
+        at = failure.node.name if failure.node is not None else repr(failure.at)
+        if i:  # another alternative that fails as far in
+            lines.append("  or")
+        lines.append(f"  path:   {failure.path_str}")
+        lines.append(f"  node:   {at}")
+        lines.append(f"  reason: {failure.reason}")
+    return Text("\n".join(lines))
 
 
 @app.command()

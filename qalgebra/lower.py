@@ -1,11 +1,14 @@
 """Lower a PT2E-quantized GraphModule to a runnable graph of oneDNN int8 ops, eagerly.
 
 ``lower(gm, example_inputs)`` copies the graph, runs the catalog's fusions in priority order
-(each one ``find_matches`` + typed replacement code), prepacks weights at lowering time, removes
-dead nodes, lints and recompiles. The input module is never mutated: the rewrite works on a copy,
-and a replacement that refuses or fails is rolled back, leaving that subgraph as it was.
-``lower_with_report`` also returns what fired, what each fusion consumed, what was refused and
-why, and which quantize/dequantize nodes are left.
+(each one ``find_matches`` of its compiled matcher + typed replacement code), prepacks weights at
+lowering time, removes dead nodes, lints and recompiles. The input module is never mutated: the
+rewrite works on a copy.
+Each rewrite is a transaction (:class:`~qalgebra.fusions.base.Rewriter`): one that refuses or
+fails is rolled back exactly, leaving that subgraph as it was, and the rest still lowers
+(``strict=True`` raises on a failure instead). Arguments are checked first
+(:mod:`qalgebra.validate`). ``lower_with_report`` also returns what fired, what each fusion
+consumed, what was refused and why, what failed, and which quantize/dequantize nodes are left.
 
 >>> import torch
 >>> gm = torch.fx.symbolic_trace(torch.nn.ReLU())
@@ -28,16 +31,17 @@ from typing import Any, cast
 import torch
 from torch import fx
 
-from qalgebra.errors import UnsupportedGraphError
+from qalgebra.errors import LoweringError, RewriteError, UnsupportedGraphError
 from qalgebra.fusions import DEFAULT_FUSIONS
 from qalgebra.fusions.base import Fusion, Refusal, Rewriter
-from qalgebra.match import DTYPE_KEY, METADATA_ASSERTS, find_matches, node_dtype
+from qalgebra.match import METADATA_ASSERTS
 from qalgebra.selfcheck import SelfCheck, SelfCheckMode, SelfCheckStats
-from qalgebra.shapes import SHAPE_KEY, known_shape
+from qalgebra.validate import check_arguments
 
 __all__ = [
     "DEFAULT_FUSIONS",
     "DEFAULT_SELFCHECK",
+    "FailedRewrite",
     "LoweringReport",
     "RefusedMatch",
     "lower",
@@ -69,13 +73,26 @@ class RefusedMatch:
     cause: str = "rule"
 
 
+@dataclass(frozen=True, slots=True)
+class FailedRewrite:
+    """A rewrite that raised (not a :class:`Refusal`): rolled back, the match left unlowered.
+
+    ``root`` is the matched node, or ``(matching)`` when the fusion's pattern checks raised.
+    """
+
+    fusion: str
+    root: str
+    error: str
+
+
 @dataclass(slots=True)
 class LoweringReport:
-    """What a lowering did: per-fusion counts, refusals, leftovers, and how long it took."""
+    """What a lowering did: per-fusion counts, refusals, failures, leftovers, and how long."""
 
     fired: Counter[str] = field(default_factory=Counter)
     nodes_consumed: Counter[str] = field(default_factory=Counter)
     refused: list[RefusedMatch] = field(default_factory=list)
+    failed: list[FailedRewrite] = field(default_factory=list)
     unfused_quant_nodes: list[str] = field(default_factory=list)
     seconds: float = 0.0
     selfcheck: SelfCheckStats = field(default_factory=SelfCheckStats)
@@ -97,6 +114,8 @@ class LoweringReport:
         for r in self.refused:
             by = "" if r.cause == "rule" else f" [{r.cause}]"
             lines.append(f"  refused {r.fusion} at {r.root}: {r.reason}{by}")
+        for f in self.failed:
+            lines.append(f"  failed {f.fusion} at {f.root} (rolled back): {f.error}")
         if self.selfcheck.mode != "off":
             lines.append(f"  {self.selfcheck.summary()}")
         if self.unfused_quant_nodes:
@@ -156,18 +175,6 @@ def _build_module(source: fx.GraphModule, overlay: _Overlay, graph: fx.Graph) ->
     return out
 
 
-def _validate(gm: object, example_inputs: object) -> fx.GraphModule:
-    if not isinstance(gm, fx.GraphModule):
-        raise UnsupportedGraphError(
-            f"lower: expected a torch.fx.GraphModule (from convert_pt2e), got {type(gm).__name__}"
-        )
-    if not isinstance(example_inputs, Sequence) or isinstance(example_inputs, str | bytes):
-        raise UnsupportedGraphError(
-            f"lower: expected example_inputs as a sequence, got {type(example_inputs).__name__}"
-        )
-    return gm
-
-
 @contextlib.contextmanager
 def _single_thread() -> Iterator[None]:
     """Run weight prepacking on one intra-op thread, then restore the caller's setting.
@@ -208,9 +215,12 @@ def _erase_dead(graph: fx.Graph, chains: list[tuple[fx.Node, ...]]) -> None:
 
     Only matched nodes, and then their inputs (weights, qparams), can die from a rewrite: a
     worklist from them replaces a whole-graph dead-code pass (and its per-node purity checks),
-    so later fusions neither match nor prepack what was replaced.
+    so later fusions neither match nor prepack what was replaced. A matched node is erased once
+    unread even if fx deems it impure (an in-place op, an eval dropout): the fusion that
+    replaced it answers for its effect (``qalgebra.fusions.inplace``); other impure nodes stay.
     """
     work = [n for chain in chains for n in chain]
+    matched = set(work)
     while work:
         node = work.pop()
         if node._erased or node.op in ("placeholder", "output"):
@@ -219,7 +229,7 @@ def _erase_dead(graph: fx.Graph, chains: list[tuple[fx.Node, ...]]) -> None:
         if asserts and len(asserts) == len(node.users):
             for user in asserts:  # they check a value nothing else reads any more
                 graph.erase_node(user)
-        if node.users or node.is_impure():
+        if node.users or (node not in matched and node.is_impure()):
             continue  # read elsewhere: if those readers die, they bring it back here
         inputs = node.all_input_nodes
         graph.erase_node(node)
@@ -232,37 +242,60 @@ def _apply(
     module: torch.nn.Module,
     report: LoweringReport,
     selfcheck: SelfCheck,
+    *,
+    strict: bool,
 ) -> None:
+    """One pass of ``fusion``: each match is one :class:`Rewriter` transaction, committed when
+    the rewrite and the root's replacement succeed, rolled back (and reported) otherwise."""
+    try:
+        matches = fusion.matcher.find_matches(graph, exclusive=fusion.exclusive)
+    except Exception as error:  # a failing check: this fusion is skipped, the graph untouched
+        _failed(fusion, "(matching)", error, report, strict=strict)
+        return
     replaced: dict[fx.Node, fx.Node] = {}
     chains: list[tuple[fx.Node, ...]] = []
-    for m in find_matches(fusion.pattern, graph, exclusive=fusion.exclusive):
+    for m in matches:
         rw = Rewriter(graph, module, m.root, replaced)
         try:
             new = fusion.rewrite(m, rw)
-            selfcheck.check(fusion.name, m, rw, new)
+            selfcheck.check(fusion.name, m, rw, new)  # a Refusal if the kernel disagrees
+            if new is not m.root:
+                rw.replace(m.root, new, consumed=m.nodes)
+            rw.commit()
         except Refusal as refusal:
-            rw.rollback()
+            _roll_back(rw, fusion, m.root.name)
             report.refused.append(
                 RefusedMatch(fusion.name, m.root.name, str(refusal), refusal.cause)
             )
             continue
-        except Exception:
-            rw.rollback()
-            raise
-        if new is not m.root:
-            new.meta.update({k: v for k, v in m.root.meta.items() if k in ("val", "tensor_meta")})
-            shape = known_shape(m.root)
-            if shape is not None:
-                new.meta[SHAPE_KEY] = shape
-            dtype = node_dtype(m.root)
-            if dtype is not None and "val" not in new.meta:
-                new.meta[DTYPE_KEY] = dtype  # later patterns (a decomposed dequant) read it
-            m.root.replace_all_uses_with(new)
-            replaced[m.root] = new
-            chains.append(m.nodes)
+        except Exception as error:
+            _roll_back(rw, fusion, m.root.name)
+            _failed(fusion, m.root.name, error, report, strict=strict)
+            continue
+        chains.extend(rw.consumed)
         report.fired[fusion.name] += 1
         report.nodes_consumed[fusion.name] += len(m.nodes)
     _erase_dead(graph, chains)
+
+
+def _roll_back(rw: Rewriter, fusion: Fusion, root: str) -> None:
+    """Undo a rewrite; if even that fails, the lowering stops (the caller's module is a copy
+    away from any of this, so it is untouched either way)."""
+    try:
+        rw.rollback()
+    except Exception as error:
+        raise LoweringError(
+            f"lower: rolling back {fusion.name} at {root} failed ({type(error).__name__}: "
+            f"{error}); the lowering stops, the input module is untouched"
+        ) from error
+
+
+def _failed(
+    fusion: Fusion, root: str, error: Exception, report: LoweringReport, *, strict: bool
+) -> None:
+    if strict or fusion.essential:
+        raise RewriteError(fusion.name, root, f"{type(error).__name__}: {error}") from error
+    report.failed.append(FailedRewrite(fusion.name, root, f"{type(error).__name__}: {error}"))
 
 
 def lower_with_report(
@@ -270,19 +303,21 @@ def lower_with_report(
     example_inputs: Sequence[torch.Tensor],
     *,
     fusions: Sequence[Fusion] = DEFAULT_FUSIONS,
+    strict: bool = False,
     selfcheck: SelfCheckMode = DEFAULT_SELFCHECK,
 ) -> tuple[fx.GraphModule, LoweringReport]:
-    """Like :func:`lower`, and also say what fired, what was refused and what is left."""
+    """Like :func:`lower`, and also say what fired, what was refused or failed, what is left."""
     start = time.perf_counter()
-    source = _validate(gm, example_inputs)
+    source = check_arguments(gm, example_inputs)
+    chosen = _fusions(fusions)
     report = LoweringReport()
     checker = SelfCheck(selfcheck, report.selfcheck)
     with _gc_paused():
         overlay = _Overlay(source)
         graph = _copy_graph(source, overlay)
         with _single_thread():
-            for fusion in fusions:
-                _apply(fusion, graph, overlay, report, checker)
+            for fusion in chosen:
+                _apply(fusion, graph, overlay, report, checker, strict=strict)
         out = _build_module(source, overlay, graph)
         out.graph.lint()
     report.unfused_quant_nodes = [n.name for n in out.graph.nodes if _is_quant_node(n)]
@@ -290,17 +325,38 @@ def lower_with_report(
     return out, report
 
 
+def _fusions(fusions: object) -> tuple[Fusion, ...]:
+    if not isinstance(fusions, Sequence) or isinstance(fusions, str):
+        raise UnsupportedGraphError(
+            f"lower: expected fusions as a sequence of Fusion, got {type(fusions).__name__}"
+        )
+    for i, f in enumerate(fusions):
+        if not isinstance(f, Fusion):
+            raise UnsupportedGraphError(
+                f"lower: fusions[{i}] is a {type(f).__name__}, expected a Fusion"
+            )
+    return tuple(fusions)
+
+
 def lower(
     gm: fx.GraphModule,
     example_inputs: Sequence[torch.Tensor],
     *,
     fusions: Sequence[Fusion] = DEFAULT_FUSIONS,
+    strict: bool = False,
     selfcheck: SelfCheckMode = DEFAULT_SELFCHECK,
 ) -> fx.GraphModule:
     """A new, runnable module whose graph calls oneDNN int8 ops; ``gm`` is left untouched.
+
+    A rewrite that raises (a oneDNN error, a bug in replacement code) is rolled back and its
+    match left unlowered: the report lists it under ``failed`` and the rest of the model still
+    lowers. With ``strict=True`` it raises :class:`~qalgebra.errors.RewriteError` (naming the
+    fusion and the node, chained to the cause) instead.
 
     ``selfcheck`` (:mod:`qalgebra.selfcheck`): ``"on"`` runs each distinct fused kernel call
     once per process on random inputs against the subgraph it replaces, and leaves unfused
     what disagrees; ``"off"`` trusts the kernels.
     """
-    return lower_with_report(gm, example_inputs, fusions=fusions, selfcheck=selfcheck)[0]
+    return lower_with_report(
+        gm, example_inputs, fusions=fusions, strict=strict, selfcheck=selfcheck
+    )[0]

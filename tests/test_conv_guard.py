@@ -206,3 +206,19 @@ def test_an_unknown_input_shape_is_judged_at_the_smallest_input(probe: bool) -> 
     assert outcome.report.fired["qconv"] == (0 if probe else 1), outcome.report.summary()
     if probe:
         assert "unknown shape" in outcome.report.refused[0].reason
+
+
+@pytest.mark.parametrize("stale", [False, True])
+def test_a_stale_input_shape_is_not_trusted(stale: bool) -> None:
+    # 2 columns in, one out: the class. A stale meta['val'] saying 8 columns (4 out) would hide
+    # it; it contradicts the conv's recorded result, so the guard treats the shape as unknown.
+    conv = ConvSpec(8, 2, (2, 2), stride=(1, 2), groups=2)
+    with isa.forced(**{PROBE: True}):
+        example = build_example(_conv_spec(conv, 2))
+        if stale:
+            q = next(n for n in example.gm.graph.nodes if "quantize_per_tensor" in n.name)
+            q.meta["val"] = torch.empty(1, 8, 6, 8, dtype=torch.uint8, device="meta")
+        _, report = lower_with_report(example.gm, example.inputs)
+    (refusal,) = report.refused
+    shown = "of unknown shape" if stale else "[1, 8, 6, 2]"
+    assert f"one column wide (input {shown})" in refusal.reason, report.summary()

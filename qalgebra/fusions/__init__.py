@@ -9,9 +9,15 @@ from qalgebra.fusions.base import Fusion, Refusal, Rewriter
 from qalgebra.fusions.binary import ACCUM_CLONE_ELISION, QCONV_BINARY, QLINEAR_BINARY
 from qalgebra.fusions.conv import QCONV
 from qalgebra.fusions.dynamic_fp16 import LINEAR_DYNAMIC_FP16
+from qalgebra.fusions.inplace import EVAL_DROPOUT, FUNCTIONALIZE
 from qalgebra.fusions.int_mm import INT_MM
 from qalgebra.fusions.layout import VIEW_AS_RESHAPE
-from qalgebra.fusions.liftup import QUANT_LIFT_UP, QUANT_LIFT_UP_MAX_POOL
+from qalgebra.fusions.liftup import (
+    QUANT_LIFT_UP,
+    QUANT_LIFT_UP_CAT,
+    QUANT_LIFT_UP_MAX_POOL,
+    QUANT_SHARE_MAX_POOL,
+)
 from qalgebra.fusions.linear import QLINEAR
 from qalgebra.fusions.pointwise import QCAT, QMAXPOOL2D, QRESHAPE
 from qalgebra.fusions.promotion import DEQUANT_PROMOTION
@@ -21,11 +27,19 @@ __all__ = ["DEFAULT_FUSIONS", "Fusion", "Refusal", "Rewriter"]
 
 #: The catalog, in the order the lowering applies it.
 DEFAULT_FUSIONS: tuple[Fusion, ...] = (
+    # First, so every pattern below sees one spelling: eval dropouts become their input, then
+    # in-place ops whose write nothing else reads become functional (chains in graph order).
+    EVAL_DROPOUT,
+    FUNCTIONALIZE,
     DEQUANT_PROMOTION,
     # Lift-up first: a quantize moved above views / a max_pool2d then meets the conv or linear
     # that produced its input, which fuse with an int8 output.
     QUANT_LIFT_UP,
+    # A pool whose input is quantized alike elsewhere reads that int8 tensor; then the input (a
+    # cat read only by its quantize now) gets the quantize lifted over it, into every branch.
+    QUANT_SHARE_MAX_POOL,
     QUANT_LIFT_UP_MAX_POOL,
+    QUANT_LIFT_UP_CAT,
     QCONV_BINARY,
     QLINEAR_BINARY,
     QCONV,

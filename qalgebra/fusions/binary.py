@@ -127,7 +127,7 @@ def _rewrite_qconv_binary(m: Match, rw: Rewriter) -> fx.Node:
         raise Refusal("oneDNN's quantized conv binary post-op exists for conv2d only")
     _check_other(m)
     stride, padding, dilation, groups = conv_geometry(m)
-    check_conv_kernel(m[X], m[W], stride, padding, dilation)
+    check_conv_kernel(m[X], m.root, m[W], (stride, padding, dilation, groups))
     out_scale, out_zp, out_dtype = _output(m)
     if OQ.scale in m:
         if m[OTHER_Q.dtype] != out_dtype:
@@ -151,7 +151,7 @@ def _rewrite_qconv_binary(m: Match, rw: Rewriter) -> fx.Node:
             dtype=accum_dtype,
             memory_format=torch.channels_last,
         )
-    accum.meta["qalgebra_accumulator"] = True
+    rw.set_meta(accum, "qalgebra_accumulator", True)
     unary, scalars, algorithm = unary_args(m)
     fused = rw.call(
         onednn.qconv2d_pointwise.binary,

@@ -123,28 +123,61 @@ def padding_only_axis(
 
 def check_conv_kernel(
     x: fx.Node,
+    root: fx.Node,
     weight: torch.Tensor,
-    stride: Sequence[int],
-    padding: Sequence[int],
-    dilation: Sequence[int],
+    geometry: tuple[Sequence[int], Sequence[int], Sequence[int], int],
 ) -> None:
-    """Refuse a conv of input ``x`` whose geometry oneDNN computes wrongly (reasons above)."""
-    shape = known_shape(x)
-    geometry = (shape, tuple(weight.shape), stride, padding, dilation)
-    axis = padding_only_axis(*geometry)
+    """Refuse a conv of input ``x`` whose geometry oneDNN computes wrongly (reasons above).
+
+    ``root`` is the match's root (its shape is the conv's result), ``geometry`` the conv's
+    (stride, padding, dilation, groups).
+    """
+    stride, padding, dilation, _ = geometry
+    shape = _input_shape(x, root, weight, geometry)
+    sizes = (shape, tuple(weight.shape), stride, padding, dilation)
+    axis = padding_only_axis(*sizes)
     if axis is not None:
         raise Refusal(
             f"output positions along spatial axis {axis} read only padding (input "
             f"{_describe(shape)}, kernel {list(weight.shape[2:])}, padding {list(padding)}, "
             f"dilation {list(dilation)}): oneDNN's int8 conv computes garbage or crashes there"
         )
-    if single_strided_column(*geometry) and qconv_single_column_stride_wrong():
+    if single_strided_column(*sizes) and qconv_single_column_stride_wrong():
         raise Refusal(
             f"the output is one column wide (input {_describe(shape)}) with kernel width "
             f"{weight.shape[-1]} and width stride {stride[-1]}: this CPU's oneDNN int8 conv "
             f"computes that wrongly (probe {_PROBE})",
             cause=f"probe:{_PROBE}",
         )
+
+
+def _input_shape(
+    x: fx.Node,
+    root: fx.Node,
+    weight: torch.Tensor,
+    geometry: tuple[Sequence[int], Sequence[int], Sequence[int], int],
+) -> tuple[object, ...] | None:
+    """``x``'s shape when it fits the weight and the conv's result, else None (unknown).
+
+    ``meta['val']`` can be stale (batch norms swapped after QAT keep a pattern's example shape,
+    see ``qalgebra.fusions.conv.input_shape_hint``): a stale shape must not decide.
+    """
+    shape = known_shape(x)
+    stride, padding, dilation, groups = geometry
+    if shape is None or len(shape) != weight.dim() or shape[1] != weight.shape[1] * groups:
+        return None
+    result = known_shape(root)
+    if result is None or len(result) != len(shape):
+        return shape  # nothing to compare with
+    inputs = [n for n in shape[2:] if type(n) is int]
+    outputs = [n for n in result[2:] if type(n) is int]
+    if len(inputs) != len(shape) - 2 or len(outputs) != len(inputs):
+        return shape  # symbolic sizes: judged by their lower bounds
+    expected = [
+        _output_size(n, k, s, p, d)
+        for n, k, s, p, d in zip(inputs, weight.shape[2:], stride, padding, dilation, strict=True)
+    ]
+    return shape if outputs == expected else None
 
 
 def _describe(shape: Sequence[object] | None) -> str:

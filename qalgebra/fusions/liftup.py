@@ -15,6 +15,15 @@ it commutes with every op that only moves values: numerics are unchanged, bit fo
   leaves ``conv -> relu -> max_pool2d -> quant`` (a ResNet stem) with the pool in float; lifted,
   the conv fuses with an int8 output and the pool runs on uint8.
 
+- ``QUANT_SHARE_MAX_POOL``: ``x -> max_pool2d -> quant`` where ``x`` is also quantized alike
+  by an earlier quantize ``q`` (an inception block's output: ``cat -> quant`` for its convs and
+  ``cat -> max_pool2d -> quant`` for its pool branch; X86InductorQuantizer shares the pool's
+  qparams with its input) becomes ``quantized.max_pool2d(q)``: the same values, no float pool.
+- ``QUANT_LIFT_UP_CAT``: ``cat(x1, ..., xn) -> quant``, each ``xi`` read only by the cat and none
+  a dequantize, becomes ``cat(quant(x1), ..., quant(xn))`` (a quantize is elementwise: bit for
+  bit the same), so each ``conv -> relu -> quant`` fuses with an int8 output and the cat moves
+  uint8 values. X86InductorQuantizer leaves GoogLeNet's branch outputs float into the cat.
+
 Neither lifts from an ``x`` that is a dequantize: ``dequant -> op -> quant`` is the quantized
 pointwise family's (:mod:`qalgebra.fusions.pointwise`); lifting would leave a dequant/quant pair.
 The lifted quantize is emitted in op form (``quantize_per_tensor.default``; the decomposed
@@ -27,6 +36,7 @@ from __future__ import annotations
 import torch
 from torch import fx
 
+from qalgebra.aliasing import runs_after
 from qalgebra.checks import Check, dtype_in, satisfies, single_user, valid_qparams
 from qalgebra.combinators import (
     dequantize_per_tensor,
@@ -37,19 +47,39 @@ from qalgebra.combinators import (
 from qalgebra.fusions.base import Fusion, Rewriter
 from qalgebra.fusions.common import OQ, QUANT_RANGE_KEY
 from qalgebra.fusions.pointwise import (
+    CAT_DIM,
+    FLOAT_OP,
     max_pool2d,
     move_vars,
     movement,
+    quantized_alike,
     quantized_max_pool2d,
     replay,
     require,
     within_output_range,
 )
 from qalgebra.match import match_node
-from qalgebra.pattern import Match, Pattern, Var, ignored, optional, where
+from qalgebra.pattern import (
+    Match,
+    Pattern,
+    Var,
+    call,
+    capture,
+    ignored,
+    list_of,
+    optional,
+    where,
+)
 
-__all__ = ["LIFT_DEPTH", "QUANT_LIFT_UP", "QUANT_LIFT_UP_MAX_POOL"]
+__all__ = [
+    "LIFT_DEPTH",
+    "QUANT_LIFT_UP",
+    "QUANT_LIFT_UP_CAT",
+    "QUANT_LIFT_UP_MAX_POOL",
+    "QUANT_SHARE_MAX_POOL",
+]
 
+aten = torch.ops.aten
 qd = torch.ops.quantized_decomposed
 
 #: The longest chain of movements one lift passes.
@@ -89,16 +119,21 @@ def movement_chain(x: Pattern) -> Pattern:
 
 
 def _lifted_quant(m: Match, rw: Rewriter) -> fx.Node:
+    return _quantize(m, rw, m[SOURCE])
+
+
+def _quantize(m: Match, rw: Rewriter, x: fx.Node) -> fx.Node:
+    """``x`` quantized with the match's output qparams (op form), its int8 range recorded."""
     q = rw.call(
         qd.quantize_per_tensor.default,
-        m[SOURCE],
+        x,
         m[OQ.scale],
         m[OQ.zero_point],
         m[OQ.quant_min],
         m[OQ.quant_max],
         m[OQ.dtype],
     )
-    q.meta[QUANT_RANGE_KEY] = (m[OQ.quant_min], m[OQ.quant_max])
+    rw.set_meta(q, QUANT_RANGE_KEY, (m[OQ.quant_min], m[OQ.quant_max]))
     return q
 
 
@@ -107,7 +142,7 @@ def _lift_over_movements(m: Match, rw: Rewriter) -> fx.Node:
     for mv in reversed(STEPS):
         moved = replay(m, mv, rw, node)
         if moved is not node:
-            moved.meta[QUANT_RANGE_KEY] = (m[OQ.quant_min], m[OQ.quant_max])
+            rw.set_meta(moved, QUANT_RANGE_KEY, (m[OQ.quant_min], m[OQ.quant_max]))
         node = moved
     return node
 
@@ -135,4 +170,94 @@ QUANT_LIFT_UP_MAX_POOL = Fusion(
     rewrite=_lift_over_max_pool,
     exclusive=False,  # see pointwise.POOL_CHECKS
     doc="x -> max_pool2d -> quant  =>  x -> quant -> quantized.max_pool2d",
+)
+
+
+# --------------------------------------------------------------------------------------------
+# A pool reading a tensor that is quantized alike elsewhere; a quantize over a cat
+# --------------------------------------------------------------------------------------------
+
+_SHARED_Q = qparams("shared")
+_QUANT_OF_SOURCE = quantize_per_tensor(SOURCE, _SHARED_Q)
+
+
+def _shared_quant(m: Match) -> fx.Node | None:
+    """An earlier quantize of ``SOURCE`` with the output quant's qparams and range, or None."""
+    want = (m[OQ.scale], m[OQ.zero_point], m[OQ.dtype])
+    for user in m[SOURCE].users:
+        if user in m.nodes or not runs_after(m.root, user):
+            continue
+        q = match_node(_QUANT_OF_SOURCE, user)
+        if q is None or q[SOURCE] is not m[SOURCE]:
+            continue
+        got = (q[_SHARED_Q.scale], q[_SHARED_Q.zero_point], q[_SHARED_Q.dtype])
+        same_range = (q[_SHARED_Q.quant_min], q[_SHARED_Q.quant_max]) == (
+            m[OQ.quant_min],
+            m[OQ.quant_max],
+        )
+        if same_range and quantized_alike(got, want):
+            return user
+    return None
+
+
+def _pool_shared_quant(m: Match, rw: Rewriter) -> fx.Node:
+    require(valid_qparams(OQ) & dtype_in(OQ.dtype, (torch.uint8,)), m, "the shared quantize")
+    shared = _shared_quant(m)
+    if shared is None:  # the pattern's check found it; nothing rewrote it since
+        raise AssertionError("the shared quantize disappeared")
+    pooled = quantized_max_pool2d(m, rw, shared)
+    return within_output_range(m, rw, pooled, [shared])
+
+
+QUANT_SHARE_MAX_POOL = Fusion(
+    name="quant_share_max_pool",
+    family="quant lift-up",
+    pattern=where(
+        quantize_per_tensor(max_pool2d(SOURCE, users=1), OQ),
+        satisfies(
+            lambda m: _not_dequantized(m) and _shared_quant(m) is not None,
+            "lift_source is quantized alike before (and is not a dequantize)",
+        ),
+    ),
+    rewrite=_pool_shared_quant,
+    exclusive=False,  # see pointwise.POOL_CHECKS
+    doc="x -> quant (q); x -> max_pool2d -> quant, alike  =>  quantized.max_pool2d(q)",
+)
+
+
+_CAT_INPUT = Var("lifted_cat_input", fx.Node)
+
+
+def _cat_inputs_lift(m: Match) -> bool:
+    return all(
+        len(x.users) == 1 and match_node(_DEQUANTIZED, x) is None for x in m.each(_CAT_INPUT)
+    )
+
+
+def _lift_over_cat(m: Match, rw: Rewriter) -> fx.Node:
+    require(valid_qparams(OQ) & dtype_in(OQ.dtype, (torch.uint8, torch.int8)), m, "the quantize")
+    quantized: dict[fx.Node, fx.Node] = {}
+    for x in m.each(_CAT_INPUT):
+        if x not in quantized:
+            rw.anchor = m[FLOAT_OP]  # each quantize right before the cat, after its input
+            quantized[x] = _quantize(m, rw, x)
+    rw.anchor = m.root
+    joined = rw.call(aten.cat.default, [quantized[x] for x in m.each(_CAT_INPUT)], m[CAT_DIM])
+    joined.meta[QUANT_RANGE_KEY] = (m[OQ.quant_min], m[OQ.quant_max])
+    return joined
+
+
+QUANT_LIFT_UP_CAT = Fusion(
+    name="quant_lift_up_cat",
+    family="quant lift-up",
+    pattern=where(
+        quantize_per_tensor(
+            capture(FLOAT_OP, call(aten.cat.default, list_of(_CAT_INPUT), CAT_DIM, users=1)), OQ
+        ),
+        satisfies(
+            _cat_inputs_lift, "every cat input is read only by the cat and is not a dequantize"
+        ),
+    ),
+    rewrite=_lift_over_cat,
+    doc="cat(x1, ..., xn) -> quant  =>  cat(quant(x1), ..., quant(xn)) (int8)",
 )
