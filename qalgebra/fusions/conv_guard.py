@@ -107,8 +107,8 @@ def padding_only_axis(
     """The first spatial axis (0-based) along which some output position reads only padding.
 
     Padding wider than the dilated kernel's reach (``padding > dilation * (kernel - 1)``) does
-    so at both borders whatever the input size; a dilation wider than a small input can skip
-    over it in between. None when every output position reads the input.
+    so at the first position whatever the input size; a dilation wider than a small input can
+    skip over it in between. None when every output position reads the input.
     """
     for axis, (size, k, s, p, d) in enumerate(
         _spatial(input_shape, weight_shape, stride, padding, dilation)
