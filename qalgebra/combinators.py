@@ -5,8 +5,13 @@ typed Vars in each (op form ``.default`` and ``.tensor``; aten-decomposed with o
 zero-point add/sub; a single ``clamp`` or ``clamp_min`` + ``clamp_max``):
 
 - ``quantize_per_tensor(x, qp)``, ``dequantize_per_tensor(x, qp)`` with ``qp = qparams("x")``;
+  with ``qparams("x", runtime=True)`` also the ``.tensor`` op form whose scale and zero point
+  are computed while the graph runs (``choose_qparams`` outputs, graph inputs);
+  ``qp.read(m)`` gives replacement code a :class:`ConstantQParams` or a
+  :class:`RuntimeQParams` to narrow;
 - ``dequantize_per_channel(w, cp)`` and ``weight_dequant(w, cp, ...)`` for weights (optional
-  ``clone(channels_last)``, bf16 convert, ``permute``);
+  ``clone(channels_last)``, bf16 convert, ``permute``; ``per_tensor=qp`` also takes a weight
+  dequantized per tensor);
 - ``dtype_convert(x, dtype)``: ``prims.convert_element_type``, ``aten._to_copy(dtype=)`` or
   ``aten.to.dtype``; ``reshape(x, shape)``: ``view``, ``reshape`` or ``_unsafe_view``.
 
@@ -27,6 +32,11 @@ Var('x_scale', float)
 >>> p = dequantize_per_tensor(Var("x", torch.fx.Node), qp)
 >>> len(p.alternatives)
 2
+>>> runtime = qparams("x", runtime=True)
+>>> runtime.scale_node
+Var('x_scale_node', torch.fx.node.Node)
+>>> len(dequantize_per_tensor(Var("x", torch.fx.Node), runtime).alternatives)
+3
 """
 
 from __future__ import annotations
@@ -34,7 +44,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeAlias
 
 import torch
 import torch.ao.quantization.fx._decomposed
@@ -43,6 +53,7 @@ from torch.fx import Node
 from qalgebra.checks import dtype_in
 from qalgebra.errors import PatternError
 from qalgebra.pattern import (
+    Match,
     Pattern,
     PatternLike,
     Var,
@@ -60,7 +71,10 @@ from qalgebra.pattern import (
 
 __all__ = [
     "ChannelQParams",
+    "ConstantQParams",
+    "QParamValues",
     "QParams",
+    "RuntimeQParams",
     "Unary",
     "channel_qparams",
     "clamp",
@@ -89,24 +103,68 @@ qd = torch.ops.quantized_decomposed
 
 
 @dataclass(frozen=True, slots=True)
+class ConstantQParams:
+    """A scale and zero point known when lowering (literals, or one-element constants)."""
+
+    scale: float
+    zero_point: int
+
+
+@dataclass(frozen=True, slots=True)
+class RuntimeQParams:
+    """A scale and zero point computed while the graph runs: the nodes holding them.
+
+    oneDNN's ``.tensor`` overloads take them as they are (one-element tensors).
+    """
+
+    scale: Node
+    zero_point: Node
+
+
+#: What :meth:`QParams.read` gives: replacement code narrows it with ``isinstance``.
+QParamValues: TypeAlias = ConstantQParams | RuntimeQParams
+
+
+@dataclass(frozen=True, slots=True)
 class QParams:
-    """The Vars of one per-tensor (de)quantization: what replacement code reads back."""
+    """The Vars of one per-tensor (de)quantization: what replacement code reads back.
+
+    ``scale`` / ``zero_point`` bind constants. With ``scale_node`` / ``zero_point_node`` (made
+    by ``qparams(..., runtime=True)``) the patterns also match qparams that are runtime
+    tensors, binding those Vars instead; :meth:`read` tells the two apart for replacement code,
+    typed, so that code handling only constants cannot read a runtime scale by mistake.
+    """
 
     scale: Var[float]
     zero_point: Var[int]
     dtype: Var[torch.dtype]
     quant_min: Var[int]
     quant_max: Var[int]
+    scale_node: Var[Node] | None = None
+    zero_point_node: Var[Node] | None = None
+
+    def read(self, m: Match) -> QParamValues:
+        """The scale and zero point ``m`` bound: constants, or the nodes computing them."""
+        node, zp_node = self.scale_node, self.zero_point_node
+        if node is not None and zp_node is not None and node in m:
+            return RuntimeQParams(m[node], m[zp_node])
+        return ConstantQParams(m[self.scale], m[self.zero_point])
 
 
-def qparams(prefix: str) -> QParams:
-    """``QParams`` named ``{prefix}_scale``, ``{prefix}_zp``, ``{prefix}_dtype``, ..."""
+def qparams(prefix: str, *, runtime: bool = False) -> QParams:
+    """``QParams`` named ``{prefix}_scale``, ``{prefix}_zp``, ``{prefix}_dtype``, ...
+
+    ``runtime``: also match scale and zero point computed in the graph (``{prefix}_scale_node``,
+    ``{prefix}_zp_node``); the replacement then reads them through :meth:`QParams.read`.
+    """
     return QParams(
         Var(f"{prefix}_scale", float),
         Var(f"{prefix}_zp", int),
         Var(f"{prefix}_dtype", torch.dtype),
         Var(f"{prefix}_qmin", int),
         Var(f"{prefix}_qmax", int),
+        Var(f"{prefix}_scale_node", Node) if runtime else None,
+        Var(f"{prefix}_zp_node", Node) if runtime else None,
     )
 
 
@@ -182,22 +240,32 @@ _QUANTIZED_DTYPES = (
 )
 
 
+def _op_form(op: torch._ops.OpOverloadPacket[..., Any], x: PatternLike, qp: QParams) -> Pattern:
+    """``op.default`` or ``op.tensor`` with constant qparams; runtime ones when ``qp`` allows.
+
+    Constants first: a one-element ``get_attr`` scale binds as a float. The runtime alternative
+    takes any other nodes (both of them, in the ``.tensor`` overload).
+    """
+    constant = call(
+        (op.default, op.tensor), x, qp.scale, qp.zero_point, qp.quant_min, qp.quant_max, qp.dtype
+    )
+    if qp.scale_node is None or qp.zero_point_node is None:
+        return constant
+    runtime = call(
+        op.tensor, x, qp.scale_node, qp.zero_point_node, qp.quant_min, qp.quant_max, qp.dtype
+    )
+    return any_of(constant, runtime)
+
+
 def dequantize_per_tensor(x: PatternLike, qp: QParams) -> Pattern:
     """A per-tensor dequantize of ``x`` in op form (scalar or tensor qparams) or decomposed.
 
     Decomposed: ``mul(sub(convert(x, float32), zp), scale)``, the ``sub`` absent when zp == 0;
     the dtype is read from ``x`` (its meta, or the conversion that produced it). Only the op
-    form names quant_min/quant_max, so only it binds them.
+    form names quant_min/quant_max, so only it binds them. Runtime qparams (``qp`` made with
+    ``runtime=True``) are matched in op form only: no flow decomposes the ``.tensor`` overloads.
     """
-    op_form = call(
-        (qd.dequantize_per_tensor.default, qd.dequantize_per_tensor.tensor),
-        x,
-        qp.scale,
-        qp.zero_point,
-        qp.quant_min,
-        qp.quant_max,
-        qp.dtype,
-    )
+    op_form = _op_form(qd.dequantize_per_tensor, x, qp)
     # Only a quantized dtype: else a bf16 -> fp32 conversion followed by the `mul(x, 1/scale)` of
     # a decomposed quantize would read as a dequantize of bf16 with scale 1/scale.
     to_float = where(
@@ -216,15 +284,7 @@ def quantize_per_tensor(x: PatternLike, qp: QParams) -> Pattern:
     Decomposed: ``convert(clamp(add(round(mul(x, 1/scale)), zp), qmin, qmax), dtype)``, the
     ``add`` absent when zp == 0, the clamp single or split in two.
     """
-    op_form = call(
-        (qd.quantize_per_tensor.default, qd.quantize_per_tensor.tensor),
-        x,
-        qp.scale,
-        qp.zero_point,
-        qp.quant_min,
-        qp.quant_max,
-        qp.dtype,
-    )
+    op_form = _op_form(qd.quantize_per_tensor, x, qp)
     rounded = call(aten.round.default, call(aten.mul.Tensor, x, reciprocal(qp.scale)))
     shifted = optional(
         call(aten.add.Tensor, rounded, qp.zero_point), through=0, defaults={qp.zero_point: 0}
@@ -251,15 +311,20 @@ def weight_dequant(
     w: PatternLike,
     cp: ChannelQParams,
     *,
+    per_tensor: QParams | None = None,
     compute_dtype: Var[torch.dtype] | None = None,
     permuted: Var[list[Any]] | None = None,
 ) -> Pattern:
     """A weight's dequant, optionally then ``clone(channels_last)``, a conversion, a permute.
 
+    The dequant is per channel (binding ``cp``) or, with ``per_tensor``, also per tensor in any
+    form (binding ``per_tensor``'s constants: a weight observer that is per tensor).
     ``compute_dtype`` binds the dtype of an optional conversion (float32 when absent);
     ``permuted`` binds the dims of an optional permute (linear weights; ``[]`` when absent).
     """
     p: Pattern = dequantize_per_channel(w, cp)
+    if per_tensor is not None:
+        p = any_of(p, dequantize_per_tensor(w, per_tensor))
     p = optional(call(aten.clone.default, p, memory_format=literal(torch.channels_last)))
     if compute_dtype is not None:
         p = with_dtype_convert(p, compute_dtype)

@@ -124,6 +124,30 @@ def _saturation_check_off() -> None:
     _patch_everywhere("pair_sum_may_saturate", lambda max_abs_activation, weight: False)
 
 
+def _shift_zero_point_kept() -> None:
+    """int8 activations shifted to uint8 for conv, their zero point left unshifted."""
+    _patch_everywhere("_plus_128", lambda q, rw: q)
+
+
+def _per_tensor_scale_dropped() -> None:
+    """A per-tensor weight scale expanded per channel as 1.0."""
+    import dataclasses
+
+    import torch
+
+    from qalgebra.fusions import common
+
+    original = common.weight_quant
+
+    def weight_quant(m: Any) -> Any:
+        wq = original(m)
+        if common.WQ.scales in m:
+            return wq
+        return dataclasses.replace(wq, scales=torch.ones_like(wq.scales))
+
+    _patch_everywhere("weight_quant", weight_quant)
+
+
 def _dequant_sub_swapped() -> None:
     """The decomposed dequant's ``sub(x, zp)`` written ``sub(zp, x)`` in the pattern."""
     import torch
@@ -223,6 +247,16 @@ MUTANTS: dict[str, Mutant] = {
             "clamp_dropped",
             "no clamp to a narrower (reduce_range) output quant range",
             _clamp_dropped,
+        ),
+        Mutant(
+            "shift_zero_point_kept",
+            "conv: int8 activations shifted by +128, the zero point not",
+            _shift_zero_point_kept,
+        ),
+        Mutant(
+            "per_tensor_scale_dropped",
+            "a per-tensor weight scale expanded per channel as 1.0",
+            _per_tensor_scale_dropped,
         ),
         Mutant(
             "saturation_check_off",

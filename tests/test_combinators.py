@@ -24,6 +24,7 @@ from graphs import (
     convert,
     dequantize,
     dequantize_weight,
+    getitem,
     quantize,
     reshape,
 )
@@ -35,7 +36,9 @@ from qalgebra.combinators import (
     HARDTANH_MAX,
     HARDTANH_MIN,
     LEAKY_SLOPE,
+    ConstantQParams,
     QParams,
+    RuntimeQParams,
     Unary,
     channel_qparams,
     clamp,
@@ -536,3 +539,72 @@ def test_weight_dequant_refuses_a_clone_to_another_layout() -> None:
     _, d = dequantize_weight(b, (4, 3, 1, 1))
     c = b.op(aten.clone.default, d, memory_format=torch.contiguous_format)
     assert match_node(weight_dequant(W, CP), c) is None
+
+
+@pytest.mark.parametrize("form", ["op_default", "decomposed"])
+def test_weight_dequant_per_tensor(form: DequantForm) -> None:
+    wq = qparams("w_tensor")
+    b = GraphBuilder()
+    w = b.const(torch.zeros((4, 3), dtype=torch.int8))
+    params = QP(scale=0.125, zero_point=0, quant_min=-128, quant_max=127, dtype=torch.int8)
+    d = dequantize(b, w, params, form)
+    gm = b.module()
+    m = _one(weight_dequant(W, CP, per_tensor=wq), gm)
+    assert m.root is d and m[W] is w
+    assert (m[wq.scale], m[wq.zero_point], m[wq.dtype]) == (0.125, 0, torch.int8)
+    assert CP.scales not in m
+    assert find_matches(weight_dequant(W, CP), gm) == []  # per channel only
+
+
+# --------------------------------------------------------------------------------------------
+# Runtime qparams
+# --------------------------------------------------------------------------------------------
+
+RUNTIME = qparams("x", runtime=True)
+
+
+def _runtime_qdq(b: GraphBuilder) -> tuple[fx.Node, fx.Node, fx.Node, fx.Node, fx.Node]:
+    """(x, scale, zero point, quantize, dequantize): qparams computed by ``choose_qparams``."""
+    x = b.input()
+    chosen = b.op(torch.ops.quantized_decomposed.choose_qparams.tensor, x, 0, 255, 1e-5,
+                  torch.uint8, meta=False)  # fmt: skip
+    scale, zp = getitem(b, chosen, 0), getitem(b, chosen, 1)
+    qd = torch.ops.quantized_decomposed
+    q = b.op(qd.quantize_per_tensor.tensor, x, scale, zp, 0, 255, torch.uint8, meta=False)
+    d = b.op(qd.dequantize_per_tensor.tensor, q, scale, zp, 0, 255, torch.uint8, meta=False)
+    return x, scale, zp, q, d
+
+
+def test_runtime_qparams_names() -> None:
+    assert RUNTIME.scale_node is not None and RUNTIME.zero_point_node is not None
+    assert (RUNTIME.scale_node.name, RUNTIME.zero_point_node.name) == ("x_scale_node", "x_zp_node")
+    assert RUNTIME.scale == qparams("x").scale  # the constant Vars are the same
+    assert qparams("x").scale_node is None
+
+
+def test_runtime_qparams_bind_the_nodes_computing_them() -> None:
+    b = GraphBuilder()
+    x, scale, zp, q, d = _runtime_qdq(b)
+    b.op(aten.relu.default, d)
+    gm = b.module()
+    m = _one(dequantize_per_tensor(X, RUNTIME), gm)
+    assert m.root is d and m[X] is q
+    assert RUNTIME.read(m) == RuntimeQParams(scale, zp)
+    assert RUNTIME.scale not in m and (m[RUNTIME.quant_min], m[RUNTIME.dtype]) == (0, torch.uint8)
+    mq = match_node(quantize_per_tensor(Y, RUNTIME), q)
+    assert mq is not None and mq[Y] is x and RUNTIME.read(mq) == RuntimeQParams(scale, zp)
+    # Constant-only qparams do not match: their replacement code could not read a node.
+    assert find_matches(dequantize_per_tensor(X, QPV), gm) == []
+    assert match_node(quantize_per_tensor(Y, QPV), q) is None
+
+
+@pytest.mark.parametrize("form", ["op_default", "op_tensor"])
+def test_runtime_qparams_read_constants_as_constants(form: DequantForm) -> None:
+    # A one-element get_attr scale is a constant: the constant alternative binds it first.
+    b = GraphBuilder()
+    q = quantize(b, b.input(), PARAMS[0])
+    d = dequantize(b, q, PARAMS[0], form)
+    m = _one(dequantize_per_tensor(X, RUNTIME), b.module())
+    assert m.root is d
+    assert RUNTIME.read(m) == ConstantQParams(PARAMS[0].scale, PARAMS[0].zero_point)
+    assert RUNTIME.scale_node is not None and RUNTIME.scale_node not in m

@@ -84,7 +84,7 @@ def _qlinear_binary() -> tuple[GraphBuilder, fx.Node]:
 
 def _qconv() -> tuple[GraphBuilder, fx.Node]:
     b = GraphBuilder()
-    w = b.const(torch.zeros(4, 3, 1, 1, dtype=torch.int8))
+    w = b.input("w", (4, 3, 1, 1), torch.int8)
     per_tensor = b.op(qd.dequantize_per_tensor.default, w, 0.5, 0, -128, 127, torch.int8)
     conv = _conv(b, _dequantized_input(b, (1, 3, 4, 4)), per_tensor)
     return b, b.op(aten.relu.default, conv)
@@ -189,7 +189,7 @@ NEAR_MISSES: dict[str, NearMiss] = {
     "quant_lift_up_max_pool": ("the max_pool2d is read twice", _lift_up_max_pool),
     "qconv_binary": ("add(conv, other) with alpha=2", _qconv_binary),
     "qlinear_binary": ("sub(linear, other) instead of add", _qlinear_binary),
-    "qconv": ("a conv weight dequantized per tensor", _qconv),
+    "qconv": ("a conv weight that is an input, not a constant", _qconv),
     "qlinear": ("a linear of a float activation", _qlinear),
     "qmaxpool2d": ("avg_pool2d instead of max_pool2d", _qmaxpool2d),
     "qcat": ("cat of a dequantized and a float input", _qcat),

@@ -22,6 +22,7 @@ import pytest
 import torch
 from torch import fx
 
+from qalgebra import isa
 from qalgebra.errors import LoweringError, RewriteError, UnsupportedGraphError
 from qalgebra.fusions import DEFAULT_FUSIONS, Fusion, Refusal, Rewriter
 from qalgebra.isa import int8_pairs_saturate
@@ -111,12 +112,17 @@ def _attr(gm: fx.GraphModule, node: object) -> torch.Tensor:
 
 
 def _max_row_l1(gm: fx.GraphModule) -> float:
+    """The largest row L1 norm of a dequantized weight (per channel, or per tensor)."""
     best = 0.0
     for n in gm.graph.nodes:
         if n.target is qd.dequantize_per_channel.default:
             w, s = (_attr(gm, a) for a in n.args[:2])
             dq = w.float() * s.reshape(-1, *([1] * (w.dim() - 1)))
-            best = max(best, float(dq.flatten(1).abs().sum(1).max()))
+        elif n.target is qd.dequantize_per_tensor.default and n.args[0].op == "get_attr":
+            dq = _attr(gm, n.args[0]).float() * float(n.args[1])
+        else:
+            continue
+        best = max(best, float(dq.flatten(1).abs().sum(1).max()))
     return best
 
 
@@ -343,17 +349,22 @@ def test_invalid_qparams_are_left_unlowered_with_a_reason(
     assert not _fused_nodes(lowered)
 
 
-def test_signed_int8_activation_conv_is_refused_not_crashing() -> None:
+@pytest.mark.parametrize("saturating", [False, True])
+def test_signed_int8_activation_conv_is_shifted_or_refused_by_the_probe(saturating: bool) -> None:
     gm, inputs = _quantized("conv2d_relu")
     signed = FORMS["op"](gm)
     for n in signed.graph.nodes:
         if n.target in (qd.quantize_per_tensor.default, qd.dequantize_per_tensor.default):
             n.args = (*n.args[:2], 0, -128, 127, torch.int8)
     signed.recompile()
-    lowered, report = lower_with_report(signed, inputs)
-    assert report.fired["qconv"] == 0
-    assert any("activation dtype torch.int8" in r.reason for r in report.refused)
-    assert torch.equal(lowered(*inputs), signed(*inputs))
+    with isa.forced(int8_pairs_saturate=saturating):
+        lowered, report = lower_with_report(signed, inputs)
+    if saturating:  # shifted to [0, 255]: full-range products would overflow int16 pairs
+        assert report.fired["qconv"] == 0
+        assert report.refused and all("saturating" in r.reason for r in report.refused)
+        assert torch.equal(lowered(*inputs), signed(*inputs))
+    else:  # numerics: tests/test_lower_configs.py, with weights no CPU saturates on
+        assert report.fired["qconv"] == 2 and not report.refused
 
 
 def test_saturating_cpu_refuses_full_range_activations() -> None:

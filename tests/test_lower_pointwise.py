@@ -335,7 +335,9 @@ def test_a_dequant_shared_with_other_readers_needs_no_promotion() -> None:
 @pytest.mark.parametrize("variant", ["dynamic_batch", "bf16"])
 def test_symbolic_batch_and_int8_mixed_bf16(variant: str) -> None:
     model, inputs = MODELS["inception"]()
-    gm = quantize_pt2e(model, inputs, **{variant: True})
+    gm = quantize_pt2e(
+        model, inputs, dynamic_batch=variant == "dynamic_batch", bf16=variant == "bf16"
+    )
     lowered, report = lower_with_report(gm, inputs)
     assert _fired(report) == _expected("inception"), report.summary()
     # another batch size (the calibration values twice: random values would leave calibration

@@ -16,7 +16,7 @@ from types import ModuleType
 
 import pytest
 import torch
-from graphs import QP, ChannelQP, GraphBuilder, dequantize, dequantize_weight, quantize
+from graphs import QP, ChannelQP, GraphBuilder, dequantize, dequantize_weight, getitem, quantize
 from mypy import api as mypy_api
 
 from qalgebra import call, dtype_of, list_of, tag
@@ -24,6 +24,7 @@ from qalgebra.combinators import Unary, dequantize_per_channel, dequantize_per_t
 from qalgebra.match import find_matches, match_node
 
 aten = torch.ops.aten
+qd = torch.ops.quantized_decomposed
 
 REPO = Path(__file__).resolve().parent.parent
 TABLE = Path(__file__).resolve().parent / "typing_cases" / "typing_table.py"
@@ -53,6 +54,14 @@ def test_the_typing_table_holds_at_run_time() -> None:
 
     (m,) = find_matches(dequantize_per_tensor(t.X, t.QP), gm)
     t.qparams_table(m)
+    runtime = GraphBuilder()
+    chosen = runtime.op(qd.choose_qparams.tensor, runtime.input(), 0, 255, 1e-5, torch.uint8)
+    scale, zp = getitem(runtime, chosen, 0), getitem(runtime, chosen, 1)
+    rq = runtime.op(qd.quantize_per_tensor.tensor, runtime.input("y"), scale, zp, 0, 255,
+                    torch.uint8, meta=False)  # fmt: skip
+    runtime.op(qd.dequantize_per_tensor.tensor, rq, scale, zp, 0, 255, torch.uint8, meta=False)
+    (m_runtime,) = find_matches(dequantize_per_tensor(t.X, t.QPR), runtime.module())
+    t.runtime_table(m_runtime)
     relu_tagged = tag(call(aten.relu.default, dtype_of(t.X, t.DT)), t.U, Unary.RELU)
     m_view = match_node(call(aten.view.default, relu_tagged, t.SHAPE), view)
     assert m_view is not None
@@ -77,6 +86,9 @@ BAD = textwrap.dedent(
     def needs_node(n: torch.fx.Node) -> None: ...
 
 
+    def needs_float(s: float) -> None: ...
+
+
     def misuse(m: Match) -> None:
         needs_node(m[Var("s", float)])  # MISUSE: a float where a node is required
         zp: float = m[qparams("x").zero_point]  # fine: an int is a float
@@ -86,6 +98,7 @@ BAD = textwrap.dedent(
         dtype_of(relu, Var("d", int))  # MISUSE: dtype_of binds a torch.dtype
         for n in m.each(Var("e", float)):
             needs_node(n)  # MISUSE: the elements are floats
+        needs_float(qparams("x", runtime=True).read(m).scale)  # MISUSE: maybe a runtime node
     """
 )
 GOOD = textwrap.dedent(
@@ -98,6 +111,9 @@ GOOD = textwrap.dedent(
     def needs_node(n: torch.fx.Node) -> None: ...
 
 
+    def needs_float(s: float) -> None: ...
+
+
     def use(m: Match) -> None:
         needs_node(m[Var("x", torch.fx.Node)])
         zp: float = m[qparams("x").zero_point]
@@ -107,6 +123,7 @@ GOOD = textwrap.dedent(
         dtype_of(relu, Var("d", torch.dtype))
         for n in m.each(Var("e", torch.fx.Node)):
             needs_node(n)
+        needs_float(m[qparams("x", runtime=True).scale])
     """
 )
 

@@ -36,21 +36,23 @@ from qalgebra.fusions.common import (
     OTHER,
     OTHER_Q,
     UNARY,
-    WQ,
-    XQ,
     W,
     X,
+    activation_input,
     check_common,
     clamp_to_quant_range,
     output_qparams,
+    overload_for,
     range_clamped,
     reshaped_output,
     unary_args,
     weight_constants,
+    weight_quant,
 )
-from qalgebra.fusions.conv import conv, conv_geometry, prepack_conv
+from qalgebra.fusions.conv import CONV_ACTIVATIONS, conv, conv_geometry, prepack_conv
 from qalgebra.fusions.conv_guard import check_conv_kernel
 from qalgebra.fusions.linear import (
+    LINEAR_ACTIVATIONS,
     OUT_SHAPE,
     X_SHAPE,
     check_batched_input,
@@ -122,7 +124,7 @@ def _output(m: Match) -> tuple[float, int, torch.dtype]:
 
 
 def _rewrite_qconv_binary(m: Match, rw: Rewriter) -> fx.Node:
-    check_common(m, allowed_act=(torch.uint8,))
+    check_common(m, allowed_act=CONV_ACTIVATIONS)
     if m[W].dim() != 4:
         raise Refusal("oneDNN's quantized conv binary post-op exists for conv2d only")
     _check_other(m)
@@ -153,9 +155,10 @@ def _rewrite_qconv_binary(m: Match, rw: Rewriter) -> fx.Node:
         )
     rw.set_meta(accum, "qalgebra_accumulator", True)
     unary, scalars, algorithm = unary_args(m)
+    x, xq = activation_input(m, rw, allowed_act=CONV_ACTIVATIONS)
     fused = rw.call(
-        onednn.qconv2d_pointwise.binary,
-        m[X], m[XQ.scale], m[XQ.zero_point], packed, w_scales, w_zps, accum, bias,
+        overload_for(xq, onednn.qconv2d_pointwise.binary, onednn.qconv2d_pointwise.binary_tensor),
+        x, xq.scale, xq.zero_point, packed, w_scales, w_zps, accum, bias,
         stride, padding, dilation, groups, out_scale, out_zp, out_dtype,
         accum_scale, accum_zp, "sum", 1.0, unary, scalars, algorithm,
     )  # fmt: skip
@@ -165,7 +168,7 @@ def _rewrite_qconv_binary(m: Match, rw: Rewriter) -> fx.Node:
 
 
 def _rewrite_qlinear_binary(m: Match, rw: Rewriter) -> fx.Node:
-    check_common(m, allowed_act=(torch.uint8, torch.int8))
+    check_common(m, allowed_act=LINEAR_ACTIVATIONS)
     check_batched_input(m)
     _check_other(m)
     out_scale, out_zp, out_dtype = _output(m)
@@ -183,13 +186,13 @@ def _rewrite_qlinear_binary(m: Match, rw: Rewriter) -> fx.Node:
         other = rw.call(aten._to_copy.default, other, dtype=out_dtype)
     packed, w_scales, w_zps, bias = weight_constants(m, rw, prepack_linear(m), "qlinear_binary")
     unary, scalars, algorithm = unary_args(m)
-    x = m[X]
+    x, xq = activation_input(m, rw, allowed_act=LINEAR_ACTIVATIONS)
     if shape_or_empty(m, X_SHAPE):
         x = rw.call(aten.reshape.default, x, m[X_SHAPE])
-        other = rw.call(aten.reshape.default, other, [-1, m[WQ.scales].shape[0]])
+        other = rw.call(aten.reshape.default, other, [-1, weight_quant(m).scales.shape[0]])
     y = rw.call(
-        onednn.qlinear_pointwise.binary,
-        x, m[XQ.scale], m[XQ.zero_point], packed, w_scales, w_zps, other, bias,
+        overload_for(xq, onednn.qlinear_pointwise.binary, onednn.qlinear_pointwise.binary_tensor),
+        x, xq.scale, xq.zero_point, packed, w_scales, w_zps, other, bias,
         out_scale, out_zp, out_dtype, 1.0, 0, "add", 1.0, unary, scalars, algorithm,
     )  # fmt: skip
     if OQ.scale not in m and out_dtype != _sum_dtype(m):
@@ -204,7 +207,8 @@ QCONV_BINARY = Fusion(
     pattern=with_residual(conv(), int8_output_needs_quantized_other=True),
     rewrite=_rewrite_qconv_binary,
     doc="dequant -> conv -> add(., other) -> [relu] -> [quant]  =>  "
-    "onednn.qconv2d_pointwise.binary (sum into a tensor the graph owns)",
+    "onednn.qconv2d_pointwise.binary[_tensor] (sum into a tensor the graph owns; beyond "
+    "Inductor/torchao: runtime qparams, per-tensor weights, int8 activations shifted)",
 )
 
 QLINEAR_BINARY = Fusion(
@@ -213,7 +217,8 @@ QLINEAR_BINARY = Fusion(
     pattern=with_residual(linear(), int8_output_needs_quantized_other=False),
     rewrite=_rewrite_qlinear_binary,
     doc="dequant -> linear -> add(., other) -> [relu] -> [quant]  =>  "
-    "onednn.qlinear_pointwise.binary (add, out of place)",
+    "onednn.qlinear_pointwise.binary[_tensor] (add, out of place; beyond Inductor/torchao: "
+    "per-tensor weights, 3-D with runtime qparams)",
 )
 
 

@@ -2,19 +2,35 @@
 
 Every family is ``[quantize] <- [unary] <- [binary] <- compute(dequant(x), dequant(w), bias)``;
 the Vars below name the parts, so replacement code reads ``m[X_SCALE]``-style typed values.
+
+Beyond the graphs Inductor's and torchao's lowerings take, one definition also covers:
+
+- **runtime activation qparams** (dynamic quantization: ``choose_qparams`` -> ``.tensor``
+  quantize/dequantize): :func:`activation_input` hands the rewrite a ``RuntimeQParams`` and the
+  fused op is called through its ``.tensor`` overload (:func:`overload_for`);
+- **per-tensor weights** (a per-tensor weight observer): :func:`weight_quant` expands the one
+  scale per output channel, which is what oneDNN's per-channel weight scales then compute;
+- **signed int8 activations into ops that take uint8 only** (conv): ``dequant(x_s8, s, zp) ==
+  dequant(x_s8 + 128 as uint8, s, zp + 128)`` exactly, so :func:`activation_input` shifts them,
+  folding the shift into the producing quantize when nothing else reads it (the quantize then
+  yields uint8 with its zero point and range moved by 128), else with an explicit shift.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import torch
 from torch import fx
 
 from qalgebra.combinators import (
     ChannelQParams,
+    ConstantQParams,
     QParams,
+    QParamValues,
+    RuntimeQParams,
     Unary,
     channel_qparams,
     dequantize_per_tensor,
@@ -27,13 +43,16 @@ from qalgebra.combinators import (
 from qalgebra.fusions.base import Refusal, Rewriter
 from qalgebra.isa import pair_sum_may_saturate
 from qalgebra.match import match_node
-from qalgebra.pattern import Match, Pattern, Var, any_of, call, ignored, literal
+from qalgebra.pattern import Match, Pattern, Var, any_of, call, capture, ignored, literal
 
 X = Var("x", fx.Node)
-XQ: QParams = qparams("x")
+#: The activation's qparams: constants, or runtime tensors (read them with ``XQ.read(m)``).
+XQ: QParams = qparams("x", runtime=True)
 ACT_DTYPE = Var("act_dtype", torch.dtype)
 W = Var("w", torch.Tensor)
 WQ: ChannelQParams = channel_qparams("w")
+#: A weight dequantized per tensor (read both kinds through :func:`weight_quant`).
+WQ_TENSOR: QParams = qparams("w_tensor")
 W_DTYPE = Var("w_compute_dtype", torch.dtype)
 BIAS = Var("bias", torch.Tensor)
 BIAS_DTYPE = Var("bias_dtype", torch.dtype)
@@ -55,8 +74,36 @@ def activation() -> Pattern:
 
 
 def weight() -> Pattern:
-    """The dequantized weight, optionally cloned to channels_last and converted."""
-    return weight_dequant(W, WQ, compute_dtype=W_DTYPE)
+    """The weight dequantized per channel or per tensor, optionally cloned to channels_last and
+    converted."""
+    return weight_dequant(W, WQ, per_tensor=WQ_TENSOR, compute_dtype=W_DTYPE)
+
+
+@dataclass(frozen=True, slots=True)
+class WeightQuant:
+    """The weight's quantization as oneDNN takes it: a scale and zero point per output channel."""
+
+    scales: torch.Tensor
+    zero_points: torch.Tensor
+    axis: int
+    dtype: torch.dtype
+
+
+def weight_quant(m: Match) -> WeightQuant:
+    """The matched weight's quantization, a per-tensor one expanded to every output channel.
+
+    The per-tensor dequantize multiplies the float32 weight by its scale rounded to float32;
+    oneDNN multiplies by float32 per-channel scales: the same products.
+    """
+    if WQ.scales in m:
+        return WeightQuant(m[WQ.scales], m[WQ.zero_points], m[WQ.axis], m[WQ.dtype])
+    channels = int(m[W].shape[0]) if m[W].dim() else 1
+    return WeightQuant(
+        torch.full((channels,), m[WQ_TENSOR.scale], dtype=torch.float32),
+        torch.full((channels,), m[WQ_TENSOR.zero_point], dtype=torch.int64),
+        0,
+        m[WQ_TENSOR.dtype],
+    )
 
 
 def bias_or_none() -> Pattern:
@@ -174,15 +221,26 @@ def reshaped_output(m: Match, rw: Rewriter, node: fx.Node, shape: list[Any]) -> 
     return out
 
 
+def shifted_to_uint8(m: Match, allowed_act: tuple[torch.dtype, ...]) -> bool:
+    """Whether the int8 activation goes to an op taking uint8 only, shifted by +128."""
+    return m[XQ.dtype] == torch.int8 and allowed_act == (torch.uint8,)
+
+
 def check_common(m: Match, *, allowed_act: tuple[torch.dtype, ...]) -> None:
-    """Refuse what oneDNN would compute wrongly or not at all; reasons reach the report."""
+    """Refuse what oneDNN would compute wrongly or not at all; reasons reach the report.
+
+    ``allowed_act``: the activation dtypes the op takes. An op taking only uint8 also gets int8
+    activations, shifted (:func:`activation_input`): the rewrite must pass its input through
+    :func:`activation_input`.
+    """
     _check_qparams(m, XQ, "input")
     if OQ.scale in m:
         _check_qparams(m, OQ, "output")
     act = m[XQ.dtype]
-    if act not in allowed_act:
+    if act not in allowed_act and not shifted_to_uint8(m, allowed_act):
         raise Refusal(f"activation dtype {act} is not supported (expected one of {allowed_act})")
-    if m[WQ.dtype] != torch.int8 or m[W].dtype != torch.int8:
+    wq = weight_quant(m)
+    if wq.dtype != torch.int8 or m[W].dtype != torch.int8:
         raise Refusal(f"weight dtype {m[W].dtype} is not int8")
     if m[ACT_DTYPE] not in _FLOAT_DTYPES or m[W_DTYPE] != m[ACT_DTYPE]:
         raise Refusal(
@@ -191,42 +249,50 @@ def check_common(m: Match, *, allowed_act: tuple[torch.dtype, ...]) -> None:
         )
     if BIAS in m and m[BIAS].dtype not in _FLOAT_DTYPES:
         raise Refusal(f"bias dtype {m[BIAS].dtype} is not a float dtype")
-    if m[WQ.axis] != 0:
-        raise Refusal(f"weight quantized along axis {m[WQ.axis]}, expected 0 (output channels)")
-    if bool((m[WQ.zero_points] != 0).any()):
+    if wq.axis != 0:
+        raise Refusal(f"weight quantized along axis {wq.axis}, expected 0 (output channels)")
+    if bool((wq.zero_points != 0).any()):
         raise Refusal("weight zero points are not all 0 (oneDNN needs symmetric weights)")
-    scales = m[WQ.scales]
+    scales = wq.scales
     if not bool((torch.isfinite(scales) & (scales > 0)).all()):
         raise Refusal("weight scales are not all finite positive numbers")
     # Without VNNI, oneDNN turns int8 activations into uint8 by adding 128 before the same
-    # saturating pair sums: their magnitude is then up to 255 whatever the quant range.
-    max_act = 255 if act == torch.int8 else _max_abs_activation(m)
+    # saturating pair sums: their magnitude is then up to 255 whatever the quant range. Shifted
+    # here instead, they reach their own range plus 128.
+    low, high = _activation_range(m)
+    if shifted_to_uint8(m, allowed_act):
+        max_act = _max_abs(low + 128, high + 128)
+    else:
+        max_act = 255 if act == torch.int8 else _max_abs(low, high)
     if pair_sum_may_saturate(max_act, m[W]):
+        shifted = " (int8 shifted to uint8)" if shifted_to_uint8(m, allowed_act) else ""
         raise Refusal(
             "this CPU's int8 kernels add products in saturating int16 pairs (no AVX512-VNNI/AMX): "
-            f"activations up to {max_act} times weights up to "
+            f"activations up to {max_act}{shifted} times weights up to "
             f"{int(m[W].to(torch.int16).abs().max())} would overflow; quantize activations to "
-            "7 bits (reduce_range=True) or lower on a VNNI/AMX CPU",
+            "7-bit uint8 (reduce_range=True) or lower on a VNNI/AMX CPU",
             cause="probe:int8_pairs_saturate",
         )
 
 
-_PRODUCER_Q = qparams("producer")
-_PRODUCER = quantize_per_tensor(ignored(), _PRODUCER_Q)
+_PRODUCER_Q = qparams("producer", runtime=True)
+_PRODUCER_INPUT = Var("producer_input", fx.Node)
+_PRODUCER = quantize_per_tensor(capture(_PRODUCER_INPUT, ignored()), _PRODUCER_Q)
 
 
-def _max_abs_activation(m: Match) -> int:
-    """The largest |value| the quantized activation can hold: from its qparams or producer."""
+def _activation_range(m: Match) -> tuple[int, int]:
+    """The levels the quantized activation can hold: from its qparams or producer."""
     if XQ.quant_min in m:
-        return _max_abs(m[XQ.quant_min], m[XQ.quant_max])
+        return m[XQ.quant_min], m[XQ.quant_max]
     recorded = m[X].meta.get(QUANT_RANGE_KEY)
     if isinstance(recorded, tuple):
-        return _max_abs(*recorded)
+        low, high = recorded
+        return int(low), int(high)
     producer = match_node(_PRODUCER, m[X])
     if producer is not None:
-        return _max_abs(producer[_PRODUCER_Q.quant_min], producer[_PRODUCER_Q.quant_max])
+        return producer[_PRODUCER_Q.quant_min], producer[_PRODUCER_Q.quant_max]
     info = torch.iinfo(m[XQ.dtype])
-    return max(abs(info.min), abs(info.max))
+    return int(info.min), int(info.max)
 
 
 def _max_abs(low: int, high: int) -> int:
@@ -234,14 +300,17 @@ def _max_abs(low: int, high: int) -> int:
 
 
 def _check_qparams(m: Match, qp: QParams, what: str) -> None:
-    scale = m[qp.scale]
-    if not (scale > 0 and scale != float("inf")):
-        raise Refusal(f"{what} scale {scale!r} is not a finite positive number")
     dtype = m[qp.dtype]
     if dtype not in (torch.uint8, torch.int8):
         raise Refusal(f"{what} quantized dtype {dtype} is not uint8/int8")
+    values = qp.read(m)
+    if isinstance(values, RuntimeQParams):
+        return  # known when the graph runs; oneDNN then computes with them as dequantize does
+    scale = values.scale
+    if not (scale > 0 and scale != float("inf")):
+        raise Refusal(f"{what} scale {scale!r} is not a finite positive number")
     info = torch.iinfo(dtype)
-    zp = m[qp.zero_point]
+    zp = values.zero_point
     if not info.min <= zp <= info.max:
         raise Refusal(f"{what} zero point {zp} is outside the range of {dtype}")
     if qp.quant_min in m and not m[qp.quant_min] <= zp <= m[qp.quant_max]:
@@ -257,9 +326,89 @@ def unary_args(m: Match) -> tuple[str, list[float], str]:
 def weight_constants(m: Match, rw: Rewriter, packed: torch.Tensor, hint: str) -> tuple[Any, ...]:
     """get_attr nodes for the packed weight, its scales and zero points, and the bias (or None)."""
     bias = rw.constant(f"{hint}_bias", m[BIAS]) if BIAS in m else None
+    wq = weight_quant(m)
     return (
         rw.constant(f"{hint}_packed_weight", packed),
-        rw.constant(f"{hint}_w_scales", m[WQ.scales]),
-        rw.constant(f"{hint}_w_zps", m[WQ.zero_points]),
+        rw.constant(f"{hint}_w_scales", wq.scales),
+        rw.constant(f"{hint}_w_zps", wq.zero_points),
         bias,
     )
+
+
+# --------------------------------------------------------------------------------------------
+# The activation as the fused op takes it
+# --------------------------------------------------------------------------------------------
+
+_Op = TypeVar("_Op")
+
+
+def overload_for(q: QParamValues, constant: _Op, runtime: _Op) -> _Op:
+    """The fused op's overload for these activation qparams (``.default`` / ``.tensor`` style)."""
+    return runtime if isinstance(q, RuntimeQParams) else constant
+
+
+def prepack_hint(m: Match) -> tuple[float, int]:
+    """The activation (scale, zero point) a weight prepack takes as a layout hint: the constant
+    ones, or (1.0, 0) for runtime qparams (the hint does not change the results)."""
+    q = XQ.read(m)
+    return (q.scale, q.zero_point) if isinstance(q, ConstantQParams) else (1.0, 0)
+
+
+def activation_input(
+    m: Match, rw: Rewriter, *, allowed_act: tuple[torch.dtype, ...]
+) -> tuple[fx.Node, QParamValues]:
+    """The quantized activation and its qparams, as an op taking ``allowed_act`` needs them.
+
+    An int8 activation for an op taking uint8 only (see :func:`shifted_to_uint8`) is shifted
+    by +128 with its zero point: exact, since ``(q + 128) - (zp + 128) == q - zp``.
+    """
+    x, q = m[X], XQ.read(m)
+    if not shifted_to_uint8(m, allowed_act):
+        return x, q
+    shifted_q = _plus_128(q, rw)
+    shifted = _folded_shift(m, rw, q, shifted_q)
+    if shifted is None:
+        as_bytes = rw.call(torch.ops.aten.view.dtype, x, torch.uint8)
+        shifted = rw.call(torch.ops.aten.bitwise_xor.Scalar, as_bytes, 128)  # the sign bit
+    return shifted, shifted_q
+
+
+def _plus_128(q: QParamValues, rw: Rewriter) -> QParamValues:
+    """``q`` with its zero point moved by 128 (a node adding it, for a runtime zero point)."""
+    if isinstance(q, RuntimeQParams):
+        return RuntimeQParams(q.scale, rw.call(torch.ops.aten.add.Tensor, q.zero_point, 128))
+    return ConstantQParams(q.scale, q.zero_point + 128)
+
+
+def _folded_shift(
+    m: Match,
+    rw: Rewriter,
+    q: QParamValues,
+    shifted_q: QParamValues,
+) -> fx.Node | None:
+    """The producing quantize redone to uint8 with zero point and range + 128, when only this
+    match reads the int8 tensor (the int8 quantize then dies); else None.
+
+    ``q`` / ``shifted_q``: the dequantize's qparams before and after the shift, reused when the
+    quantize has the same ones (a runtime zero point is then moved once).
+    """
+    x = m[X]
+    inside = set(m.nodes)
+    if rw.node(x) is not x or not all(u in inside for u in x.users):
+        return None
+    producer = match_node(_PRODUCER, x)
+    if producer is None or producer[_PRODUCER_Q.dtype] != torch.int8:
+        return None
+    produced = _PRODUCER_Q.read(producer)
+    folded_q = shifted_q if produced == q else _plus_128(produced, rw)
+    op = (
+        torch.ops.quantized_decomposed.quantize_per_tensor.tensor
+        if isinstance(folded_q, RuntimeQParams)
+        else torch.ops.quantized_decomposed.quantize_per_tensor.default
+    )
+    low, high = producer[_PRODUCER_Q.quant_min] + 128, producer[_PRODUCER_Q.quant_max] + 128
+    folded = rw.call(
+        op, producer[_PRODUCER_INPUT], folded_q.scale, folded_q.zero_point, low, high, torch.uint8
+    )
+    rw.set_meta(folded, QUANT_RANGE_KEY, (low, high))
+    return folded

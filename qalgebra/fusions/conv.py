@@ -4,7 +4,9 @@
 as ``convert_pt2e`` leaves them, ``aten.convolution`` as decompositions leave them), fp32 or
 int8-mixed-bf16, int8 or float output, post-ops none / relu / hardtanh (relu6) / hardswish / silu
 -- the ones oneDNN's quantized conv accepts -- lowers to ``onednn.qconv_pointwise`` with the
-weight prepacked by ``onednn.qconv_prepack`` at lowering time.
+weight prepacked by ``onednn.qconv_prepack`` at lowering time. Beyond Inductor and torchao:
+runtime activation qparams (``.tensor``), per-tensor weights, and int8 activations shifted to
+the uint8 the op takes (:mod:`qalgebra.fusions.common`).
 
 The binary (residual add) variant lives in :mod:`qalgebra.fusions.conv_binary`.
 """
@@ -20,25 +22,27 @@ from qalgebra.combinators import Unary, with_unary
 from qalgebra.fusions.base import Fusion, Refusal, Rewriter
 from qalgebra.fusions.common import (
     UNARY,
-    WQ,
-    XQ,
     W,
     X,
     activation,
+    activation_input,
     bias_or_none,
     check_common,
     clamp_to_quant_range,
     maybe_output_quant,
     output_qparams,
+    overload_for,
+    prepack_hint,
     unary_args_enforcing_range,
     weight,
     weight_constants,
+    weight_quant,
 )
 from qalgebra.fusions.conv_guard import check_conv_kernel
 from qalgebra.pattern import Match, Pattern, Var, any_of, call, ignored
 from qalgebra.shapes import known_shape
 
-__all__ = ["CONV_UNARIES", "QCONV", "conv", "conv_geometry", "input_shape_hint"]
+__all__ = ["CONV_ACTIVATIONS", "CONV_UNARIES", "QCONV", "conv", "conv_geometry", "input_shape_hint"]
 
 aten = torch.ops.aten
 onednn = torch.ops.onednn
@@ -47,6 +51,10 @@ STRIDE = Var("stride", list)
 PADDING = Var("padding", list)
 DILATION = Var("dilation", list)
 GROUPS = Var("groups", int)
+
+#: Activation dtypes oneDNN's quantized conv takes (int8 ones are shifted to uint8, exactly:
+#: ``common.activation_input``).
+CONV_ACTIVATIONS = (torch.uint8,)
 
 #: Post-ops oneDNN's quantized conv accepts (checked against the op: gelu, leaky_relu and tanh
 #: are refused by ``onednn.qconv_pointwise``).
@@ -141,25 +149,27 @@ def prepack_conv(m: Match) -> torch.Tensor:
     still accepts other batch sizes.
     """
     stride, padding, dilation, groups = conv_geometry(m)
+    x_scale, x_zp = prepack_hint(m)
     packed: torch.Tensor = onednn.qconv_prepack(
-        m[W], m[WQ.scales], m[XQ.scale], m[XQ.zero_point], stride, padding, dilation, groups,
+        m[W], weight_quant(m).scales, x_scale, x_zp, stride, padding, dilation, groups,
         input_shape_hint(m),
     )  # fmt: skip
     return packed
 
 
 def _rewrite_qconv(m: Match, rw: Rewriter) -> fx.Node:
-    check_common(m, allowed_act=(torch.uint8,))
+    check_common(m, allowed_act=CONV_ACTIVATIONS)
     stride, padding, dilation, groups = conv_geometry(m)
     check_conv_kernel(m[X], m.root, m[W], (stride, padding, dilation, groups))
     packed, w_scales, w_zps, bias = weight_constants(m, rw, prepack_conv(m), "qconv")
     out_scale, out_zp, out_dtype = output_qparams(m)
     attr, scalars, algorithm, enforced = unary_args_enforcing_range(m)
+    x, xq = activation_input(m, rw, allowed_act=CONV_ACTIVATIONS)
     fused = rw.call(
-        onednn.qconv_pointwise.default,
-        m[X],
-        m[XQ.scale],
-        m[XQ.zero_point],
+        overload_for(xq, onednn.qconv_pointwise.default, onednn.qconv_pointwise.tensor),
+        x,
+        xq.scale,
+        xq.zero_point,
         packed,
         w_scales,
         w_zps,
@@ -183,5 +193,7 @@ QCONV = Fusion(
     family="qconv",
     pattern=maybe_output_quant(with_unary(conv(), UNARY, *CONV_UNARIES)),
     rewrite=_rewrite_qconv,
-    doc="dequant -> conv -> [unary] -> [quant]  =>  onednn.qconv_pointwise",
+    doc="dequant -> conv -> [unary] -> [quant]  =>  onednn.qconv_pointwise[.tensor] (beyond "
+    "Inductor/torchao: runtime activation qparams, per-tensor weights, int8 activations "
+    "shifted to uint8)",
 )

@@ -92,7 +92,7 @@ STEPS = tuple(move_vars(f"lift{k}") for k in range(LIFT_DEPTH))
 
 _DEQUANT_DTYPE = Var("dequant_out_dtype", torch.dtype)
 _DEQUANTIZED = with_dtype_convert(
-    dequantize_per_tensor(ignored(), qparams("source")), _DEQUANT_DTYPE
+    dequantize_per_tensor(ignored(), qparams("source", runtime=True)), _DEQUANT_DTYPE
 )
 
 

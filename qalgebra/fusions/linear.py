@@ -10,7 +10,9 @@
 fp32 or int8-mixed-bf16, int8 or float output, and every unary post-op oneDNN's qlinear accepts
 (relu, gelu erf/tanh, leaky_relu, tanh, hardtanh/relu6, hardswish, silu as ``swish``; checked
 against the op) -> ``onednn.qlinear_pointwise`` with the weight prepacked by
-``onednn.qlinear_prepack``.
+``onednn.qlinear_prepack``. Activation qparams computed at run time (dynamic quantization) go
+to the ``.tensor`` overload; weights may be quantized per channel or per tensor
+(:mod:`qalgebra.fusions.common`).
 """
 
 from __future__ import annotations
@@ -26,15 +28,16 @@ from qalgebra.fusions.common import (
     BIAS,
     BIAS_DTYPE,
     UNARY,
-    XQ,
     W,
     X,
     activation,
+    activation_input,
     bias_or_none,
     check_common,
     clamp_to_quant_range,
     maybe_output_quant,
     output_qparams,
+    overload_for,
     reshaped_output,
     unary_args_enforcing_range,
     weight,
@@ -43,7 +46,7 @@ from qalgebra.fusions.common import (
 from qalgebra.pattern import Match, Pattern, Var, any_of, call, ignored
 from qalgebra.shapes import known_shape
 
-__all__ = ["LINEAR_UNARIES", "QLINEAR", "linear"]
+__all__ = ["LINEAR_ACTIVATIONS", "LINEAR_UNARIES", "QLINEAR", "linear"]
 
 aten = torch.ops.aten
 onednn = torch.ops.onednn
@@ -51,6 +54,9 @@ onednn = torch.ops.onednn
 X_SHAPE = Var("x_2d_shape", list)
 X_EXPAND = Var("x_expand", list)
 OUT_SHAPE = Var("out_shape", list)
+
+#: Activation dtypes oneDNN's qlinear takes.
+LINEAR_ACTIVATIONS = (torch.uint8, torch.int8)
 
 #: Post-ops oneDNN's qlinear accepts (checked against the op; it refuses silu and sigmoid by
 #: those names: silu is spelled ``swish``).
@@ -121,19 +127,19 @@ def check_batched_input(m: Match) -> None:
 
 
 def _rewrite_qlinear(m: Match, rw: Rewriter) -> fx.Node:
-    check_common(m, allowed_act=(torch.uint8, torch.int8))
+    check_common(m, allowed_act=LINEAR_ACTIVATIONS)
     check_batched_input(m)
     packed, w_scales, w_zps, bias = weight_constants(m, rw, prepack_linear(m), "qlinear")
     out_scale, out_zp, out_dtype = output_qparams(m)
     post_op, scalars, algorithm, enforced = unary_args_enforcing_range(m)
-    x = m[X]
+    x, xq = activation_input(m, rw, allowed_act=LINEAR_ACTIVATIONS)
     if shape_or_empty(m, X_SHAPE):
         x = rw.call(aten.reshape.default, x, m[X_SHAPE])
     y = rw.call(
-        onednn.qlinear_pointwise.default,
+        overload_for(xq, onednn.qlinear_pointwise.default, onednn.qlinear_pointwise.tensor),
         x,
-        m[XQ.scale],
-        m[XQ.zero_point],
+        xq.scale,
+        xq.zero_point,
         packed,
         w_scales,
         w_zps,
@@ -155,5 +161,6 @@ QLINEAR = Fusion(
     pattern=maybe_output_quant(with_unary(linear(), UNARY, *LINEAR_UNARIES)),
     rewrite=_rewrite_qlinear,
     doc="dequant -> linear | [view] mm/addmm [view] -> [unary] -> [quant]  =>  "
-    "onednn.qlinear_pointwise",
+    "onednn.qlinear_pointwise[.tensor] (runtime activation qparams: 2-D as Inductor, 3-D "
+    "beyond it; per-tensor weights beyond Inductor/torchao)",
 )

@@ -63,7 +63,7 @@ from torch._ops import OpOverload
 from qalgebra.checks import Check, dtype_in, valid_qparams
 from qalgebra.combinators import QParams, dequantize_per_tensor, qparams, quantize_per_tensor
 from qalgebra.fusions.base import Fusion, Refusal, Rewriter
-from qalgebra.fusions.common import OQ, QUANT_RANGE_KEY, XQ, X, clamp_to_quant_range
+from qalgebra.fusions.common import OQ, QUANT_RANGE_KEY, X, clamp_to_quant_range
 from qalgebra.match import match_node
 from qalgebra.pattern import (
     Match,
@@ -111,6 +111,9 @@ __all__ = [
     "require",
     "within_output_range",
 ]
+
+#: The input's qparams: constants only (the quantized pointwise ops take no runtime ones).
+XQ: QParams = qparams("x")
 
 aten = torch.ops.aten
 quantized = torch.ops.quantized

@@ -2,7 +2,8 @@
 
 Each fusion consumes the dequant in front of its compute op; a dequant shared by two convs (or a
 conv and a residual add) would otherwise stop both from fusing. The shared chain -- the dequant in
-any form, with its optional bf16 conversion and reshape -- is copied once per extra user.
+any form (constant or runtime qparams), with its optional bf16 conversion and reshape -- is copied
+once per extra user; the copies read the same qparams nodes.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from qalgebra.pattern import Match, Var, capture, where
 __all__ = ["DEQUANT_PROMOTION"]
 
 _X = Var("x", fx.Node)
-_Q = qparams("x")
+_Q = qparams("x", runtime=True)
 _DTYPE = Var("promoted_dtype", torch.dtype)
 _SHARED = Var("shared", fx.Node)
 

@@ -20,6 +20,13 @@ catalog must accept:
   VNNI, oneDNN's int8 kernels add ``u8 * s8`` pairs in saturating int16 and give results tens
   of percent off the reference (measured in ``docs/onednn_ops.md``); with 7-bit activations
   they agree to float rounding.
+- ``dynamic=True``: ``get_default_x86_inductor_quantization_config(is_dynamic=True)``: each
+  activation is quantized with qparams ``choose_qparams`` computes while the graph runs
+  (``.tensor`` quantize/dequantize reading runtime scale and zero point).
+- ``weight_per_tensor=True``: the weight observer is per tensor (symmetric int8, one scale per
+  weight: ``dequantize_per_tensor`` of an int8 constant) instead of per output channel.
+- ``act_dtype=torch.int8``: activations quantized to signed int8 (``[-128, 127]``, or
+  ``[-64, 63]`` with ``reduce_range``) instead of uint8.
 
 ``torchao_lower`` wraps torchao's own lowering for differential tests.
 """
@@ -27,7 +34,9 @@ catalog must accept:
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import fx, nn
@@ -35,6 +44,7 @@ from torch import fx, nn
 from qalgebra.isa import int8_pairs_saturate
 
 __all__ = [
+    "quantization_config",
     "quantize_pt2e",
     "torchao_lower",
 ]
@@ -101,6 +111,53 @@ def _to_bf16_form(
     return gm
 
 
+def quantization_config(
+    *,
+    is_qat: bool = False,
+    dynamic: bool = False,
+    reduce_range: bool = False,
+    weight_per_tensor: bool = False,
+    act_dtype: torch.dtype = torch.uint8,
+) -> Any:
+    """X86InductorQuantizer's default config, with the variants of :func:`quantize_pt2e`.
+
+    Returns torchao's ``QuantizationConfig`` (untyped: torchao ships no type information).
+    """
+    from torchao.quantization.pt2e import (
+        FusedMovingAvgObsFakeQuantize,
+        MinMaxObserver,
+        MovingAverageMinMaxObserver,
+    )
+    from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as xiq
+
+    config = xiq.get_default_x86_inductor_quantization_config(
+        is_qat=is_qat, is_dynamic=dynamic, reduce_range=reduce_range
+    )
+    if act_dtype not in (torch.uint8, torch.int8):
+        raise ValueError(f"act_dtype must be torch.uint8 or torch.int8, got {act_dtype}")
+    if act_dtype == torch.int8:
+        low, high = (-64, 63) if reduce_range else (-128, 127)
+        act = dataclasses.replace(
+            config.input_activation, dtype=torch.int8, quant_min=low, quant_max=high
+        )
+        config = dataclasses.replace(config, input_activation=act, output_activation=act)
+    if weight_per_tensor:
+        eps = 2.0**-12
+        observer: Any = (
+            FusedMovingAvgObsFakeQuantize.with_args(observer=MovingAverageMinMaxObserver, eps=eps)
+            if is_qat
+            else MinMaxObserver.with_args(eps=eps)
+        )
+        weight = dataclasses.replace(
+            config.weight,
+            qscheme=torch.per_tensor_symmetric,
+            ch_axis=None,
+            observer_or_fake_quant_ctr=observer,
+        )
+        config = dataclasses.replace(config, weight=weight)
+    return config
+
+
 def quantize_pt2e(
     model: nn.Module,
     example_inputs: Sequence[torch.Tensor],
@@ -110,6 +167,9 @@ def quantize_pt2e(
     calibration_batches: int = 2,
     bf16: bool = False,
     reduce_range: bool | None = None,
+    dynamic: bool = False,
+    weight_per_tensor: bool = False,
+    act_dtype: torch.dtype = torch.uint8,
 ) -> fx.GraphModule:
     """Quantize ``model`` with torchao's X86InductorQuantizer and return the converted graph.
 
@@ -118,7 +178,8 @@ def quantize_pt2e(
     parameters are reproducible. ``reduce_range=None`` picks 7-bit activations where oneDNN's
     int8 products saturate (see the module docstring); pass a bool to force either.
     With ``dynamic_batch`` every input's dimension 0 is one symbolic ``batch`` (size >= 2 in the
-    example inputs, or export specialises it).
+    example inputs, or export specialises it). ``dynamic``, ``weight_per_tensor`` and
+    ``act_dtype`` choose the config's variant (:func:`quantization_config`).
     """
     from torchao.quantization.pt2e import move_exported_model_to_eval
     from torchao.quantization.pt2e.quantize_pt2e import (
@@ -133,7 +194,13 @@ def quantize_pt2e(
         reduce_range = int8_pairs_saturate()
     quantizer = xiq.X86InductorQuantizer()
     quantizer.set_global(
-        xiq.get_default_x86_inductor_quantization_config(is_qat=is_qat, reduce_range=reduce_range)
+        quantization_config(
+            is_qat=is_qat,
+            dynamic=dynamic,
+            reduce_range=reduce_range,
+            weight_per_tensor=weight_per_tensor,
+            act_dtype=act_dtype,
+        )
     )
     model = copy.deepcopy(model)
     model.train(is_qat)

@@ -33,7 +33,7 @@ Strategies (public factories; the classes behind them are plain frozen dataclass
 
 Families plug in through :data:`FAMILIES` (name -> zero-argument factory of a strategy of
 Examples): :func:`register_family` adds one; the modules named in :data:`PLUGIN_MODULES` (the
-pointwise and weight-only families) are imported on first use and may either call
+pointwise, weight-only and other-config families) are imported on first use and may either call
 :func:`register_family` or define a ``FAMILIES`` mapping of their own.
 
 Numerics bounds (:class:`OutputBound`, DESIGN.md "Lowering: numerics"). The fused kernel and
@@ -162,6 +162,7 @@ FORMS: tuple[str, ...] = tuple(p if not m else f"{p}+{m}" for p in PRIMARY_FORMS
 PLUGIN_MODULES: tuple[str, ...] = (
     "qalgebra.testing.pointwise_strategies",
     "qalgebra.testing.woq_strategies",
+    "qalgebra.testing.config_strategies",
 )
 
 _CONV_UNARIES = (
@@ -349,7 +350,6 @@ UncoveredKind: TypeAlias = Literal[
     "float_linear",
     "avg_pool",
     "sigmoid",
-    "per_tensor_weight_conv",
     "activation_matmul",
     "conv_transpose",
 ]
@@ -360,8 +360,7 @@ class UncoveredSpec:
     """A graph the catalog does not cover; lowering must return it equivalent (bit-exact).
 
     ``float_conv`` / ``float_linear``: no quantization at all; ``avg_pool``, ``sigmoid``:
-    ``dequant -> op -> quant``; ``per_tensor_weight_conv``: a conv whose weight is dequantized
-    per tensor; ``activation_matmul``: ``bmm`` of two dequantized activations;
+    ``dequant -> op -> quant``; ``activation_matmul``: ``bmm`` of two dequantized activations;
     ``conv_transpose``: a transposed conv of dequantized input and weight.
     """
 
@@ -885,9 +884,13 @@ class _Plan:
         self.shapes_known = shapes_known
 
     def blocker(self, layer: Layer, act: QuantSpec) -> str | None:
-        """Why the lowering must refuse this layer (a substring of its reason), or None."""
-        if layer.kind == "conv" and act.dtype != torch.uint8:
-            return "activation dtype"
+        """Why the lowering must refuse this layer (a substring of its reason), or None.
+
+        A conv takes int8 activations shifted to uint8 (+128, exact; its range moves along).
+        """
+        if layer.kind == "conv" and act.dtype == torch.int8:
+            low, high = act.quant_min + 128, act.quant_max + 128
+            act = QuantSpec(act.scale, act.zero_point + 128, low, high, torch.uint8)
         w_max = int(_randint(layer.seed, layer.op.weight_shape, layer.weight_max).abs().max())
         if saturates(act, w_max):
             return "saturating"
@@ -1151,24 +1154,16 @@ def _build_uncovered(spec: UncoveredSpec) -> tuple[_Builder, Expected, fx.GraphM
             y = b.call(aten.bmm.default, dx, t)
         else:
             cin = spec.input_shape[1]
-            wshape = (c, cin, 3, 3) if spec.kind == "per_tensor_weight_conv" else (cin, c, 3, 3)
+            wshape = (cin, c, 3, 3)
             w = b.const(
                 "w", _randint(seed + 3, wshape, 127), f"_randint({seed + 3}, {wshape!r}, 127)"
             )
-            if spec.kind == "per_tensor_weight_conv":
-                wq = b.call(qd.dequantize_per_tensor.default, w, 0.01, 0, -128, 127, torch.int8)
-                y = b.call(aten.conv2d.default, dx, wq, None, [1, 1], [1, 1], [1, 1], 1)
-            else:
-                scales = b.const("w_scales", torch.full((c,), 0.01), f"torch.full(({c},), 0.01)")
-                zps = b.const(
-                    "w_zps",
-                    torch.zeros(c, dtype=torch.int64),
-                    f"torch.zeros({c}, dtype=torch.int64)",
-                )
-                wq = b.call(
-                    qd.dequantize_per_channel.default, w, scales, zps, 1, -128, 127, torch.int8
-                )
-                y = b.call(aten.conv_transpose2d.input, dx, wq)
+            scales = b.const("w_scales", torch.full((c,), 0.01), f"torch.full(({c},), 0.01)")
+            zps = b.const(
+                "w_zps", torch.zeros(c, dtype=torch.int64), f"torch.zeros({c}, dtype=torch.int64)"
+            )
+            wq = b.call(qd.dequantize_per_channel.default, w, scales, zps, 1, -128, 127, torch.int8)
+            y = b.call(aten.conv_transpose2d.input, dx, wq)
         out_q = QuantSpec(q.scale, q.zero_point, q.quant_min, q.quant_max, q.dtype)
         qy = b.call(qd.quantize_per_tensor.default, y, *out_q.args())
         dy = b.call(qd.dequantize_per_tensor.default, qy, *out_q.args())
@@ -1291,8 +1286,9 @@ def graph_code(
     lines = [
         f"# Reproduces a qalgebra lowering example: {title}".rstrip(": "),
     ]
-    if recipe:
-        lines.append(f"# rebuilt by qalgebra.testing.strategies.{recipe}")
+    if recipe:  # a plug-in's recipe names its own module
+        module = "" if recipe.startswith("qalgebra.") else "qalgebra.testing.strategies."
+        lines.append(f"# rebuilt by {module}{recipe}")
     lines += [
         "import importlib",
         "import operator",

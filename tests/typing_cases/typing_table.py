@@ -34,7 +34,9 @@ from qalgebra import (
 from qalgebra.checks import Check, dtype_in, single_user
 from qalgebra.combinators import (
     ChannelQParams,
+    ConstantQParams,
     QParams,
+    RuntimeQParams,
     Unary,
     channel_qparams,
     dequantize_per_tensor,
@@ -66,6 +68,7 @@ SHAPE = assert_type(Var("shape", list), Var[list[Any]])
 U = assert_type(Var("unary", Unary), Var[Unary])
 E = assert_type(Var("e", fx.Node), Var[fx.Node])
 QP = assert_type(qparams("x"), QParams)
+QPR = assert_type(qparams("x", runtime=True), QParams)
 CP = assert_type(channel_qparams("w"), ChannelQParams)
 
 
@@ -104,6 +107,19 @@ def qparams_table(m: Match) -> None:
     assert isinstance(assert_type(m.get(QP.quant_max, -1), int), int)
     assert isinstance(assert_type(m.root, fx.Node), fx.Node)
     assert isinstance(assert_type(m.nodes, tuple[fx.Node, ...]), tuple)
+    values = assert_type(QP.read(m), ConstantQParams | RuntimeQParams)
+    assert isinstance(values, ConstantQParams)  # narrowed: the scale is a float
+    assert isinstance(assert_type(values.scale, float), float)
+    assert isinstance(assert_type(values.zero_point, int), int)
+
+
+def runtime_table(m: Match) -> None:
+    """``m`` matched ``dequantize_per_tensor(X, QPR)`` with qparams computed in the graph."""
+    values = assert_type(QPR.read(m), ConstantQParams | RuntimeQParams)
+    assert isinstance(values, RuntimeQParams)  # narrowed: the scale is the node computing it
+    assert isinstance(assert_type(values.scale, fx.Node), fx.Node)
+    assert isinstance(assert_type(values.zero_point, fx.Node), fx.Node)
+    assert_type(QPR.scale_node, Var[fx.Node] | None)
 
 
 def scalar_table(m: Match) -> None:
