@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, cast
 
 import typer
 from rich.console import Console
@@ -51,6 +51,7 @@ if TYPE_CHECKING:
 
     from qalgebra.lower import LoweringReport
     from qalgebra.pattern import Mismatch
+    from qalgebra.selfcheck import SelfCheckMode
 
 __all__ = [
     "Comparison",
@@ -692,6 +693,14 @@ def lower(
     show_graph: Annotated[
         bool, typer.Option("--show-graph", help="Print the lowered graph's Python code.")
     ] = False,
+    selfcheck: Annotated[
+        str,
+        typer.Option(
+            "--selfcheck",
+            help="on: run each distinct fused kernel call once on random inputs against the "
+            "subgraph it replaces and leave unfused what disagrees; off: trust the kernels.",
+        ),
+    ] = "on",
 ) -> None:
     """Lower a saved quantized program with qalgebra and print the lowering report.
 
@@ -708,6 +717,10 @@ def lower(
 
     from qalgebra.errors import QAlgebraError
     from qalgebra.lower import lower_with_report
+    from qalgebra.selfcheck import MODES
+
+    if selfcheck not in MODES:
+        raise _fail(err, f"--selfcheck must be one of {', '.join(MODES)}, not {selfcheck!r}", 2)
 
     try:
         ep = torch.export.load(str(path))
@@ -732,7 +745,7 @@ def lower(
     if not args:
         console.print("[yellow]note:[/yellow] no usable example inputs saved; numerics not checked")
     try:
-        lowered, report = lower_with_report(gm, args)
+        lowered, report = lower_with_report(gm, args, selfcheck=cast("SelfCheckMode", selfcheck))
     except QAlgebraError as exc:
         raise _fail(err, f"{path}: lowering refused: {exc}") from None
     except Exception as exc:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import os
 from collections.abc import Callable, Iterator, Mapping
 
@@ -45,6 +46,7 @@ __all__ = [
     "probe",
     "probe_answers",
     "qconv_binary_emits_bf16",
+    "qconv_single_column_stride_wrong",
     "qlinear_binary_emits_bf16",
 ]
 
@@ -220,6 +222,35 @@ def aten_vectors_are_avx2() -> bool:
     no tail (see :func:`qalgebra.fusions.woq.bf16_k_multiple`).
     """
     return torch.backends.cpu.get_cpu_capability() == "AVX2"
+
+
+@probe
+def qconv_single_column_stride_wrong() -> bool:
+    """Whether oneDNN's int8 conv is wrong here for one output column, kernel and stride > 1.
+
+    Runs the two smallest convs measured wrong (docs/onednn_ops.md, "Conv geometries oneDNN
+    gets wrong"): one only with the AMX kernel, one with every AVX512 kernel (AVX2's computes
+    both right). Small integers and scales 1: the exact answer is exact in float32.
+    """
+    onednn = torch.ops.onednn
+    cases = (((1, 8, 6, 2), 2, 2), ((1, 2, 4, 2), 16, 2))  # (input shape, outputs, groups)
+    for shape, outputs, groups in cases:
+        channels = shape[1] // groups
+        x = (torch.arange(math.prod(shape)) % 5).to(torch.uint8).reshape(shape)
+        weight = (torch.arange(outputs * channels * 4) % 3 - 1).to(torch.int8)
+        weight = weight.reshape(outputs, channels, 2, 2)
+        ones = torch.ones(outputs)
+        geometry = ([1, 2], [0, 0], [1, 1], groups)  # stride, padding, dilation, groups
+        packed = onednn.qconv_prepack(weight, ones, 1.0, 0, *geometry, None)
+        y = onednn.qconv_pointwise(
+            x.contiguous(memory_format=torch.channels_last), 1.0, 0, packed, ones,
+            torch.zeros(outputs, dtype=torch.int64), None, *geometry, 1.0, 0, torch.float32,
+            "none", [], None,
+        )  # fmt: skip
+        exact = torch.nn.functional.conv2d(x.float(), weight.float(), None, *geometry)
+        if not torch.equal(y, exact):
+            return True
+    return False
 
 
 _forced.update(_parse_forced(os.environ.get(FORCE_ENV, "")))

@@ -40,7 +40,16 @@ __all__ = ["Fusion", "Refusal", "Rewriter"]
 
 
 class Refusal(QAlgebraError):
-    """Raised by replacement code that will not lower this match; the reason is reported."""
+    """Raised by replacement code that will not lower this match; the reason is reported.
+
+    ``cause`` says what decided, for the report: ``"rule"`` (the fusion's own checks),
+    ``"probe:<name>"`` (a :mod:`qalgebra.isa` probe found this CPU computes it wrongly) or
+    ``"selfcheck"`` (the fused op disagreed with its reference, :mod:`qalgebra.selfcheck`).
+    """
+
+    def __init__(self, reason: str, *, cause: str = "rule") -> None:
+        super().__init__(reason)
+        self.cause = cause
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,6 +154,11 @@ class Rewriter:
     # ----------------------------------------------------------------------------------------
     # Reading
     # ----------------------------------------------------------------------------------------
+
+    @property
+    def created(self) -> tuple[fx.Node, ...]:
+        """The nodes built so far and not undone (constants' ``get_attr`` nodes included)."""
+        return tuple(self._created)
 
     def node(self, n: fx.Node) -> fx.Node:
         """The current stand-in for ``n`` (itself unless an earlier rewrite replaced it)."""

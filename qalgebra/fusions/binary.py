@@ -50,6 +50,7 @@ from qalgebra.fusions.common import (
 )
 from qalgebra.fusions.conv import (
     CONV_ACTIVATIONS,
+    check_emitted_kernel,
     conv,
     conv_activation,
     conv_geometry,
@@ -133,6 +134,7 @@ def _rewrite_qconv_binary(m: Match, rw: Rewriter) -> fx.Node:
         raise Refusal("oneDNN's quantized conv binary post-op exists for conv2d only")
     _check_other(m)
     stride, padding, dilation, groups = conv_geometry(m)
+    check_emitted_kernel(m)
     out_scale, out_zp, out_dtype = _output(m)
     if OQ.scale in m:
         if m[OTHER_Q.dtype] != out_dtype:

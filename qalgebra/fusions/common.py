@@ -286,7 +286,8 @@ def check_common(m: Match, *, allowed_act: tuple[torch.dtype, ...]) -> None:
             "this CPU's int8 kernels add products in saturating int16 pairs (no AVX512-VNNI/AMX): "
             f"activations up to {max_act}{shifted} times weights up to "
             f"{int(m[W].to(torch.int16).abs().max())} would overflow; quantize activations to "
-            "7-bit uint8 (reduce_range=True) or lower on a VNNI/AMX CPU"
+            "7-bit uint8 (reduce_range=True) or lower on a VNNI/AMX CPU",
+            cause="probe:int8_pairs_saturate",
         )
 
 

@@ -38,6 +38,7 @@ from qalgebra.fusions.common import (
     weight_constants,
     weight_quant,
 )
+from qalgebra.fusions.conv_guard import check_conv_kernel, trusted_input_shape
 from qalgebra.pattern import Match, Pattern, Var, any_of, call, ignored
 from qalgebra.shapes import known_shape
 
@@ -45,6 +46,7 @@ __all__ = [
     "CONV_ACTIVATIONS",
     "CONV_UNARIES",
     "QCONV",
+    "check_emitted_kernel",
     "conv",
     "conv_activation",
     "conv_geometry",
@@ -177,6 +179,26 @@ def conv_activation(m: Match, rw: Rewriter, x: fx.Node, xq: QParamValues) -> fx.
     return rw.call(aten.constant_pad_nd.default, x, flat, xq.zero_point)
 
 
+def check_emitted_kernel(m: Match) -> None:
+    """Refuse the conv if oneDNN computes it wrongly as it is emitted: after
+    :func:`conv_geometry`'s exact normalizations, on the activation :func:`conv_activation`
+    pads or cuts (``qalgebra.fusions.conv_guard``). Those normalizations need a static shape;
+    what they cannot mend (an unknown shape, a window between the input's edges that reads
+    only padding) is refused here."""
+    stride, padding, dilation, _ = _geometry(m)
+    shape: tuple[object, ...] | None = trusted_input_shape(
+        m[X], m.root, m[W], (stride, padding, dilation, m[GROUPS])
+    )
+    pads = _explicit_pads(m)
+    if shape is not None and pads is not None:
+        spatial = [
+            n + before + after if isinstance(n, int | torch.SymInt) else None
+            for n, (before, after) in zip(shape[2:], pads, strict=True)
+        ]
+        shape = None if None in spatial else (*shape[:2], *spatial)
+    check_conv_kernel(shape, m[W], conv_geometry(m))
+
+
 def _expand(values: list[Any], n: int, what: str) -> list[int]:
     if not all(isinstance(v, int) for v in values):
         raise Refusal(f"{what} {values} is not a list of constant ints")
@@ -243,6 +265,7 @@ def prepack_conv(m: Match) -> torch.Tensor:
 def _rewrite_qconv(m: Match, rw: Rewriter) -> fx.Node:
     check_common(m, allowed_act=CONV_ACTIVATIONS)
     stride, padding, dilation, groups = conv_geometry(m)
+    check_emitted_kernel(m)
     packed, w_scales, w_zps, bias = weight_constants(m, rw, prepack_conv(m), "qconv")
     out_scale, out_zp, out_dtype = output_qparams(m)
     attr, scalars, algorithm, enforced = unary_args_enforcing_range(m)

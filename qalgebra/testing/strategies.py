@@ -68,17 +68,23 @@ import math
 import operator
 import re
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Any, Literal, Protocol, TypeAlias, get_args
 
 import torch
 import torch.ao.quantization.fx._decomposed
+from hypothesis import assume
 from hypothesis import strategies as st
 from torch import fx
 
 from qalgebra.combinators import Unary
-from qalgebra.isa import INT16_MAX, int8_pairs_saturate, pair_safe_level
+from qalgebra.isa import (
+    INT16_MAX,
+    int8_pairs_saturate,
+    pair_safe_level,
+    qconv_single_column_stride_wrong,
+)
 from qalgebra.testing import forms as _forms
 from qalgebra.testing import oracle
 
@@ -108,6 +114,7 @@ __all__ = [
     "UncoveredSpec",
     "apply_form",
     "build_example",
+    "conv_geometry_refusal",
     "conv_specs",
     "examples",
     "families",
@@ -593,6 +600,94 @@ def _max_abs_weight(layer: Layer) -> int:
     return int(_randint(layer.seed, layer.op.weight_shape, layer.weight_max).abs().max())
 
 
+def _geometry_classes(op: ConvSpec, input_shape: tuple[int, ...]) -> tuple[bool, bool]:
+    """(some output position reads only padding, the output is one column wide from a kernel
+    and a stride both wider than 1)."""
+    height, width = input_shape[2:]
+    taps = torch.nn.functional.conv2d(
+        torch.ones(1, 1, height, width),
+        torch.ones(1, 1, *op.kernel),
+        None,
+        op.stride,
+        op.padding,
+        op.dilation,
+    )
+    one_column = op.output_shape(input_shape)[-1] == 1
+    return not bool(taps.all()), one_column and op.kernel[1] > 1 and op.stride[1] > 1
+
+
+def _as_emitted(
+    op: ConvSpec, input_shape: tuple[int, ...] | None
+) -> tuple[ConvSpec, tuple[int, ...] | None]:
+    """The conv as the lowering calls oneDNN (exact rewrites, ``qalgebra.fusions.conv``): a
+    size-1 kernel dimension undilated; padding as wide as a window written into the activation;
+    an output of one column that is padded or strided computed from its one window (known
+    shapes only), unpadded and unstrided."""
+    dilation = (
+        1 if op.kernel[0] == 1 else op.dilation[0],
+        1 if op.kernel[1] == 1 else op.dilation[1],
+    )
+    extent = [d * (k - 1) + 1 for k, d in zip(op.kernel, dilation, strict=True)]
+    column = False
+    if input_shape is not None:
+        width, s, p = input_shape[-1], op.stride[-1], op.padding[-1]
+        column = 0 <= width + 2 * p - extent[-1] < s and not (p == 0 and s == 1)
+    window_in_padding = any(p >= e for p, e in zip(op.padding, extent, strict=True))
+    if not (column or window_in_padding):
+        return replace(op, dilation=dilation), input_shape
+    unpadded = replace(op, dilation=dilation, padding=(0, 0))
+    if input_shape is None:
+        return unpadded, None
+    height, width = (n + 2 * p for n, p in zip(input_shape[2:], op.padding, strict=True))
+    if column:
+        return replace(unpadded, stride=(op.stride[0], 1)), (*input_shape[:2], height, extent[1])
+    return unpadded, (*input_shape[:2], height, width)
+
+
+def conv_geometry_refusal(op: ConvSpec, input_shape: tuple[int, ...] | None) -> str | None:
+    """Why the lowering must refuse this conv's geometry (a substring of the reason), or None.
+
+    Measured (docs/onednn_ops.md, "Conv geometries oneDNN gets wrong"), of the conv as the
+    lowering emits it (:func:`_as_emitted`): an output position reading only padding is garbage
+    (or a crash) with the AVX512 and AMX kernels; a one-column output from a kernel and a
+    stride wider than 1 is wrong with them for some channel counts (probe
+    ``qconv_single_column_stride_wrong``). ``input_shape=None``: the lowering cannot see it and
+    judges the smallest input the conv accepts.
+    """
+    op, input_shape = _as_emitted(op, input_shape)
+    if input_shape is None:
+        smallest = [
+            max(1, d * (k - 1) + 1 - 2 * p)
+            for k, p, d in zip(op.kernel, op.padding, op.dilation, strict=True)
+        ]
+        input_shape = (1, op.in_channels, *smallest)
+    padding_only, strided_column = _geometry_classes(op, input_shape)
+    if padding_only:
+        return "read only padding"
+    if strided_column and qconv_single_column_stride_wrong():
+        return "one column wide"
+    return None
+
+
+def _bf16_reference_reliable(spec: GraphSpec) -> bool:
+    """Whether eager bf16 convs compute this graph's reference on every CPU.
+
+    They share the two oneDNN faults the lowering refuses (docs/onednn_ops.md): with AMX,
+    ``F.conv2d`` in bf16 returns garbage for a strided one-column output and garbage or a crash
+    where outputs read only padding. Such bf16 graphs are not drawn: their reference cannot be
+    computed.
+    """
+    convs: list[tuple[ConvSpec, tuple[int, ...]]] = []
+    if isinstance(spec.main.op, ConvSpec):
+        convs.append((spec.main.op, spec.input_shape))
+        if spec.consumer is not None and isinstance(spec.consumer.op, ConvSpec):
+            convs.append((spec.consumer.op, spec.main.op.output_shape(spec.input_shape)))
+    layer = spec.residual.layer if spec.residual is not None else None
+    if layer is not None and isinstance(layer.op, ConvSpec):
+        convs.append((layer.op, spec.input_shape))
+    return not any(any(_geometry_classes(op, shape)) for op, shape in convs)
+
+
 # --------------------------------------------------------------------------------------------
 # Building: an fx.Graph whose nodes are evaluated while they are added
 # --------------------------------------------------------------------------------------------
@@ -957,16 +1052,32 @@ def _blocker(layer: Layer, act: QuantSpec) -> str | None:
     return None
 
 
-class _Plan:
-    """Accumulates expected fusions and refusals while the graph is built."""
+def _geometry(layer: Layer, input_shape: tuple[int, ...], shapes_known: bool) -> str | None:
+    """Why the lowering must refuse this conv's geometry, or None (linears: None)."""
+    if not isinstance(layer.op, ConvSpec):
+        return None
+    return conv_geometry_refusal(layer.op, input_shape if shapes_known else None)
 
-    def __init__(self) -> None:
+
+class _Plan:
+    """Accumulates expected fusions and refusals while the graph is built.
+
+    ``shapes_known``: whether the lowering can see the conv inputs' shapes (``meta['val']``
+    upstream of them; not through the ``.tensor`` qparam overloads, see ``_other_shape_known``).
+    """
+
+    def __init__(self, shapes_known: bool) -> None:
         self.fired: dict[str, int] = dict.fromkeys(TRACKED_FUSIONS, 0)
         self.refusals: set[str] = set()
+        self.shapes_known = shapes_known
 
-    def plain(self, layer: Layer, act: QuantSpec) -> None:
+    def geometry(self, layer: Layer, input_shape: tuple[int, ...]) -> str | None:
+        """Why the lowering must refuse this conv's geometry, or None (linears: None)."""
+        return _geometry(layer, input_shape, self.shapes_known)
+
+    def plain(self, layer: Layer, act: QuantSpec, input_shape: tuple[int, ...]) -> None:
         """A conv/linear (with its post-op and int8 or float output) fuses unless refused."""
-        reason = _blocker(layer, act)
+        reason = _blocker(layer, act) or self.geometry(layer, input_shape)
         if reason is None:
             self.fired["q" + layer.kind] += 1
         else:
@@ -1006,15 +1117,15 @@ def _other_shape_known(spec: GraphSpec, form: str) -> bool:
 def _expect_block(spec: GraphSpec, form: str, plan: _Plan) -> None:
     main, res = spec.main, spec.residual
     if res is None:
-        plan.plain(main, spec.input_quant)
+        plan.plain(main, spec.input_quant, spec.input_shape)
     else:
         _expect_binary(spec, form, plan)
         if res.source == "layer":
             assert res.layer is not None
-            plan.plain(res.layer, spec.input_quant)
+            plan.plain(res.layer, spec.input_quant, spec.input_shape)
     if spec.consumer is not None:
         assert spec.output_quant is not None
-        plan.plain(spec.consumer, spec.output_quant)
+        plan.plain(spec.consumer, spec.output_quant, main.op.output_shape(spec.input_shape))
 
 
 @dataclass(frozen=True, slots=True)
@@ -1028,7 +1139,7 @@ class _BinaryDecision:
     refusal: str | None
 
 
-def _binary_decision(spec: GraphSpec, form: str) -> _BinaryDecision:
+def _binary_decision(spec: GraphSpec, form: str, shapes_known: bool) -> _BinaryDecision:
     """``main + other``: the binary family fuses the add (and relu, and output quant) when
     ``main`` is its compute op (no post-op in between) and the other operand qualifies.
 
@@ -1048,6 +1159,8 @@ def _binary_decision(spec: GraphSpec, form: str) -> _BinaryDecision:
     if matches and reason is None:
         if not _other_shape_known(spec, form):
             reason = "is unknown"  # the added tensor's shape
+        elif geometry := _geometry(main, spec.input_shape, shapes_known):
+            reason = geometry
         elif (
             int8_path
             and main.kind == "conv"
@@ -1061,13 +1174,13 @@ def _binary_decision(spec: GraphSpec, form: str) -> _BinaryDecision:
 
 
 def _expect_binary(spec: GraphSpec, form: str, plan: _Plan) -> None:
-    decision = _binary_decision(spec, form)
+    decision = _binary_decision(spec, form, plan.shapes_known)
     if decision.fused:
         plan.fired[f"q{spec.main.kind}_binary"] += 1
         return
     if decision.refusal is not None:
         plan.refusals.add(decision.refusal)
-    plan.plain(spec.main, spec.input_quant)  # the compute op alone, float output
+    plan.plain(spec.main, spec.input_quant, spec.input_shape)  # the compute op alone, float output
 
 
 def _expected_promotions(spec: GraphSpec, form: str, shared_users: Sequence[int]) -> int:
@@ -1133,7 +1246,8 @@ def apply_form(gm: fx.GraphModule, form: str) -> fx.GraphModule:
 
 def _build_graph_spec(spec: GraphSpec, form: str) -> tuple[_Builder, Expected, fx.GraphModule]:
     b = _Builder()
-    plan = _Plan()
+    tensor_qparams = form.split("+")[0].startswith("tensor_qparams")
+    plan = _Plan(spec.meta != "none" and not (tensor_qparams and spec.meta == "export"))
     x = _input(
         b, "x", spec.input_shape, spec.input_quant, spec.seed, spec.dtype, _input_max_level(spec)
     )
@@ -1146,7 +1260,7 @@ def _build_graph_spec(spec: GraphSpec, form: str) -> tuple[_Builder, Expected, f
     v = main
     res = spec.residual
     if res is not None:
-        binary = _binary_decision(spec, form)
+        binary = _binary_decision(spec, form, plan.shapes_known)
         if not binary.fused:  # the layer's kernel returns its own (rounded) float result
             v = _kernel_rounds(v)
         other = _residual_other(b, spec, qx, tuple(main.value.shape))
@@ -1705,7 +1819,7 @@ def graph_specs(
                 returns = "dequantized"
         else:
             returns = draw(st.sampled_from(["quantized", "dequantized"]))
-    return GraphSpec(
+    spec = GraphSpec(
         family=family,
         input_shape=input_shape,
         input_quant=input_quant,
@@ -1719,6 +1833,8 @@ def graph_specs(
         meta=meta,
         seed=draw(st.integers(0, 2**16)),
     )
+    assume(dtype != "bf16" or _bf16_reference_reliable(spec))
+    return spec
 
 
 _SOURCES: tuple[Literal["dequant", "float", "layer"], ...] = ("dequant", "float", "layer")
