@@ -51,7 +51,13 @@ import torch  # noqa: E402
 from bench_lowering import cpu_model, fmt, git_revision, log  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
-from qalgebra.cli import max_abs_diff, paired_ratio, quiet_third_party, timed_samples  # noqa: E402
+from qalgebra.cli import (  # noqa: E402
+    max_abs_diff,
+    mutates_inputs,
+    paired_ratio,
+    quiet_third_party,
+    timed_samples,
+)
 from qalgebra.testing.models import ffn_stack, resnet_like  # noqa: E402
 
 Factory = Callable[[int], tuple[nn.Module, tuple[Tensor, ...]]]
@@ -99,6 +105,12 @@ def generated_code() -> Iterator[list[str]]:
         yield codes
 
 
+def fresh(inputs: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+    """Copies: a module that writes into its inputs (Inductor's and torchao's in-place ``sum``
+    into a residual input do) must not change what the next call sees."""
+    return tuple(x.clone() for x in inputs)
+
+
 def compile_once(gm: nn.Module, inputs: tuple[Tensor, ...], backend: str) -> dict[str, Any]:
     """Compile a copy of ``gm`` (freezing on, fresh cache), run it once; time and inspect."""
     from torch._inductor import config
@@ -116,8 +128,9 @@ def compile_once(gm: nn.Module, inputs: tuple[Tensor, ...], backend: str) -> dic
         recording() as reports,
     ):
         compiled = torch.compile(model, backend=backend)
+        args = fresh(inputs)
         start = time.perf_counter()
-        out = compiled(*inputs)
+        out = compiled(*args)
         seconds = time.perf_counter() - start
     after = inductor_quant_fusions()
     after.subtract(before)
@@ -155,7 +168,7 @@ def child(name: str, batch: int, runs: int, warmup: int) -> dict[str, Any]:
         gm = to_decomposed(gm)
     result: dict[str, Any] = {"model": name, "batch": batch, "nodes": len(gm.graph.nodes)}
     with torch.no_grad():
-        reference = gm(*inputs)
+        reference = gm(*fresh(inputs))
     modules: dict[str, Callable[..., object]] = {"fp32 eager": model}
     eager = {"torchao eager": torchao_lower, "qalgebra eager": lower}
     for who, lowering in eager.items():
@@ -176,8 +189,9 @@ def child(name: str, batch: int, runs: int, warmup: int) -> dict[str, Any]:
     diffs = {}
     for who, module in modules.items():
         with torch.no_grad():
-            diffs[who] = max_abs_diff(module(*inputs), reference)
+            diffs[who] = max_abs_diff(module(*fresh(inputs)), reference)
     result["diff"] = diffs
+    result["writes its inputs"] = [who for who, m in modules.items() if mutates_inputs(m, inputs)]
     result["reference abs max"] = float(reference.abs().max())
     log(f"{name} batch {batch}: timing {runs} rounds")
     samples = timed_samples(modules, inputs, runs=runs, warmup=warmup)
@@ -289,6 +303,11 @@ def problem_lines(results: list[dict[str, Any]]) -> list[str]:
         for key, value in r.items():
             if key.endswith("error"):
                 lines.append(f"- {r['model']} batch {r['batch']}: {key}: {value}")
+        for who in r.get("writes its inputs", []):
+            lines.append(
+                f"- {r['model']} batch {r['batch']}: the {who} module writes into the caller's "
+                "input tensors (measured on copies)"
+            )
     return lines or ["- none"]
 
 

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch import fx
 from torch._inductor.custom_graph_pass import CustomGraphPass
+from torch._inductor.fx_passes.post_grad import remove_noop_ops
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 
 from qalgebra.errors import LoweringError
@@ -135,6 +136,9 @@ class CatalogPass(CustomGraphPass):
         if len(graph.find_nodes(op="placeholder")) != len(metadata.input_info):
             return  # a subgraph of a higher-order op: not the frozen graph
         params = list(context.params_flat_unwrap_subclasses or ())
+        # Inductor runs this right after the pre-pass; first, so that no-op clones (an eval
+        # dropout is one) do not stand between a linear and its post-op or quantize.
+        remove_noop_ops(graph)
         with unset_fake_temporarily():
             source = _with_constants(graph, params, _frozen_indices(params, metadata))
             lowered, report = lower_with_report(

@@ -120,6 +120,30 @@ def test_compiled_model_fuses_what_the_eager_lowering_fuses(name: str) -> None:
     assert_outputs_close(run(gm, inputs), run(compiled, inputs), quant_step=the_step(gm))
 
 
+class DropoutFFN(torch.nn.Module):
+    """``x + dropout(fc2(relu(fc1(x))))``: in eval mode AOT autograd traces the dropout as a
+    clone, between the linear and the residual add."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = torch.nn.Linear(16, 32), torch.nn.Linear(32, 16)
+        self.dropout = torch.nn.Dropout(0.1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        update: torch.Tensor = self.dropout(self.fc2(torch.relu(self.fc1(x))))
+        return x + update
+
+
+def test_an_eval_dropout_does_not_keep_a_linear_from_its_residual_add() -> None:
+    torch.manual_seed(0)
+    model, inputs = DropoutFFN().eval(), (torch.randn(2, 4, 16),)
+    gm = quantize_pt2e(model, inputs)
+    compiled = compile(gm, inputs)
+    fired = only_report(compiled.reports).lowering.fired
+    assert (fired["qlinear"], fired["qlinear_binary"]) == (1, 1), fired
+    assert_outputs_close(run(gm, inputs), run(compiled, inputs), quant_step=the_step(gm))
+
+
 def test_backend_by_name_inlines_module_tensors_and_refuses_stale_ones() -> None:
     # Traced without Inductor's freezing: dynamo passes the module's tensors as inputs.
     model, inputs = build("conv2d_relu")
