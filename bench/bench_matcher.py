@@ -11,6 +11,10 @@
 2. ``find_matches`` of the per-tensor quantize and dequantize patterns (every form) on graphs of
    repeated quant -> dequant -> relu blocks in mixed forms, sizes doubling: time, time per node
    and the ratio to the previous size, side by side (linear scaling: ratios near 2).
+3. Compiling: ``Matcher(pattern)`` per catalog fusion, and what a call costs on the smallest
+   graph (the dequantize pattern on one block) through a held ``Matcher``, with a pattern
+   already compiled (kept while it lives), and with a new equal pattern each call (compiled per
+   call: a throwaway pattern) -- as ratios to the held matcher, measured side by side.
 
 Graphs are built directly with ``torch.fx`` (no meta values; decomposed dequants read their input
 dtype from the quantize's conversion). The built graph is frozen out of the garbage collector
@@ -31,7 +35,9 @@ from torch import fx
 
 from qalgebra import Pattern, Var, call, optional
 from qalgebra.combinators import dequantize_per_tensor, qparams, quantize_per_tensor
-from qalgebra.match import find_matches, match_node
+from qalgebra.fusions import DEFAULT_FUSIONS
+from qalgebra.match import Matcher, find_matches, match_node
+from qalgebra.pattern import walk
 
 aten = torch.ops.aten
 prims = torch.ops.prims
@@ -191,6 +197,40 @@ def bench_find_matches(sizes: list[int]) -> None:
     print("(ratio: time over the previous size's time; the sizes double, so linear is ~2)")
 
 
+# --------------------------------------------------------------------------------------------
+# 3. Compiling
+# --------------------------------------------------------------------------------------------
+
+
+def bench_compile() -> None:
+    print()
+    print("compile Matcher(pattern)   distinct sub-patterns   ms")
+    for fusion in DEFAULT_FUSIONS:
+        t = _best(Matcher, fusion.pattern)
+        print(f"  {fusion.name:24s} {len(list(walk(fusion.pattern))):10d}        {t * 1e3:8.2f}")
+    g, _ = large_graph(10)
+    qp = qparams("x")
+    held = Matcher(dequantize_per_tensor(X, qp))
+    kept = dequantize_per_tensor(X, qp)
+
+    def with_matcher() -> None:
+        for _ in range(100):
+            find_matches(held, g)
+
+    def with_kept_pattern() -> None:
+        for _ in range(100):
+            find_matches(kept, g)
+
+    def with_new_pattern() -> None:
+        for _ in range(100):
+            find_matches(dequantize_per_tensor(X, qp), g)
+
+    base = _best(with_matcher)
+    print(f"find_matches on {len(g.nodes)} nodes, per call: held Matcher {base * 1e4:.1f} us; "
+          f"pattern compiled before x{_best(with_kept_pattern) / base:.2f}; "
+          f"new pattern each call (built and compiled) x{_best(with_new_pattern) / base:.2f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller sizes")
@@ -199,6 +239,7 @@ def main() -> None:
     sizes = [1250, 2500, 5000] if args.quick else [2500, 5000, 10000, 20000]
     bench_optionals(ks)
     bench_find_matches(sizes)
+    bench_compile()
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from qalgebra.errors import (
     MatchError,
     PatternError,
     QAlgebraError,
+    RewriteError,
     UnsupportedGraphError,
 )
 from qalgebra.pattern import (
@@ -22,6 +23,7 @@ from qalgebra.pattern import (
     capture,
     dtype_of,
     ignored,
+    let,
     list_of,
     literal,
     optional,
@@ -39,6 +41,7 @@ __all__ = [
     "Pattern",
     "PatternError",
     "QAlgebraError",
+    "RewriteError",
     "UnsupportedGraphError",
     "Var",
     "any_of",
@@ -46,6 +49,7 @@ __all__ = [
     "capture",
     "dtype_of",
     "ignored",
+    "let",
     "list_of",
     "literal",
     "optional",

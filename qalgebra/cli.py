@@ -453,10 +453,15 @@ def _refusals_table(results: Sequence[Comparison]) -> Table | None:
         for r in results
         if r.report is not None
         for x in r.report.refused
+    ] + [
+        (r.name, x.fusion, x.root, escape(f"failed, rolled back: {x.error}"))
+        for r in results
+        if r.report is not None
+        for x in r.report.failed
     ]
     if not rows:
         return None
-    table = Table(title="Refused matches", title_justify="left")
+    table = Table(title="Refused (or failed) matches", title_justify="left")
     for column in ("model", "fusion", "at node", "reason"):
         table.add_column(column)
     for row in rows:
@@ -819,12 +824,12 @@ def explain(
             code=2,
         )
     if node is not None:
-        console.print(_explain_one(fusion, nodes[node], explain_match(chosen.pattern, nodes[node])))
+        console.print(_explain_one(fusion, nodes[node], explain_match(chosen.matcher, nodes[node])))
         return
     console.print(f"{fusion} on {where} of {model}:", highlight=False)
     wrong_root: list[str] = []
     for n in nodes.values():
-        mismatch = explain_match(chosen.pattern, n)
+        mismatch = explain_match(chosen.matcher, n)
         if mismatch is not None and not mismatch.path:
             wrong_root.append(n.name)  # not even the pattern's root op: nothing to explain
             continue
@@ -841,13 +846,15 @@ def _explain_one(fusion: str, n: fx.Node, mismatch: Mismatch | None) -> Text:
     op = str(n.target)
     if mismatch is None:
         return Text(f"{fusion} matches at node {n.name} ({op})")
-    at = mismatch.node.name if mismatch.node is not None else repr(mismatch.at)
-    return Text(
-        f"{fusion} does not match at node {n.name} ({op}):\n"
-        f"  path:   {mismatch.path_str}\n"
-        f"  node:   {at}\n"
-        f"  reason: {mismatch.reason}"
-    )
+    lines = [f"{fusion} does not match at node {n.name} ({op}):"]
+    for i, failure in enumerate((mismatch, *mismatch.tied)):
+        at = failure.node.name if failure.node is not None else repr(failure.at)
+        if i:  # another alternative that fails as far in
+            lines.append("  or")
+        lines.append(f"  path:   {failure.path_str}")
+        lines.append(f"  node:   {at}")
+        lines.append(f"  reason: {failure.reason}")
+    return Text("\n".join(lines))
 
 
 @app.command()

@@ -12,6 +12,7 @@ __all__ = [
     "MatchError",
     "PatternError",
     "QAlgebraError",
+    "RewriteError",
     "UnsupportedGraphError",
 ]
 
@@ -38,3 +39,18 @@ class InvalidQParamsError(LoweringError, ValueError):
 
 class UnsupportedGraphError(LoweringError):
     """The input is not something qalgebra can lower (not a GraphModule, ...)."""
+
+
+class RewriteError(LoweringError):
+    """A fusion's rewrite raised (a oneDNN error, a bug in replacement code) under
+    ``lower(..., strict=True)``; chained to the cause. Without ``strict`` the rewrite is rolled
+    back and reported instead."""
+
+    def __init__(self, fusion: str, node: str, cause: str) -> None:
+        super().__init__(fusion, node, cause)
+        self.fusion = fusion
+        self.node = node
+        self.cause = cause
+
+    def __str__(self) -> str:
+        return f"{self.fusion} failed at {self.node}: {self.cause}"

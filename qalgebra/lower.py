@@ -1,11 +1,14 @@
 """Lower a PT2E-quantized GraphModule to a runnable graph of oneDNN int8 ops, eagerly.
 
 ``lower(gm, example_inputs)`` copies the graph, runs the catalog's fusions in priority order
-(each one ``find_matches`` + typed replacement code), prepacks weights at lowering time, removes
-dead nodes, lints and recompiles. The input module is never mutated: the rewrite works on a copy,
-and a replacement that refuses or fails is rolled back, leaving that subgraph as it was.
-``lower_with_report`` also returns what fired, what each fusion consumed, what was refused and
-why, and which quantize/dequantize nodes are left.
+(each one ``find_matches`` of its compiled matcher + typed replacement code), prepacks weights at
+lowering time, removes dead nodes, lints and recompiles. The input module is never mutated: the
+rewrite works on a copy.
+Each rewrite is a transaction (:class:`~qalgebra.fusions.base.Rewriter`): one that refuses or
+fails is rolled back exactly, leaving that subgraph as it was, and the rest still lowers
+(``strict=True`` raises on a failure instead). Arguments are checked first
+(:mod:`qalgebra.validate`). ``lower_with_report`` also returns what fired, what each fusion
+consumed, what was refused and why, what failed, and which quantize/dequantize nodes are left.
 
 >>> import torch
 >>> gm = torch.fx.symbolic_trace(torch.nn.ReLU())
@@ -28,13 +31,20 @@ from typing import Any, cast
 import torch
 from torch import fx
 
-from qalgebra.errors import UnsupportedGraphError
+from qalgebra.errors import LoweringError, RewriteError, UnsupportedGraphError
 from qalgebra.fusions import DEFAULT_FUSIONS
 from qalgebra.fusions.base import Fusion, Refusal, Rewriter
-from qalgebra.match import DTYPE_KEY, METADATA_ASSERTS, find_matches, node_dtype
-from qalgebra.shapes import SHAPE_KEY, known_shape
+from qalgebra.match import METADATA_ASSERTS
+from qalgebra.validate import check_arguments
 
-__all__ = ["DEFAULT_FUSIONS", "LoweringReport", "lower", "lower_with_report"]
+__all__ = [
+    "DEFAULT_FUSIONS",
+    "FailedRewrite",
+    "LoweringReport",
+    "RefusedMatch",
+    "lower",
+    "lower_with_report",
+]
 
 _QUANT_TARGETS = frozenset(
     {
@@ -55,13 +65,26 @@ class RefusedMatch:
     reason: str
 
 
+@dataclass(frozen=True, slots=True)
+class FailedRewrite:
+    """A rewrite that raised (not a :class:`Refusal`): rolled back, the match left unlowered.
+
+    ``root`` is the matched node, or ``(matching)`` when the fusion's pattern checks raised.
+    """
+
+    fusion: str
+    root: str
+    error: str
+
+
 @dataclass(slots=True)
 class LoweringReport:
-    """What a lowering did: per-fusion counts, refusals, leftovers, and how long it took."""
+    """What a lowering did: per-fusion counts, refusals, failures, leftovers, and how long."""
 
     fired: Counter[str] = field(default_factory=Counter)
     nodes_consumed: Counter[str] = field(default_factory=Counter)
     refused: list[RefusedMatch] = field(default_factory=list)
+    failed: list[FailedRewrite] = field(default_factory=list)
     unfused_quant_nodes: list[str] = field(default_factory=list)
     seconds: float = 0.0
 
@@ -76,6 +99,8 @@ class LoweringReport:
             lines.append(f"  {name}: fired {count}x, consumed {self.nodes_consumed[name]} nodes")
         for r in self.refused:
             lines.append(f"  refused {r.fusion} at {r.root}: {r.reason}")
+        for f in self.failed:
+            lines.append(f"  failed {f.fusion} at {f.root} (rolled back): {f.error}")
         if self.unfused_quant_nodes:
             lines.append(f"  unfused quant/dequant nodes: {', '.join(self.unfused_quant_nodes)}")
         return "\n".join(lines)
@@ -131,18 +156,6 @@ def _build_module(source: fx.GraphModule, overlay: _Overlay, graph: fx.Graph) ->
             delattr(out, name)  # GraphModule made it a persistent buffer, or a parameter
             out.__dict__[name] = value
     return out
-
-
-def _validate(gm: object, example_inputs: object) -> fx.GraphModule:
-    if not isinstance(gm, fx.GraphModule):
-        raise UnsupportedGraphError(
-            f"lower: expected a torch.fx.GraphModule (from convert_pt2e), got {type(gm).__name__}"
-        )
-    if not isinstance(example_inputs, Sequence) or isinstance(example_inputs, str | bytes):
-        raise UnsupportedGraphError(
-            f"lower: expected example_inputs as a sequence, got {type(example_inputs).__name__}"
-        )
-    return gm
 
 
 @contextlib.contextmanager
@@ -204,35 +217,61 @@ def _erase_dead(graph: fx.Graph, chains: list[tuple[fx.Node, ...]]) -> None:
 
 
 def _apply(
-    fusion: Fusion, graph: fx.Graph, module: torch.nn.Module, report: LoweringReport
+    fusion: Fusion,
+    graph: fx.Graph,
+    module: torch.nn.Module,
+    report: LoweringReport,
+    *,
+    strict: bool,
 ) -> None:
+    """One pass of ``fusion``: each match is one :class:`Rewriter` transaction, committed when
+    the rewrite and the root's replacement succeed, rolled back (and reported) otherwise."""
+    try:
+        matches = fusion.matcher.find_matches(graph, exclusive=fusion.exclusive)
+    except Exception as error:  # a failing check: this fusion is skipped, the graph untouched
+        _failed(fusion, "(matching)", error, report, strict=strict)
+        return
     replaced: dict[fx.Node, fx.Node] = {}
     chains: list[tuple[fx.Node, ...]] = []
-    for m in find_matches(fusion.pattern, graph, exclusive=fusion.exclusive):
+    for m in matches:
         rw = Rewriter(graph, module, m.root, replaced)
         try:
             new = fusion.rewrite(m, rw)
+            if new is not m.root:
+                rw.replace(m.root, new, consumed=m.nodes)
+            rw.commit()
         except Refusal as refusal:
-            rw.rollback()
+            _roll_back(rw, fusion, m.root.name)
             report.refused.append(RefusedMatch(fusion.name, m.root.name, str(refusal)))
             continue
-        except Exception:
-            rw.rollback()
-            raise
-        if new is not m.root:
-            new.meta.update({k: v for k, v in m.root.meta.items() if k in ("val", "tensor_meta")})
-            shape = known_shape(m.root)
-            if shape is not None:
-                new.meta[SHAPE_KEY] = shape
-            dtype = node_dtype(m.root)
-            if dtype is not None and "val" not in new.meta:
-                new.meta[DTYPE_KEY] = dtype  # later patterns (a decomposed dequant) read it
-            m.root.replace_all_uses_with(new)
-            replaced[m.root] = new
-            chains.append(m.nodes)
+        except Exception as error:
+            _roll_back(rw, fusion, m.root.name)
+            _failed(fusion, m.root.name, error, report, strict=strict)
+            continue
+        chains.extend(rw.consumed)
         report.fired[fusion.name] += 1
         report.nodes_consumed[fusion.name] += len(m.nodes)
     _erase_dead(graph, chains)
+
+
+def _roll_back(rw: Rewriter, fusion: Fusion, root: str) -> None:
+    """Undo a rewrite; if even that fails, the lowering stops (the caller's module is a copy
+    away from any of this, so it is untouched either way)."""
+    try:
+        rw.rollback()
+    except Exception as error:
+        raise LoweringError(
+            f"lower: rolling back {fusion.name} at {root} failed ({type(error).__name__}: "
+            f"{error}); the lowering stops, the input module is untouched"
+        ) from error
+
+
+def _failed(
+    fusion: Fusion, root: str, error: Exception, report: LoweringReport, *, strict: bool
+) -> None:
+    if strict or fusion.essential:
+        raise RewriteError(fusion.name, root, f"{type(error).__name__}: {error}") from error
+    report.failed.append(FailedRewrite(fusion.name, root, f"{type(error).__name__}: {error}"))
 
 
 def lower_with_report(
@@ -240,17 +279,19 @@ def lower_with_report(
     example_inputs: Sequence[torch.Tensor],
     *,
     fusions: Sequence[Fusion] = DEFAULT_FUSIONS,
+    strict: bool = False,
 ) -> tuple[fx.GraphModule, LoweringReport]:
-    """Like :func:`lower`, and also say what fired, what was refused and what is left."""
+    """Like :func:`lower`, and also say what fired, what was refused or failed, what is left."""
     start = time.perf_counter()
-    source = _validate(gm, example_inputs)
+    source = check_arguments(gm, example_inputs)
+    chosen = _fusions(fusions)
     report = LoweringReport()
     with _gc_paused():
         overlay = _Overlay(source)
         graph = _copy_graph(source, overlay)
         with _single_thread():
-            for fusion in fusions:
-                _apply(fusion, graph, overlay, report)
+            for fusion in chosen:
+                _apply(fusion, graph, overlay, report, strict=strict)
         out = _build_module(source, overlay, graph)
         out.graph.lint()
     report.unfused_quant_nodes = [n.name for n in out.graph.nodes if _is_quant_node(n)]
@@ -258,11 +299,31 @@ def lower_with_report(
     return out, report
 
 
+def _fusions(fusions: object) -> tuple[Fusion, ...]:
+    if not isinstance(fusions, Sequence) or isinstance(fusions, str):
+        raise UnsupportedGraphError(
+            f"lower: expected fusions as a sequence of Fusion, got {type(fusions).__name__}"
+        )
+    for i, f in enumerate(fusions):
+        if not isinstance(f, Fusion):
+            raise UnsupportedGraphError(
+                f"lower: fusions[{i}] is a {type(f).__name__}, expected a Fusion"
+            )
+    return tuple(fusions)
+
+
 def lower(
     gm: fx.GraphModule,
     example_inputs: Sequence[torch.Tensor],
     *,
     fusions: Sequence[Fusion] = DEFAULT_FUSIONS,
+    strict: bool = False,
 ) -> fx.GraphModule:
-    """A new, runnable module whose graph calls oneDNN int8 ops; ``gm`` is left untouched."""
-    return lower_with_report(gm, example_inputs, fusions=fusions)[0]
+    """A new, runnable module whose graph calls oneDNN int8 ops; ``gm`` is left untouched.
+
+    A rewrite that raises (a oneDNN error, a bug in replacement code) is rolled back and its
+    match left unlowered: the report lists it under ``failed`` and the rest of the model still
+    lowers. With ``strict=True`` it raises :class:`~qalgebra.errors.RewriteError` (naming the
+    fusion and the node, chained to the cause) instead.
+    """
+    return lower_with_report(gm, example_inputs, fusions=fusions, strict=strict)[0]

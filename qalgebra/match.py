@@ -4,11 +4,17 @@
   come from one pass over the graph filtered by the pattern's possible root targets; larger
   matches win because candidates are tried from the end of the graph backwards.
 - ``match_node(pattern, node)`` tries one node; ``explain(pattern, node)`` returns the deepest
-  ``Mismatch`` (reason, pattern path such as ``root.args[0].args[1]``, graph value) or None.
+  ``Mismatch`` (reason, pattern path such as ``root.args[0].args[1]``, graph value), with the
+  alternatives that fail as far in as its ``tied`` failures, or None.
+
+Each takes a pattern or a :class:`Matcher`: the pattern compiled, each distinct sub-pattern once
+(see :mod:`qalgebra.sharing`), with its root index, the targets a graph must hold and, per call
+pattern, how it reads a node of each target it meets. A fusion holds its matcher; a pattern
+passed directly is compiled on first use and its matcher kept while the pattern lives.
 
 Matching is a backtracking search written with generators: optional nodes try "present" then
 "absent", alternatives are tried in order, commutative calls try both operand orders, and a Var
-bound twice must bind equal values. Bindings live in persistent maps, so a failed branch leaves
+bound twice must bind equal values. Bindings are copied on write, so a failed branch leaves
 nothing behind and captures exist only in the final ``Match``.
 
 >>> import torch
@@ -25,9 +31,10 @@ nothing behind and captures exist only in the final ``Match``.
 from __future__ import annotations
 
 import functools
+import weakref
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any, NamedTuple, TypeAlias, TypeVar
+from dataclasses import dataclass, field, replace
+from typing import Any, NamedTuple, TypeAlias
 
 import torch
 from pyrsistent import pmap
@@ -39,6 +46,7 @@ from qalgebra.pattern import (
     AnyOf,
     Call,
     Capture,
+    Check,
     DtypeOf,
     Ignored,
     ListOf,
@@ -53,8 +61,9 @@ from qalgebra.pattern import (
     Where,
     _target_name,
 )
+from qalgebra.sharing import Dag
 
-__all__ = ["explain", "find_matches", "iter_matches", "match_node"]
+__all__ = ["Matcher", "explain", "find_matches", "iter_matches", "match_node"]
 
 Path: TypeAlias = tuple[str, ...]
 _MISSING = object()
@@ -130,10 +139,14 @@ class _Context:
 
     module: torch.nn.Module | None
     record: bool
-    deepest: Mismatch | None = None
-    _deepest_rank: tuple[int, int] = (-1, -1)
+    #: The failures reached after the most progress, in the order they were met.
+    deepest: list[Mismatch] = field(default_factory=list)
+    deepest_rank: tuple[int, int] = (-1, -1)
+    #: While a commutative call tries its swapped operand order: the rank its first order
+    #: reached. Failures tied at that rank mirror the first order's and are not listed.
+    mirrored_rank: tuple[int, int] | None = None
     _normalized: dict[fx.Node, dict[str, object] | None] = field(default_factory=dict)
-    #: (pattern, node, bindings of its Vars) that were tried and yielded nothing: trying them
+    #: (optional node, graph value, bindings of its Vars) tried that yielded nothing: trying them
     #: again cannot succeed, and without this k nested optionals cost 2^k on a failing graph.
     failed: set[tuple[object, ...]] = field(default_factory=set)
     _order: dict[fx.Node, int] | None = None
@@ -148,9 +161,42 @@ class _Context:
         if not self.record:
             return
         rank = (len(st.nodes) + len(st.bindings), len(path))
-        if self.deepest is None or rank > self._deepest_rank:
-            self.deepest = Mismatch(template, args, path, at)
-            self._deepest_rank = rank
+        if rank > self.deepest_rank:
+            self.deepest = [Mismatch(template, args, path, at)]
+            self.deepest_rank = rank
+        elif rank == self.deepest_rank and rank != self.mirrored_rank:
+            self.deepest.append(Mismatch(template, args, path, at))
+
+    def mismatch(self) -> Mismatch | None:
+        """The first deepest failure, the others tied with it as its ``tied`` (or None).
+
+        Calls of other targets tried at one place are one failure naming every target; a
+        failure met twice (the same sub-pattern tried again) is listed once.
+        """
+        merged: list[Mismatch] = []
+        targets: dict[int, list[str]] = {}  # index in merged -> the targets expected there
+        calls: dict[tuple[Path, int], int] = {}  # (path, id of the value) -> index in merged
+        seen: set[tuple[Path, str]] = set()
+        for mm in self.deepest:
+            if mm.template == _EXPECTED_CALL:
+                where = (mm.path, id(mm.at))
+                if where in calls:
+                    names = targets[calls[where]]
+                    names.extend(n for n in str(mm.template_args[0]).split(" | ") if n not in names)
+                    continue
+                calls[where] = len(merged)
+                targets[len(merged)] = str(mm.template_args[0]).split(" | ")
+            else:
+                key = (mm.path, str(mm))
+                if key in seen:
+                    continue
+                seen.add(key)
+            merged.append(mm)
+        if not merged:
+            return None
+        for i, names in targets.items():
+            merged[i] = replace(merged[i], template_args=(_Text(" | ".join(names)), merged[i].at))
+        return replace(merged[0], tied=tuple(merged[1:]))
 
     def arguments(self, node: fx.Node) -> dict[str, object] | None:
         """The node's arguments by schema name with defaults filled in (None: no schema)."""
@@ -272,8 +318,6 @@ class _State:
 
 _EMPTY = _State({}, {}, ())
 
-_Matcher: TypeAlias = Callable[[Any, object, _State, Path, _Context], Iterator[_State]]
-
 
 def _bind(
     var: Var[Any], raw: object, st: _State, path: Path, ctx: _Context, coerce: bool = True
@@ -310,118 +354,106 @@ def _bind(
     return None
 
 
-def _m(p: Pattern, value: object, st: _State, path: Path, ctx: _Context) -> Iterator[_State]:
-    if type(p) is not Optional or not isinstance(value, fx.Node):
-        return _DISPATCH[type(p)](p, value, st, path, ctx)
-    memo_vars = _memo_vars(p)
-    if memo_vars is None:
-        return _DISPATCH[type(p)](p, value, st, path, ctx)
-    bound = st.bindings
-    # By identity: structurally equal sub-patterns share a hash, and comparing them deeply on
-    # every lookup cost more than the memo saved (the pattern lives for the whole search).
-    key: tuple[object, ...] = (id(p), value)
-    if bound:
-        key += tuple((type(b), _hashable(b)) for b in map(bound.get, memo_vars))
-    try:
-        if key in ctx.failed:
-            return iter(())
-    except TypeError:  # an unhashable bound value: no memo
-        return _DISPATCH[type(p)](p, value, st, path, ctx)
-    return _remember_failure(p, value, st, path, ctx, key)
+class _Text(str):
+    """A reason that should be shown as-is, not repr'd."""
 
-
-_R = TypeVar("_R")
-_P = TypeVar("_P", bound=Pattern)
-
-
-def _by_identity(fn: Callable[[_P], _R]) -> Callable[[_P], _R]:
-    """Cache ``fn`` per pattern object.
-
-    ``functools.cache`` would look patterns up by structural equality: equal but distinct
-    sub-patterns share a hash, and each lookup then compares them deeply, which cost more than
-    the matching itself. The cached pattern is kept alive, so its id cannot be reused.
-    """
-    cache: dict[int, tuple[_P, _R]] = {}
-
-    def cached(p: _P) -> _R:
-        hit = cache.get(id(p))
-        if hit is None:
-            hit = cache[id(p)] = (p, fn(p))
-        return hit[1]
-
-    return cached
-
-
-@_by_identity
-def _memo_vars(p: Pattern) -> tuple[Var[Any], ...] | None:
-    """The Vars a sub-search of ``p`` depends on, or None when it is not worth memoizing.
-
-    Only optional nodes are memoized (they are what makes the search branch at one node); one
-    with a ``where`` check inside is not (a check may read any binding or the matched nodes).
-    """
-    if not isinstance(p, Optional):
-        return None
-    stack: list[Pattern] = [p]
-    while stack:
-        q = stack.pop()
-        if isinstance(q, Where):
-            return None
-        stack.extend(q.children())
-    return tuple(sorted(p.vars, key=lambda v: v.name))
+    def __repr__(self) -> str:
+        return str(self)
 
 
 def _hashable(value: object) -> object:
     return tuple(value) if isinstance(value, list) else value
 
 
-def _remember_failure(
-    p: Pattern, value: object, st: _State, path: Path, ctx: _Context, key: tuple[object, ...]
-) -> Iterator[_State]:
-    found = False
-    for out in _DISPATCH[type(p)](p, value, st, path, ctx):
-        found = True
-        yield out
-    if not found:
-        ctx.failed.add(key)
-
-
-def _m_var(p: Var[Any], value: object, st: _State, path: Path, ctx: _Context) -> Iterator[_State]:
-    out = _bind(p, value, st, path, ctx)
-    if out is not None:
-        yield out
-
-
-def _m_ignored(
-    p: Ignored, value: object, st: _State, path: Path, ctx: _Context
-) -> Iterator[_State]:
-    yield st
-
-
-def _m_literal(
-    p: Literal, value: object, st: _State, path: Path, ctx: _Context
-) -> Iterator[_State]:
-    if _const_eq(p.value, value):
-        yield st
-    else:
-        ctx.fail(st, path, value, "expected {}, got {}", p.value, value)
-
-
-class _TargetNames:
-    """The targets of a call pattern in English (``aten.relu.default``), named only if shown."""
-
-    __slots__ = ("call",)
-
-    def __init__(self, call: Call) -> None:
-        self.call = call
-
-    def __repr__(self) -> str:
-        return " | ".join(_target_name(t) for t in self.call.targets)
-
-
 def _target_ok(targets: Collection[object], target: object) -> bool:
     if target in targets:
         return True
     return isinstance(target, OpOverload) and target.overloadpacket in targets
+
+
+#: The failure of a call pattern at a node of another target (``explain`` merges tied ones).
+_EXPECTED_CALL = "expected a call to {}, got {}"
+
+
+# --------------------------------------------------------------------------------------------
+# Compiled nodes: one per distinct sub-pattern
+# --------------------------------------------------------------------------------------------
+
+
+class _Node:
+    """A distinct sub-pattern compiled: what it needs to match, worked out once.
+
+    A compiled node holds the Vars, targets, constants and checks of its sub-pattern and its
+    compiled children, never the pattern objects: a matcher cached for a pattern must not keep
+    that pattern alive (see :func:`_matcher_of`).
+    """
+
+    __slots__ = ()
+    #: A leaf matches at most one way: a call tries its leaves before its deeper arguments.
+    leaf = False
+
+    def match(self, value: object, st: _State, path: Path, ctx: _Context) -> Iterator[_State]:
+        raise NotImplementedError
+
+
+class _VarNode(_Node):
+    __slots__ = ("var",)
+    leaf = True
+
+    def __init__(self, var: Var[Any]) -> None:
+        self.var = var
+
+    def match(self, value: object, st: _State, path: Path, ctx: _Context) -> Iterator[_State]:
+        out = _bind(self.var, value, st, path, ctx)
+        if out is not None:
+            yield out
+
+
+class _IgnoredNode(_Node):
+    __slots__ = ()
+    leaf = True
+
+    def match(self, value: object, st: _State, path: Path, ctx: _Context) -> Iterator[_State]:
+        yield st
+
+
+class _LiteralNode(_Node):
+    __slots__ = ("value",)
+    leaf = True
+
+    def __init__(self, value: object) -> None:
+        self.value = value
+
+    def match(self, value: object, st: _State, path: Path, ctx: _Context) -> Iterator[_State]:
+        if _const_eq(self.value, value):
+            yield st
+        else:
+            ctx.fail(st, path, value, "expected {}, got {}", self.value, value)
+
+
+class _ReciprocalNode(_Node):
+    __slots__ = ("var",)
+    leaf = True
+
+    def __init__(self, var: Var[float]) -> None:
+        self.var = var
+
+    def match(self, value: object, st: _State, path: Path, ctx: _Context) -> Iterator[_State]:
+        ok, number = _coerce(float, value, ctx)
+        if not ok or number == 0.0:
+            ctx.fail(
+                st,
+                path,
+                value,
+                "expected a non-zero number (1/{}), got {}",
+                _Text(self.var.name),
+                value,
+            )
+            return
+        assert isinstance(number, float)
+        out = _bind(self.var, 1.0 / number, st, path, ctx, coerce=False)
+        if out is not None:
+            yield out
 
 
 @dataclass(frozen=True, slots=True)
@@ -436,345 +468,443 @@ class _Unfit:
 class _Plan:
     """How a call pattern reads a node of one OpOverload target, worked out once per target.
 
-    ``pairs``: (sub-pattern, schema argument, path step), leaves first (each matches at most
-    one way, so a constant that differs ends the trial before a deep argument is enumerated);
-    ``defaults``: arguments the pattern leaves out, which must hold their schema default.
+    ``pairs``: (compiled argument, schema argument, path step), leaves first (each matches at
+    most one way, so a constant that differs ends the trial before a deep argument is
+    enumerated); ``defaults``: arguments the pattern leaves out, which must hold their default.
     """
 
-    pairs: tuple[tuple[Pattern, str, str], ...]
+    pairs: tuple[tuple[_Node, str, str], ...]
     defaults: tuple[tuple[str, object], ...]
 
 
 _PlanOrNot: TypeAlias = "_Plan | _Unfit | bool"
+_Pairs: TypeAlias = "Sequence[tuple[_Node, object, str]]"
 
 
-def _plan_for(p: Call, target: object) -> _PlanOrNot:
-    """False: ``target`` is not one of ``p``'s; True: match the node's raw args; else a plan."""
-    if not _target_ok(p.targets, target):
-        return False
-    if not isinstance(target, OpOverload):
-        return True
-    schema = _schema_args(target)
-    positional = [a.name for a in schema if not a.kwarg_only]
-    if len(p.args) > len(positional):
-        return _Unfit(
-            "{} takes {} positional arguments, the pattern gives {}",
-            (len(positional), len(p.args)),
+class _CallNode(_Node):
+    """A call pattern; its plans per target are filled as targets come (targets live forever)."""
+
+    __slots__ = ("args", "commutative", "kwargs", "names", "plans", "targets", "users")
+
+    def __init__(self, p: Call, args: tuple[_Node, ...], kwargs: dict[str, _Node]) -> None:
+        self.targets = p.targets
+        self.users = p.users
+        self.commutative = p.commutative
+        self.args = args
+        self.kwargs = kwargs
+        self.names = _Text(" | ".join(_target_name(t) for t in p.targets))
+        #: target id -> (target, plan): the entry keeps its target, checked by identity.
+        self.plans: dict[int, tuple[object, _PlanOrNot]] = {}
+
+    def plan(self, target: object) -> _PlanOrNot:
+        hit = self.plans.get(id(target))
+        if hit is None or hit[0] is not target:
+            hit = self.plans[id(target)] = (target, self._plan_for(target))
+        return hit[1]
+
+    def _plan_for(self, target: object) -> _PlanOrNot:
+        """False: not one of the targets; True: match the node's raw args; else a plan."""
+        if not _target_ok(self.targets, target):
+            return False
+        if not isinstance(target, OpOverload):
+            return True
+        schema = _schema_args(target)
+        positional = [a.name for a in schema if not a.kwarg_only]
+        if len(self.args) > len(positional):
+            return _Unfit(
+                "{} takes {} positional arguments, the pattern gives {}",
+                (len(positional), len(self.args)),
+            )
+        names = {a.name for a in schema}
+        pairs = [(sub, positional[i], f".args[{i}]") for i, sub in enumerate(self.args)]
+        for name, sub in self.kwargs.items():
+            if name not in names:
+                return _Unfit("{} has no argument {}", (_Text(name),))
+            pairs.append((sub, name, f".{name}"))
+        specified = {name for _, name, _ in pairs}
+        defaults = tuple(
+            (a.name, a.default) for a in schema if a.name not in specified and a.has_default
         )
-    names = {a.name for a in schema}
-    pairs = [(sub, positional[i], f".args[{i}]") for i, sub in enumerate(p.args)]
-    for name in sorted(p.kwargs):
-        if name not in names:
-            return _Unfit("{} has no argument {}", (_Text(name),))
-        pairs.append((p.kwargs[name], name, f".{name}"))
-    specified = {name for _, name, _ in pairs}
-    defaults = tuple(
-        (a.name, a.default) for a in schema if a.name not in specified and a.has_default
-    )
-    pairs.sort(key=lambda pair: _is_composite(pair[0]))
-    return _Plan(tuple(pairs), defaults)
+        pairs.sort(key=lambda pair: not pair[0].leaf)
+        return _Plan(tuple(pairs), defaults)
 
+    def match(self, value: object, st: _State, path: Path, ctx: _Context) -> Iterator[_State]:
+        if not isinstance(value, fx.Node) or value.op != "call_function":
+            ctx.fail(st, path, value, _EXPECTED_CALL, self.names, value)
+            return
+        plan = self.plan(value.target)
+        if plan is False:
+            ctx.fail(st, path, value, _EXPECTED_CALL, self.names, value)
+            return
+        if self.users is not None and len(value.users) != self.users:
+            ctx.fail(
+                st,
+                path,
+                value,
+                "expected {} user(s), {} has {}",
+                self.users,
+                _Text(value.name),
+                len(value.users),
+            )
+            return
+        pairs = self._pairs(value, plan, st, path, ctx)
+        if pairs is None:
+            return
+        for st2 in _match_all(pairs, 0, st, path, ctx):
+            yield st2 if value in st2.nodes else st2.with_node(value)
+        if not self.commutative:
+            return
+        (a, va, sa), (b, vb, sb) = pairs
+        mirrored, ctx.mirrored_rank = ctx.mirrored_rank, ctx.deepest_rank
+        try:
+            for st2 in _match_all([(a, vb, sb), (b, va, sa)], 0, st, path, ctx):
+                yield st2 if value in st2.nodes else st2.with_node(value)
+        finally:
+            ctx.mirrored_rank = mirrored
 
-@_by_identity
-def _plans(p: Call) -> dict[int, tuple[object, _PlanOrNot]]:
-    """Per call pattern: target id -> (target, its plan). Targets are long-lived op objects; the
-    entry keeps its target alive and is checked by identity, so an id is never misread."""
-    return {}
-
-
-def _plan(p: Call, target: object) -> _PlanOrNot:
-    plans = _plans(p)
-    hit = plans.get(id(target))
-    if hit is None or hit[0] is not target:
-        hit = plans[id(target)] = (target, _plan_for(p, target))
-    return hit[1]
-
-
-def _call_pairs(
-    p: Call, node: fx.Node, plan: _PlanOrNot, st: _State, path: Path, ctx: _Context
-) -> list[tuple[Pattern, object, str]] | None:
-    """(pattern, graph value, path step) for each argument, or None after recording why not."""
-    if isinstance(plan, _Unfit):
-        ctx.fail(st, path, node, plan.template, node, *plan.args)
-        return None
-    if isinstance(plan, _Plan):
-        args = ctx.arguments(node)
-        if args is None:
-            ctx.fail(st, path, node, "the arguments of {} do not fit its schema", node)
+    def _pairs(
+        self, node: fx.Node, plan: _PlanOrNot, st: _State, path: Path, ctx: _Context
+    ) -> _Pairs | None:
+        """(compiled argument, graph value, path step) per argument, or None after failing."""
+        if isinstance(plan, _Unfit):
+            ctx.fail(st, path, node, plan.template, node, *plan.args)
             return None
-        for name, default in plan.defaults:
-            if not _const_eq(default, args[name]):
-                ctx.fail(
-                    st,
-                    (*path, f".{name}"),
-                    args[name],
-                    "argument {} is {}, the pattern leaves it at its default {}",
-                    _Text(name),
-                    args[name],
-                    default,
-                )
+        if isinstance(plan, _Plan):
+            args = ctx.arguments(node)
+            if args is None:
+                ctx.fail(st, path, node, "the arguments of {} do not fit its schema", node)
                 return None
-        return [(sub, args[name], step) for sub, name, step in plan.pairs]
-    if len(node.args) != len(p.args) or set(node.kwargs) != set(p.kwargs):
-        ctx.fail(
-            st,
-            path,
-            node,
-            "{} has {} args and kwargs {}, the pattern expects {} and {}",
-            node,
-            len(node.args),
-            sorted(node.kwargs),
-            len(p.args),
-            sorted(p.kwargs),
-        )
-        return None
-    pairs: list[tuple[Pattern, object, str]] = [
-        (sub, node.args[i], f".args[{i}]") for i, sub in enumerate(p.args)
-    ]
-    pairs.extend((p.kwargs[k], node.kwargs[k], f".{k}") for k in sorted(p.kwargs))
-    pairs.sort(key=lambda pair: _is_composite(pair[0]))
-    return pairs
+            for name, default in plan.defaults:
+                if not _const_eq(default, args[name]):
+                    ctx.fail(
+                        st,
+                        (*path, f".{name}"),
+                        args[name],
+                        "argument {} is {}, the pattern leaves it at its default {}",
+                        _Text(name),
+                        args[name],
+                        default,
+                    )
+                    return None
+            return [(sub, args[name], step) for sub, name, step in plan.pairs]
+        if len(node.args) != len(self.args) or set(node.kwargs) != set(self.kwargs):
+            ctx.fail(
+                st,
+                path,
+                node,
+                "{} has {} args and kwargs {}, the pattern expects {} and {}",
+                node,
+                len(node.args),
+                sorted(node.kwargs),
+                len(self.args),
+                sorted(self.kwargs),
+            )
+            return None
+        pairs = [(sub, node.args[i], f".args[{i}]") for i, sub in enumerate(self.args)]
+        pairs.extend((sub, node.kwargs[k], f".{k}") for k, sub in self.kwargs.items())
+        pairs.sort(key=lambda pair: not pair[0].leaf)
+        return pairs
 
 
-def _m_seq(
-    pairs: Sequence[tuple[Pattern, object, str]], i: int, st: _State, path: Path, ctx: _Context
-) -> Iterator[_State]:
+def _match_all(pairs: _Pairs, i: int, st: _State, path: Path, ctx: _Context) -> Iterator[_State]:
     if i == len(pairs):
         yield st
         return
     sub, value, step = pairs[i]
-    for st2 in _m(sub, value, st, (*path, step), ctx):
-        yield from _m_seq(pairs, i + 1, st2, path, ctx)
-
-
-def _m_call(p: Call, value: object, st: _State, path: Path, ctx: _Context) -> Iterator[_State]:
-    if not isinstance(value, fx.Node) or value.op != "call_function":
-        ctx.fail(st, path, value, "expected a call to {}, got {}", _TargetNames(p), value)
-        return
-    plan = _plan(p, value.target)
-    if plan is False:
-        ctx.fail(st, path, value, "expected a call to {}, got {}", _TargetNames(p), value)
-        return
-    if p.users is not None and len(value.users) != p.users:
-        ctx.fail(
-            st,
-            path,
-            value,
-            "expected {} user(s), {} has {}",
-            p.users,
-            _Text(value.name),
-            len(value.users),
-        )
-        return
-    pairs = _call_pairs(p, value, plan, st, path, ctx)
-    if pairs is None:
-        return
-    orders = [pairs]
-    if p.commutative:
-        (a, va, sa), (b, vb, sb) = pairs
-        orders.append([(a, vb, sb), (b, va, sa)])
-    for order in orders:
-        for st2 in _m_seq(order, 0, st, path, ctx):
-            yield st2 if value in st2.nodes else st2.with_node(value)
-
-
-def _is_composite(p: Pattern) -> bool:
-    return not isinstance(p, Var | Literal | Ignored | Reciprocal)
-
-
-def _m_any_of(p: AnyOf, value: object, st: _State, path: Path, ctx: _Context) -> Iterator[_State]:
-    alternatives = p.alternatives if ctx.record else _alternatives_at(p, value)
-    for alt in alternatives:
-        yield from _m(alt, value, st, path, ctx)
+    for st2 in sub.match(value, st, (*path, step), ctx):
+        yield from _match_all(pairs, i + 1, st2, path, ctx)
 
 
 _NOT_A_CALL = object()
 
 
-@_by_identity
-def _alternatives_by_target(p: AnyOf) -> dict[int, tuple[object, tuple[Pattern, ...]]]:
-    """Per any_of: target id -> (target, the alternatives whose root may have that target)."""
-    return {}
+class _AnyOfNode(_Node):
+    """Ordered alternatives; per target, the alternatives whose root may have it."""
+
+    __slots__ = ("alternatives", "by_target", "roots")
+
+    def __init__(
+        self, alternatives: tuple[_Node, ...], roots: tuple[frozenset[object] | None, ...]
+    ) -> None:
+        self.alternatives = alternatives
+        self.roots = roots
+        self.by_target: dict[int, tuple[object, tuple[_Node, ...]]] = {}
+
+    def at(self, value: object) -> Sequence[_Node]:
+        """The alternatives that can match ``value``, in order; the others would fail at their
+        root's target. Only when failures are not recorded (``explain`` sees them all)."""
+        if not isinstance(value, fx.Node):
+            return self.alternatives
+        target = value.target if value.op == "call_function" else _NOT_A_CALL
+        hit = self.by_target.get(id(target))
+        if hit is None or hit[0] is not target:
+            kept = tuple(
+                alt
+                for alt, roots in zip(self.alternatives, self.roots, strict=True)
+                if roots is None or (target is not _NOT_A_CALL and _target_ok(roots, target))
+            )
+            hit = self.by_target[id(target)] = (target, kept)
+        return hit[1]
+
+    def match(self, value: object, st: _State, path: Path, ctx: _Context) -> Iterator[_State]:
+        for alt in self.alternatives if ctx.record else self.at(value):
+            yield from alt.match(value, st, path, ctx)
 
 
-def _alternatives_at(p: AnyOf, value: object) -> Sequence[Pattern]:
-    """The alternatives of ``p`` that can match ``value``, in order; the others would fail at
-    their root's target. Only when failures are not recorded (``explain`` sees them all)."""
-    if not isinstance(value, fx.Node):
-        return p.alternatives
-    target = value.target if value.op == "call_function" else _NOT_A_CALL
-    table = _alternatives_by_target(p)
-    hit = table.get(id(target))
-    if hit is None or hit[0] is not target:
-        kept = tuple(
-            alt
-            for alt in p.alternatives
-            if (roots := _roots(alt)) is None
-            or (target is not _NOT_A_CALL and _target_ok(roots, target))
-        )
-        hit = table[id(target)] = (target, kept)
-    return hit[1]
+class _OptionalNode(_Node):
+    """The call, or its argument ``through`` with the defaults bound.
 
-
-def _m_optional(
-    p: Optional, value: object, st: _State, path: Path, ctx: _Context
-) -> Iterator[_State]:
-    yield from _m(p.present, value, st, path, ctx)
-    for st2 in _m(p.absent, value, st, path, ctx):
-        out: _State | None = st2
-        for var, default in p.defaults.items():
-            assert out is not None
-            out = _bind(var, default, out, path, ctx)
-            if out is None:
-                break
-        if out is not None:
-            yield out
-
-
-def _m_list_of(p: ListOf, value: object, st: _State, path: Path, ctx: _Context) -> Iterator[_State]:
-    if not isinstance(value, list | tuple) or not value:
-        ctx.fail(st, path, value, "expected a non-empty list, got {}", value)
-        return
-    per_element = {v: list(st.per_element.get(v, ())) for v in p.element.vars}
-    nodes = st.nodes
-    for i, item in enumerate(value):
-        first = next(_m(p.element, item, _EMPTY, (*path, f"[{i}]"), ctx), None)
-        if first is None:
-            return
-        for v in p.element.vars:
-            per_element[v].append(first.bindings.get(v))
-        nodes = (*nodes, *(n for n in first.nodes if n not in nodes))
-    merged = {**st.per_element, **{v: tuple(vals) for v, vals in per_element.items()}}
-    yield _State(st.bindings, merged, nodes)
-
-
-def _m_capture(
-    p: Capture, value: object, st: _State, path: Path, ctx: _Context
-) -> Iterator[_State]:
-    for st2 in _m(p.pattern, value, st, path, ctx):
-        out = _bind(p.var, value, st2, path, ctx)
-        if out is not None:
-            yield out
-
-
-def _m_tag(p: Tag, value: object, st: _State, path: Path, ctx: _Context) -> Iterator[_State]:
-    for st2 in _m(p.pattern, value, st, path, ctx):
-        out = _bind(p.var, p.value, st2, path, ctx, coerce=False)
-        if out is not None:
-            yield out
-
-
-def _m_where(p: Where, value: object, st: _State, path: Path, ctx: _Context) -> Iterator[_State]:
-    for st2 in _m(p.pattern, value, st, path, ctx):
-        root = value if isinstance(value, fx.Node) else (st2.nodes[-1] if st2.nodes else None)
-        if root is None:
-            ctx.fail(st2, path, value, "a check needs a matched node, got {}", value)
-            continue
-        why = p.check.failure(Match(root, pmap(st2.bindings), pmap(st2.per_element), st2.nodes))
-        if why is None:
-            yield st2
-        else:
-            ctx.fail(st2, (*path, "<check>"), value, "check failed: {}", _Text(why))
-
-
-class _Text(str):
-    """A reason that should be shown as-is, not repr'd."""
-
-    def __repr__(self) -> str:
-        return str(self)
-
-
-def _m_dtype_of(
-    p: DtypeOf, value: object, st: _State, path: Path, ctx: _Context
-) -> Iterator[_State]:
-    for st2 in _m(p.pattern, value, st, path, ctx):
-        dt = ctx.dtype(value)
-        if dt is None:
-            ctx.fail(st2, path, value, "the dtype of {} is unknown (no meta['val'])", value)
-            continue
-        out = _bind(p.var, dt, st2, path, ctx, coerce=False)
-        if out is not None:
-            yield out
-
-
-def _m_reciprocal(
-    p: Reciprocal, value: object, st: _State, path: Path, ctx: _Context
-) -> Iterator[_State]:
-    ok, number = _coerce(float, value, ctx)
-    if not ok or number == 0.0:
-        ctx.fail(
-            st, path, value, "expected a non-zero number (1/{}), got {}", _Text(p.var.name), value
-        )
-        return
-    assert isinstance(number, float)
-    out = _bind(p.var, 1.0 / number, st, path, ctx, coerce=False)
-    if out is not None:
-        yield out
-
-
-_DISPATCH: dict[type[Any], _Matcher] = {
-    Var: _m_var,
-    Ignored: _m_ignored,
-    Literal: _m_literal,
-    Call: _m_call,
-    AnyOf: _m_any_of,
-    Optional: _m_optional,
-    ListOf: _m_list_of,
-    Capture: _m_capture,
-    Tag: _m_tag,
-    Where: _m_where,
-    DtypeOf: _m_dtype_of,
-    Reciprocal: _m_reciprocal,
-}
-
-
-# --------------------------------------------------------------------------------------------
-# Root index
-# --------------------------------------------------------------------------------------------
-
-
-@_by_identity
-def _roots(p: Pattern) -> frozenset[object] | None:
-    """Targets a matched root node may have; None when any node may be a root."""
-    if isinstance(p, Call):
-        return frozenset(p.targets)
-    if isinstance(p, AnyOf):
-        out: frozenset[object] = frozenset()
-        for alt in p.alternatives:
-            sub = _roots(alt)
-            if sub is None:
-                return None
-            out |= sub
-        return out
-    if isinstance(p, Optional):
-        present, absent = _roots(p.present), _roots(p.absent)
-        return None if present is None or absent is None else present | absent
-    if isinstance(p, Capture | Tag | Where | DtypeOf):
-        return _roots(p.pattern)
-    return None
-
-
-@_by_identity
-def _required(p: Pattern) -> frozenset[frozenset[object]]:
-    """Target sets a graph must each meet (hold one of) for ``p`` to match anywhere in it.
-
-    A call needs its own targets and what its arguments need; alternatives need what all of
-    them need, and one of their roots. A graph without a conv then skips the conv fusions
-    without trying each of its quantize nodes as a root.
+    Optional nodes are what makes the search branch at one node: a sub-search of one that
+    yielded nothing is remembered per (node, graph value, bindings of its Vars) for the search,
+    or k nested optionals would cost 2^k on a failing graph. Not one with a ``where`` inside
+    (a check may read any binding or the matched nodes): ``memo_vars`` is None then.
     """
+
+    __slots__ = ("absent", "defaults", "memo_vars", "present")
+
+    def __init__(
+        self,
+        present: _Node,
+        absent: _Node,
+        defaults: tuple[tuple[Var[Any], object], ...],
+        memo_vars: tuple[Var[Any], ...] | None,
+    ) -> None:
+        self.present = present
+        self.absent = absent
+        self.defaults = defaults
+        self.memo_vars = memo_vars
+
+    def match(self, value: object, st: _State, path: Path, ctx: _Context) -> Iterator[_State]:
+        if self.memo_vars is None or not isinstance(value, fx.Node):
+            return self._either(value, st, path, ctx)
+        key: tuple[object, ...] = (self, value)
+        bound = st.bindings
+        if bound:
+            key += tuple((type(b), _hashable(b)) for b in map(bound.get, self.memo_vars))
+        try:
+            if key in ctx.failed:
+                return iter(())
+        except TypeError:  # an unhashable bound value: no memo
+            return self._either(value, st, path, ctx)
+        return self._remembering_failure(value, st, path, ctx, key)
+
+    def _remembering_failure(
+        self, value: object, st: _State, path: Path, ctx: _Context, key: tuple[object, ...]
+    ) -> Iterator[_State]:
+        found = False
+        for out in self._either(value, st, path, ctx):
+            found = True
+            yield out
+        if not found:
+            ctx.failed.add(key)
+
+    def _either(self, value: object, st: _State, path: Path, ctx: _Context) -> Iterator[_State]:
+        yield from self.present.match(value, st, path, ctx)
+        for st2 in self.absent.match(value, st, path, ctx):
+            out: _State | None = st2
+            for var, default in self.defaults:
+                assert out is not None
+                out = _bind(var, default, out, path, ctx)
+                if out is None:
+                    break
+            if out is not None:
+                yield out
+
+
+class _ListOfNode(_Node):
+    __slots__ = ("element", "element_vars")
+
+    def __init__(self, element: _Node, element_vars: tuple[Var[Any], ...]) -> None:
+        self.element = element
+        self.element_vars = element_vars
+
+    def match(self, value: object, st: _State, path: Path, ctx: _Context) -> Iterator[_State]:
+        if not isinstance(value, list | tuple) or not value:
+            ctx.fail(st, path, value, "expected a non-empty list, got {}", value)
+            return
+        per_element = {v: list(st.per_element.get(v, ())) for v in self.element_vars}
+        nodes = st.nodes
+        for i, item in enumerate(value):
+            first = next(self.element.match(item, _EMPTY, (*path, f"[{i}]"), ctx), None)
+            if first is None:
+                return
+            for v in self.element_vars:
+                per_element[v].append(first.bindings.get(v))
+            nodes = (*nodes, *(n for n in first.nodes if n not in nodes))
+        merged = {**st.per_element, **{v: tuple(vals) for v, vals in per_element.items()}}
+        yield _State(st.bindings, merged, nodes)
+
+
+class _CaptureNode(_Node):
+    __slots__ = ("inner", "var")
+
+    def __init__(self, var: Var[Any], inner: _Node) -> None:
+        self.var = var
+        self.inner = inner
+
+    def match(self, value: object, st: _State, path: Path, ctx: _Context) -> Iterator[_State]:
+        for st2 in self.inner.match(value, st, path, ctx):
+            out = _bind(self.var, value, st2, path, ctx)
+            if out is not None:
+                yield out
+
+
+class _TagNode(_Node):
+    __slots__ = ("inner", "value", "var")
+
+    def __init__(self, var: Var[Any], value: object, inner: _Node) -> None:
+        self.var = var
+        self.value = value
+        self.inner = inner
+
+    def match(self, value: object, st: _State, path: Path, ctx: _Context) -> Iterator[_State]:
+        for st2 in self.inner.match(value, st, path, ctx):
+            out = _bind(self.var, self.value, st2, path, ctx, coerce=False)
+            if out is not None:
+                yield out
+
+
+class _WhereNode(_Node):
+    __slots__ = ("check", "inner")
+
+    def __init__(self, check: Check, inner: _Node) -> None:
+        self.check = check
+        self.inner = inner
+
+    def match(self, value: object, st: _State, path: Path, ctx: _Context) -> Iterator[_State]:
+        for st2 in self.inner.match(value, st, path, ctx):
+            root = value if isinstance(value, fx.Node) else (st2.nodes[-1] if st2.nodes else None)
+            if root is None:
+                ctx.fail(st2, path, value, "a check needs a matched node, got {}", value)
+                continue
+            m = Match(root, pmap(st2.bindings), pmap(st2.per_element), st2.nodes)
+            why = self.check.failure(m)
+            if why is None:
+                yield st2
+            else:
+                ctx.fail(st2, (*path, "<check>"), value, "check failed: {}", _Text(why))
+
+
+class _DtypeOfNode(_Node):
+    __slots__ = ("inner", "var")
+
+    def __init__(self, var: Var[torch.dtype], inner: _Node) -> None:
+        self.var = var
+        self.inner = inner
+
+    def match(self, value: object, st: _State, path: Path, ctx: _Context) -> Iterator[_State]:
+        for st2 in self.inner.match(value, st, path, ctx):
+            dt = ctx.dtype(value)
+            if dt is None:
+                ctx.fail(st2, path, value, "the dtype of {} is unknown (no meta['val'])", value)
+                continue
+            out = _bind(self.var, dt, st2, path, ctx, coerce=False)
+            if out is not None:
+                yield out
+
+
+# --------------------------------------------------------------------------------------------
+# Compiling
+# --------------------------------------------------------------------------------------------
+
+
+class _Compiled(NamedTuple):
+    """What the compiler works out per distinct sub-pattern, children first."""
+
+    node: _Node
+    #: Targets a matched root node may have; None when any node may be a root.
+    roots: frozenset[object] | None
+    #: Target sets a graph must each meet (hold one of) for the sub-pattern to match in it.
+    required: frozenset[frozenset[object]]
+    #: Whether a ``where`` check is inside (its failures cannot be remembered).
+    checked: bool
+
+
+def _compile(dag: Dag) -> list[_Compiled]:
+    out: list[_Compiled] = []
+
+    def of(child: Pattern) -> _Compiled:
+        return out[dag.index(child)]
+
+    for p in dag.nodes:
+        out.append(_compile_one(p, of))
+    return out
+
+
+def _compile_one(p: Pattern, of: Callable[[Pattern], _Compiled]) -> _Compiled:
+    kids = [of(c) for c in p.children()]
+    checked = isinstance(p, Where) or any(k.checked for k in kids)
+    if isinstance(p, Var):
+        return _Compiled(_VarNode(p), None, frozenset(), False)
+    if isinstance(p, Ignored):
+        return _Compiled(_IgnoredNode(), None, frozenset(), False)
+    if isinstance(p, Literal):
+        return _Compiled(_LiteralNode(p.value), None, frozenset(), False)
+    if isinstance(p, Reciprocal):
+        return _Compiled(_ReciprocalNode(p.var), None, frozenset(), False)
     if isinstance(p, Call):
-        out: set[frozenset[object]] = {frozenset(p.targets)}
-        for child in p.children():
-            out |= _required(child)
-        return frozenset(out)
+        args = tuple(of(a).node for a in p.args)
+        kwargs = {k: of(p.kwargs[k]).node for k in sorted(p.kwargs)}
+        roots = frozenset(p.targets)
+        # A call needs its own targets and what its arguments need.
+        required = frozenset({roots}).union(*(k.required for k in kids))
+        return _Compiled(_CallNode(p, args, kwargs), roots, required, checked)
     if isinstance(p, AnyOf | Optional):
-        alternatives = p.alternatives if isinstance(p, AnyOf) else (p.present, p.absent)
-        common = frozenset.intersection(*(_required(alt) for alt in alternatives))
-        roots = _roots(p)
-        return common if roots is None else common | {roots}
-    if isinstance(p, ListOf | Capture | Tag | Where | DtypeOf):
-        return _required(p.children()[0])
-    return frozenset()
+        branches = kids if isinstance(p, AnyOf) else [kids[0], of(p.absent)]
+        roots_of = [b.roots for b in branches]
+        known = [r for r in roots_of if r is not None]
+        any_roots = frozenset().union(*known) if len(known) == len(roots_of) else None
+        # Alternatives need what all of them need, and one of their roots: a graph without a
+        # conv skips the conv fusions without trying each of its quantize nodes as a root.
+        common = frozenset.intersection(*(b.required for b in branches))
+        required = common if any_roots is None else common | {any_roots}
+        if isinstance(p, AnyOf):
+            node: _Node = _AnyOfNode(tuple(b.node for b in branches), tuple(roots_of))
+        else:
+            defaults = tuple(p.defaults.items())
+            memo = None if checked else tuple(sorted(p.vars, key=lambda v: v.name))
+            node = _OptionalNode(branches[0].node, branches[1].node, defaults, memo)
+        return _Compiled(node, any_roots, required, checked)
+    (inner,) = kids
+    if isinstance(p, ListOf):
+        element_vars = tuple(sorted(p.element.vars, key=lambda v: v.name))
+        return _Compiled(_ListOfNode(inner.node, element_vars), None, inner.required, checked)
+    if isinstance(p, Capture):
+        node = _CaptureNode(p.var, inner.node)
+    elif isinstance(p, Tag):
+        node = _TagNode(p.var, p.value, inner.node)
+    elif isinstance(p, Where):
+        node = _WhereNode(p.check, inner.node)
+    elif isinstance(p, DtypeOf):
+        node = _DtypeOfNode(p.var, inner.node)
+    else:
+        raise PatternError(f"cannot match a {type(p).__name__}")
+    return _Compiled(node, inner.roots, inner.required, checked)
+
+
+def _validate(dag: Dag) -> None:
+    """Refuse Vars used both inside a list_of (bound per element) and outside it."""
+    root = dag.nodes[-1]
+    reachable: set[Var[Any]] = set()
+    seen: set[int] = set()
+    stack = [len(dag.nodes) - 1]
+    while stack:
+        i = stack.pop()
+        if i in seen:
+            continue
+        seen.add(i)
+        q = dag.nodes[i]
+        if isinstance(q, ListOf):
+            continue
+        if isinstance(q, Var):
+            reachable.add(q)
+        if isinstance(q, Capture | Tag | DtypeOf | Reciprocal):
+            reachable.add(q.var)
+        stack.extend(dag.edges[i])
+    both = reachable & root.element_vars
+    if both:
+        names = ", ".join(sorted(v.name for v in both))
+        raise PatternError(f"Var(s) {names} are used both inside and outside a list_of")
 
 
 def _targets_in(graph: fx.Graph) -> set[object]:
@@ -783,34 +913,103 @@ def _targets_in(graph: fx.Graph) -> set[object]:
     return targets | {t.overloadpacket for t in targets if isinstance(t, OpOverload)}
 
 
-@_by_identity
-def _root_table(p: Pattern) -> dict[int, tuple[object, bool]]:
-    """Per pattern: target id -> (target, whether a root may have it), filled as targets come."""
-    return {}
+# --------------------------------------------------------------------------------------------
+# Matchers
+# --------------------------------------------------------------------------------------------
 
 
-@_by_identity
-def _validate(p: Pattern) -> None:
-    """Refuse Vars used both inside a list_of (bound per element) and outside it."""
-    reachable: set[Var[Any]] = set()
-    stack = [p]
-    while stack:
-        q = stack.pop()
-        if isinstance(q, ListOf):
-            continue
-        if isinstance(q, Var):
-            reachable.add(q)
-        if isinstance(q, Capture | Tag | DtypeOf | Reciprocal):
-            reachable.add(q.var)
-        stack.extend(q.children())
-    both = reachable & p.element_vars
-    if both:
-        names = ", ".join(sorted(v.name for v in both))
-        raise PatternError(f"Var(s) {names} are used both inside and outside a list_of")
+class Matcher:
+    """A pattern compiled for matching: each distinct sub-pattern once, with its plans and indexes.
 
+    Compiling merges the pattern's equal sub-patterns, works out which targets a root may have
+    and which a graph must hold, and checks the pattern's Vars; each call pattern then plans
+    how it reads a node once per target it meets. A :class:`~qalgebra.fusions.base.Fusion`
+    holds the matcher of its pattern. The module functions take a pattern or a matcher.
 
-def _context_for(node: fx.Node, record: bool) -> _Context:
-    return _Context(node.graph.owning_module, record)
+    >>> import torch
+    >>> from qalgebra import Var, call
+    >>> relu = Matcher(call(torch.ops.aten.relu.default, Var("x", torch.fx.Node)))
+    >>> gm = torch.fx.symbolic_trace(torch.nn.ReLU())
+    >>> [m.root.name for m in relu.find_matches(gm)]
+    []
+    """
+
+    __slots__ = ("_required", "_root", "_root_ok", "_roots")
+
+    def __init__(self, pattern: Pattern) -> None:
+        if not isinstance(pattern, Pattern):
+            raise PatternError(f"expected a Pattern, got {pattern!r} ({type(pattern).__name__})")
+        dag = Dag(pattern)
+        _validate(dag)
+        root = _compile(dag)[-1]
+        self._root = root.node
+        self._roots = root.roots
+        self._required = root.required
+        #: target id -> (target, whether a root may have it), filled as targets come.
+        self._root_ok: dict[int, tuple[object, bool]] = {}
+
+    def iter_matches(self, node: fx.Node) -> Iterator[Match]:
+        """Every way the pattern matches with ``node`` as its root, in preference order."""
+        ctx = _Context(node.graph.owning_module, record=False)
+        for st in self._root.match(node, _EMPTY, (), ctx):
+            yield _to_match(node, st, ctx)
+
+    def match_node(self, node: fx.Node) -> Match | None:
+        """The preferred match rooted at ``node``, or None."""
+        return next(self.iter_matches(node), None)
+
+    def explain(self, node: fx.Node) -> Mismatch | None:
+        """Why the pattern does not match at ``node`` (the deepest failures), or None."""
+        ctx = _Context(node.graph.owning_module, record=True)
+        if next(self._root.match(node, _EMPTY, (), ctx), None) is not None:
+            return None
+        return ctx.mismatch() or Mismatch("no alternative matched {}", (node,), (), node)
+
+    def find_matches(
+        self, graph: fx.Graph | fx.GraphModule, *, exclusive: bool = False
+    ) -> list[Match]:
+        """Non-overlapping matches in ``graph``, in graph order (see :func:`find_matches`)."""
+        if isinstance(graph, fx.GraphModule):
+            module: torch.nn.Module | None = graph
+            g = graph.graph
+        elif isinstance(graph, fx.Graph):
+            g = graph
+            module = graph.owning_module
+        else:
+            raise PatternError(
+                f"find_matches: expected an fx.Graph or fx.GraphModule, got {graph!r}"
+            )
+        if self._required:
+            present = _targets_in(g)
+            if not all(present.intersection(targets) for targets in self._required):
+                return []
+        roots = self._roots
+        ctx = _Context(module, record=False)
+        claimed: set[fx.Node] = set()
+        found: list[Match] = []
+        root_ok = self._root_ok
+        for node in reversed(g.nodes):
+            if roots is not None:
+                if node.op != "call_function":
+                    continue
+                hit = root_ok.get(id(node.target))
+                if hit is None or hit[0] is not node.target:
+                    hit = root_ok[id(node.target)] = (node.target, _target_ok(roots, node.target))
+                if not hit[1]:
+                    continue
+            elif node.op == "output":  # the output node is not a value
+                continue
+            if node in claimed:
+                continue
+            for st in self._root.match(node, _EMPTY, (), ctx):
+                if exclusive and not _closed(st, node):
+                    continue
+                if not claimed.intersection(st.nodes):
+                    claimed.update(st.nodes)
+                    found.append(_to_match(node, st, ctx))
+                    break
+        found.reverse()
+        return found
 
 
 def _to_match(root: fx.Node, st: _State, ctx: _Context) -> Match:
@@ -818,33 +1017,50 @@ def _to_match(root: fx.Node, st: _State, ctx: _Context) -> Match:
     return Match(root, pmap(st.bindings), pmap(st.per_element), nodes)
 
 
-def _check_pattern(pattern: object) -> Pattern:
-    if not isinstance(pattern, Pattern):
-        raise PatternError(f"expected a Pattern, got {pattern!r} ({type(pattern).__name__})")
-    _validate(pattern)
-    return pattern
+#: Matchers of the patterns passed to the module functions, by pattern identity. An entry
+#: holds a weak reference to its pattern and goes when the pattern does (a matcher holds no
+#: pattern object, see ``_Node``): module-level patterns compile once, throwaway ones leave
+#: nothing behind.
+_MATCHERS: dict[int, tuple[weakref.ref[Pattern], Matcher]] = {}
 
 
-def iter_matches(pattern: Pattern, node: fx.Node) -> Iterator[Match]:
+def _forget(ref: weakref.ref[Pattern], key: int) -> None:
+    entry = _MATCHERS.get(key)
+    if entry is not None and entry[0] is ref:
+        del _MATCHERS[key]
+
+
+def _matcher_of(pattern: Pattern | Matcher) -> Matcher:
+    """The matcher of ``pattern`` (compiled on its first use while it lives)."""
+    if isinstance(pattern, Matcher):
+        return pattern
+    entry = _MATCHERS.get(id(pattern))
+    if entry is not None and entry[0]() is pattern:
+        return entry[1]
+    matcher = Matcher(pattern)
+    if pattern.children():  # a leaf's matcher holds the leaf itself: it would never go
+        key = id(pattern)
+        _MATCHERS[key] = (weakref.ref(pattern, functools.partial(_forget, key=key)), matcher)
+    return matcher
+
+
+def iter_matches(pattern: Pattern | Matcher, node: fx.Node) -> Iterator[Match]:
     """Every way ``pattern`` matches with ``node`` as its root, in preference order."""
-    pattern = _check_pattern(pattern)
-    ctx = _context_for(node, record=False)
-    for st in _m(pattern, node, _EMPTY, (), ctx):
-        yield _to_match(node, st, ctx)
+    return _matcher_of(pattern).iter_matches(node)
 
 
-def match_node(pattern: Pattern, node: fx.Node) -> Match | None:
+def match_node(pattern: Pattern | Matcher, node: fx.Node) -> Match | None:
     """The preferred match of ``pattern`` rooted at ``node``, or None."""
-    return next(iter_matches(pattern, node), None)
+    return _matcher_of(pattern).match_node(node)
 
 
-def explain(pattern: Pattern, node: fx.Node) -> Mismatch | None:
-    """Why ``pattern`` does not match at ``node`` (the deepest failure), or None if it matches."""
-    pattern = _check_pattern(pattern)
-    ctx = _context_for(node, record=True)
-    if next(_m(pattern, node, _EMPTY, (), ctx), None) is not None:
-        return None
-    return ctx.deepest or Mismatch("no alternative matched {}", (node,), (), node)
+def explain(pattern: Pattern | Matcher, node: fx.Node) -> Mismatch | None:
+    """Why ``pattern`` does not match at ``node``, or None if it matches.
+
+    The failure reached after the most progress; when several alternatives (or both operand
+    orders of a commutative call) fail after as much, the others are its ``tied`` failures.
+    """
+    return _matcher_of(pattern).explain(node)
 
 
 #: meta key where a rewrite records the dtype of a node it inserted (read like meta['val']).
@@ -873,7 +1089,7 @@ def _closed(st: _State, root: fx.Node) -> bool:
 
 
 def find_matches(
-    pattern: Pattern, graph: fx.Graph | fx.GraphModule, *, exclusive: bool = False
+    pattern: Pattern | Matcher, graph: fx.Graph | fx.GraphModule, *, exclusive: bool = False
 ) -> list[Match]:
     """Non-overlapping matches of ``pattern`` in ``graph``, in graph order of their roots.
 
@@ -882,44 +1098,4 @@ def find_matches(
     ``exclusive``, a match whose inner nodes are also read outside it is passed over (replacing
     it would leave those nodes computed twice) and the search goes on with the next way to match.
     """
-    pattern = _check_pattern(pattern)
-    if isinstance(graph, fx.GraphModule):
-        module: torch.nn.Module | None = graph
-        g = graph.graph
-    elif isinstance(graph, fx.Graph):
-        g = graph
-        module = graph.owning_module
-    else:
-        raise PatternError(f"find_matches: expected an fx.Graph or fx.GraphModule, got {graph!r}")
-    required = _required(pattern)
-    if required:
-        present = _targets_in(g)
-        if not all(present.intersection(targets) for targets in required):
-            return []
-    roots = _roots(pattern)
-    ctx = _Context(module, record=False)
-    claimed: set[fx.Node] = set()
-    found: list[Match] = []
-    root_ok = _root_table(pattern)
-    for node in reversed(g.nodes):
-        if roots is not None:
-            if node.op != "call_function":
-                continue
-            hit = root_ok.get(id(node.target))
-            if hit is None or hit[0] is not node.target:
-                hit = root_ok[id(node.target)] = (node.target, _target_ok(roots, node.target))
-            if not hit[1]:
-                continue
-        elif node.op == "output":  # the output node is not a value
-            continue
-        if node in claimed:
-            continue
-        for st in _m(pattern, node, _EMPTY, (), ctx):
-            if exclusive and not _closed(st, node):
-                continue
-            if not claimed.intersection(st.nodes):
-                claimed.update(st.nodes)
-                found.append(_to_match(node, st, ctx))
-                break
-    found.reverse()
-    return found
+    return _matcher_of(pattern).find_matches(graph, exclusive=exclusive)

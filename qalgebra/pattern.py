@@ -20,6 +20,8 @@ Factories (the public way to build patterns):
 - ``capture(var, p)`` binds what ``p`` matched; ``tag(p, var, value)`` binds a constant when ``p``
   matches; ``where(p, check)`` adds a predicate; ``dtype_of(p, var)`` binds the dtype of the
   matched tensor; ``reciprocal(var)`` binds ``1 / value``.
+- ``let(body, **shared)`` builds a pattern from sub-patterns named once (how ``repr`` prints a
+  pattern that uses a long sub-pattern in several places; ``describe()`` names it ``<name>``).
 
 >>> import torch
 >>> x = Var("x", torch.fx.Node)
@@ -35,6 +37,7 @@ True
 from __future__ import annotations
 
 import builtins
+import inspect
 import keyword
 import math
 import operator
@@ -74,6 +77,7 @@ __all__ = [
     "capture",
     "dtype_of",
     "ignored",
+    "let",
     "list_of",
     "literal",
     "optional",
@@ -170,7 +174,23 @@ class Pattern:
         return type(self), tuple(getattr(self, f.name) for f in fields(self) if f.init)
 
     def describe(self) -> str:
-        """This pattern in English."""
+        """This pattern in English; a long sub-pattern used in several places is named once."""
+        from qalgebra.sharing import render  # sharing reads the classes defined here
+
+        return render(self, english=True)
+
+    def __repr__(self) -> str:
+        """Python that rebuilds an equal pattern (a ``let`` when sub-patterns are named)."""
+        from qalgebra.sharing import render
+
+        return render(self, english=False)
+
+    def _describe_node(self, sub: Callable[[Pattern], str]) -> str:
+        """This node in English, ``sub(child)`` giving each child's text (or name)."""
+        raise NotImplementedError
+
+    def _repr_node(self, sub: Callable[[Pattern], str]) -> str:
+        """This node as Python, ``sub(child)`` giving each child's code (or name)."""
         raise NotImplementedError
 
     def children(self) -> tuple[Pattern, ...]:
@@ -201,7 +221,23 @@ def _as_pattern(value: object, where: str) -> Pattern:
     )
 
 
-def _union_vars(children: Iterable[Pattern], where: str) -> frozenset[Var[Any]]:
+class _Lazy:
+    """Text worked out when shown: the context of an error a valid pattern never raises (a
+    description costs more than building the pattern it describes)."""
+
+    __slots__ = ("_make",)
+
+    def __init__(self, make: Callable[[], str]) -> None:
+        self._make = make
+
+    def __str__(self) -> str:
+        return self._make()
+
+    def __format__(self, spec: str) -> str:
+        return format(self._make(), spec)
+
+
+def _union_vars(children: Iterable[Pattern], where: str | _Lazy) -> frozenset[Var[Any]]:
     """All Vars of the children, refusing one name used with two types."""
     result: set[Var[Any]] = set()
     by_name: dict[str, Var[Any]] = {}
@@ -240,7 +276,7 @@ class _Composite(Pattern):
         return self._element_vars
 
 
-def _init_composite(self: Pattern, children: Sequence[Pattern], where: str) -> None:
+def _init_composite(self: Pattern, children: Sequence[Pattern], where: str | _Lazy) -> None:
     all_vars = _union_vars(children, where)
     object.__setattr__(self, "_vars", all_vars)
     object.__setattr__(self, "_element_vars", _union_element_vars(children))
@@ -251,7 +287,7 @@ def _init_composite(self: Pattern, children: Sequence[Pattern], where: str) -> N
 # --------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, weakref_slot=True)
 class Var(Pattern, Generic[T]):
     """A typed capture: binds the value at its position; ``Match[var]`` returns a ``T``.
 
@@ -288,12 +324,18 @@ class Var(Pattern, Generic[T]):
     def describe(self) -> str:
         return self.name
 
+    def _describe_node(self, sub: Callable[[Pattern], str]) -> str:
+        return self.describe()
+
+    def _repr_node(self, sub: Callable[[Pattern], str]) -> str:
+        return repr(self)
+
     @property
     def vars(self) -> frozenset[Var[Any]]:
         return frozenset({self})
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, repr=False, weakref_slot=True)
 class Ignored(Pattern):
     """Matches any value and binds nothing."""
 
@@ -303,8 +345,14 @@ class Ignored(Pattern):
     def describe(self) -> str:
         return "_"
 
+    def _describe_node(self, sub: Callable[[Pattern], str]) -> str:
+        return "_"
 
-@dataclass(frozen=True, slots=True)
+    def _repr_node(self, sub: Callable[[Pattern], str]) -> str:
+        return "ignored()"
+
+
+@dataclass(frozen=True, slots=True, repr=False, weakref_slot=True)
 class Literal(Pattern):
     """Matches a constant equal to ``value`` (numbers compare by value, bools only to bools)."""
 
@@ -334,6 +382,12 @@ class Literal(Pattern):
 
     def describe(self) -> str:
         return _value_repr(self.value)
+
+    def _describe_node(self, sub: Callable[[Pattern], str]) -> str:
+        return self.describe()
+
+    def _repr_node(self, sub: Callable[[Pattern], str]) -> str:
+        return repr(self)
 
 
 def _literal_key(value: object) -> object:
@@ -375,7 +429,7 @@ def _schema_problems(target: object, n_args: int, kwarg_names: Iterable[str]) ->
     return None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, repr=False, weakref_slot=True)
 class Call(_Composite):
     """A ``call_function`` node of one of ``targets`` whose arguments match ``args``/``kwargs``."""
 
@@ -431,19 +485,19 @@ class Call(_Composite):
             return _target_repr(self.targets[0])
         return "(" + ", ".join(_target_repr(t) for t in self.targets) + ")"
 
-    def __repr__(self) -> str:
-        parts = [self.target_repr(), *(repr(a) for a in self.args)]
+    def _repr_node(self, sub: Callable[[Pattern], str]) -> str:
+        parts = [self.target_repr(), *(sub(a) for a in self.args)]
         if self.users is not None:
             parts.append(f"users={self.users}")
-        parts.extend(f"{k}={self.kwargs[k]!r}" for k in sorted(self.kwargs))
+        parts.extend(f"{k}={sub(self.kwargs[k])}" for k in sorted(self.kwargs))
         return f"call({', '.join(parts)})"
 
-    def describe(self) -> str:
+    def _describe_node(self, sub: Callable[[Pattern], str]) -> str:
         name = " | ".join(_target_name(t) for t in self.targets)
         if len(self.targets) > 1:
             name = f"({name})"
-        parts = [a.describe() for a in self.args]
-        parts.extend(f"{k}={self.kwargs[k].describe()}" for k in sorted(self.kwargs))
+        parts = [sub(a) for a in self.args]
+        parts.extend(f"{k}={sub(self.kwargs[k])}" for k in sorted(self.kwargs))
         text = f"{name}({', '.join(parts)})"
         if self.users is not None:
             text += f" with {self.users} user{'s' if self.users != 1 else ''}"
@@ -471,7 +525,7 @@ def call(
 # --------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, repr=False, weakref_slot=True)
 class AnyOf(_Composite):
     """Ordered alternatives: the first that leads to a whole match wins."""
 
@@ -492,11 +546,11 @@ class AnyOf(_Composite):
     def children(self) -> tuple[Pattern, ...]:
         return tuple(self.alternatives)
 
-    def __repr__(self) -> str:
-        return f"any_of({', '.join(repr(a) for a in self.alternatives)})"
+    def _repr_node(self, sub: Callable[[Pattern], str]) -> str:
+        return f"any_of({', '.join(sub(a) for a in self.alternatives)})"
 
-    def describe(self) -> str:
-        return "(" + " | ".join(a.describe() for a in self.alternatives) + ")"
+    def _describe_node(self, sub: Callable[[Pattern], str]) -> str:
+        return "(" + " | ".join(sub(a) for a in self.alternatives) + ")"
 
 
 def any_of(*alternatives: PatternLike) -> Pattern:
@@ -529,7 +583,7 @@ def _calls_of(p: Pattern) -> tuple[Call, ...] | None:
     return None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, repr=False, weakref_slot=True)
 class Optional(_Composite):
     """``present`` (a call, or alternatives of calls), or -- absent -- its argument ``through``.
 
@@ -568,7 +622,7 @@ class Optional(_Composite):
                 )
         assert absent is not None
         object.__setattr__(self, "_absent", absent)
-        where = f"optional({_brief(self.present)})"
+        where = _Lazy(lambda: f"optional({_brief(self.present)})")
         _init_composite(self, (self.present,), where)
         only_present = self.present.vars - absent.vars
         for var, value in self.defaults.items():
@@ -605,13 +659,14 @@ class Optional(_Composite):
     def children(self) -> tuple[Pattern, ...]:
         return (self.present,)
 
-    def __repr__(self) -> str:
+    def _repr_node(self, sub: Callable[[Pattern], str]) -> str:
         items = sorted(self.defaults.items(), key=lambda kv: kv[0].name)
         defaults = ", ".join(f"{k!r}: {_value_repr(v)}" for k, v in items)
-        return f"optional({self.present!r}, through={self.through}, defaults={{{defaults}}})"
+        present = sub(self.present)
+        return f"optional({present}, through={self.through}, defaults={{{defaults}}})"
 
-    def describe(self) -> str:
-        return f"optional {self.present.describe()}"
+    def _describe_node(self, sub: Callable[[Pattern], str]) -> str:
+        return f"optional {sub(self.present)}"
 
 
 def _frozen_default(var: object, value: object) -> object:
@@ -649,7 +704,7 @@ def optional(
     return Optional(present, through, pmap(frozen))
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, repr=False, weakref_slot=True)
 class ListOf(_Composite):
     """A list/tuple argument of at least one element, each matching ``element``."""
 
@@ -664,11 +719,11 @@ class ListOf(_Composite):
     def children(self) -> tuple[Pattern, ...]:
         return (self.element,)
 
-    def __repr__(self) -> str:
-        return f"list_of({self.element!r})"
+    def _repr_node(self, sub: Callable[[Pattern], str]) -> str:
+        return f"list_of({sub(self.element)})"
 
-    def describe(self) -> str:
-        return f"[{self.element.describe()}, ...]"
+    def _describe_node(self, sub: Callable[[Pattern], str]) -> str:
+        return f"[{sub(self.element)}, ...]"
 
 
 def list_of(element: PatternLike) -> ListOf:
@@ -676,7 +731,7 @@ def list_of(element: PatternLike) -> ListOf:
     return ListOf(_as_pattern(element, "list_of"))
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, repr=False, weakref_slot=True)
 class Capture(_Composite):
     """Binds ``var`` to the value ``pattern`` matched (typically the matched node)."""
 
@@ -693,11 +748,11 @@ class Capture(_Composite):
     def children(self) -> tuple[Pattern, ...]:
         return (self.pattern,)
 
-    def __repr__(self) -> str:
-        return f"capture({self.var!r}, {self.pattern!r})"
+    def _repr_node(self, sub: Callable[[Pattern], str]) -> str:
+        return f"capture({self.var!r}, {sub(self.pattern)})"
 
-    def describe(self) -> str:
-        return f"{self.var.name}={self.pattern.describe()}"
+    def _describe_node(self, sub: Callable[[Pattern], str]) -> str:
+        return f"{self.var.name}={sub(self.pattern)}"
 
 
 def capture(var: Var[T], pattern: PatternLike) -> Capture:
@@ -705,7 +760,7 @@ def capture(var: Var[T], pattern: PatternLike) -> Capture:
     return Capture(var, _as_pattern(pattern, f"capture({getattr(var, 'name', var)!r})"))
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, repr=False, weakref_slot=True)
 class Tag(_Composite):
     """Matches ``pattern`` and binds ``var`` to the constant ``value`` (which alternative fired)."""
 
@@ -727,11 +782,11 @@ class Tag(_Composite):
     def children(self) -> tuple[Pattern, ...]:
         return (self.pattern,)
 
-    def __repr__(self) -> str:
-        return f"tag({self.pattern!r}, {self.var!r}, {_value_repr(self.value)})"
+    def _repr_node(self, sub: Callable[[Pattern], str]) -> str:
+        return f"tag({sub(self.pattern)}, {self.var!r}, {_value_repr(self.value)})"
 
-    def describe(self) -> str:
-        return f"{self.pattern.describe()} [{self.var.name}={_value_repr(self.value)}]"
+    def _describe_node(self, sub: Callable[[Pattern], str]) -> str:
+        return f"{sub(self.pattern)} [{self.var.name}={_value_repr(self.value)}]"
 
 
 def tag(pattern: PatternLike, var: Var[T], value: T) -> Tag:
@@ -751,7 +806,7 @@ class Check(Protocol):
         ...
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, repr=False, weakref_slot=True)
 class Where(_Composite):
     """Matches ``pattern`` and then requires ``check`` to pass on the match so far."""
 
@@ -770,11 +825,11 @@ class Where(_Composite):
     def children(self) -> tuple[Pattern, ...]:
         return (self.pattern,)
 
-    def __repr__(self) -> str:
-        return f"where({self.pattern!r}, {self.check!r})"
+    def _repr_node(self, sub: Callable[[Pattern], str]) -> str:
+        return f"where({sub(self.pattern)}, {self.check!r})"
 
-    def describe(self) -> str:
-        return f"{self.pattern.describe()} where {self.check.describe()}"
+    def _describe_node(self, sub: Callable[[Pattern], str]) -> str:
+        return f"{sub(self.pattern)} where {self.check.describe()}"
 
 
 def where(pattern: PatternLike, check: Check) -> Where:
@@ -782,7 +837,7 @@ def where(pattern: PatternLike, check: Check) -> Where:
     return Where(_as_pattern(pattern, "where"), check)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, repr=False, weakref_slot=True)
 class DtypeOf(_Composite):
     """Matches ``pattern`` and binds ``var`` to the dtype of the tensor it matched.
 
@@ -803,11 +858,11 @@ class DtypeOf(_Composite):
     def children(self) -> tuple[Pattern, ...]:
         return (self.pattern,)
 
-    def __repr__(self) -> str:
-        return f"dtype_of({self.pattern!r}, {self.var!r})"
+    def _repr_node(self, sub: Callable[[Pattern], str]) -> str:
+        return f"dtype_of({sub(self.pattern)}, {self.var!r})"
 
-    def describe(self) -> str:
-        return f"{self.pattern.describe()} of dtype {self.var.name}"
+    def _describe_node(self, sub: Callable[[Pattern], str]) -> str:
+        return f"{sub(self.pattern)} of dtype {self.var.name}"
 
 
 def dtype_of(pattern: PatternLike, var: Var[torch.dtype]) -> DtypeOf:
@@ -815,7 +870,7 @@ def dtype_of(pattern: PatternLike, var: Var[torch.dtype]) -> DtypeOf:
     return DtypeOf(_as_pattern(pattern, "dtype_of"), var)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, repr=False, weakref_slot=True)
 class Reciprocal(Pattern):
     """Matches a non-zero number ``v`` and binds ``var = 1 / v`` (the decomposed quant's mul)."""
 
@@ -835,6 +890,12 @@ class Reciprocal(Pattern):
     def describe(self) -> str:
         return f"1/{self.var.name}"
 
+    def _describe_node(self, sub: Callable[[Pattern], str]) -> str:
+        return self.describe()
+
+    def _repr_node(self, sub: Callable[[Pattern], str]) -> str:
+        return repr(self)
+
 
 def reciprocal(var: Var[float]) -> Reciprocal:
     """A number ``v``; binds ``var`` to ``1 / v``."""
@@ -849,6 +910,37 @@ def ignored() -> Ignored:
 def literal(value: LiteralValue) -> Literal:
     """A constant equal to ``value``."""
     return Literal(_freeze(value))
+
+
+def let(body: Callable[..., PatternLike], /, **shared: Callable[..., PatternLike]) -> Pattern:
+    """``body``'s pattern, built from sub-patterns named once: the form ``repr`` prints a
+    pattern in when it uses a long sub-pattern in several places (see :mod:`qalgebra.sharing`).
+
+    Each keyword names a sub-pattern, made by a function whose parameters name sub-patterns
+    defined before it; ``body``'s parameters name any of them. Functions, because a Python
+    expression cannot name a value and use it; the result is the plain pattern (each name one
+    shared object), equal to the pattern spelled out in full.
+
+    >>> import torch
+    >>> add, relu = torch.ops.aten.add.Tensor, torch.ops.aten.relu.default
+    >>> p = let(lambda r: call(add, r, r), r=lambda: call(relu, Var("x", int)))
+    >>> p == call(add, call(relu, Var("x", int)), call(relu, Var("x", int)))
+    True
+    """
+    made: dict[str, Pattern] = {}
+    for name, make in (*shared.items(), ("the body", body)):
+        if not callable(make):
+            raise PatternError(f"let: {name} must be a function returning a pattern, got {make!r}")
+        args: list[Pattern] = []
+        for param in inspect.signature(make).parameters:
+            if param not in made:
+                raise PatternError(
+                    f"let: {name} reads {param!r}, which is not defined before it "
+                    f"(defined: {', '.join(made) or 'nothing'})"
+                )
+            args.append(made[param])
+        made[name] = _as_pattern(make(*args), f"let: {name}")
+    return made["the body"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -923,6 +1015,9 @@ class Mismatch:
     template_args: tuple[object, ...]
     path: tuple[str, ...]
     at: object
+    #: The other failures reached after as much progress: other alternatives, or the other
+    #: operand order of a commutative call, that fail as far in (``explain`` lists them all).
+    tied: tuple[Mismatch, ...] = ()
 
     @property
     def reason(self) -> str:
@@ -937,7 +1032,8 @@ class Mismatch:
         return self.at if isinstance(self.at, fx.Node) else None
 
     def __str__(self) -> str:
-        return f"at {self.path_str} ({_describe_value(self.at)}): {self.reason}"
+        first = f"at {self.path_str} ({_describe_value(self.at)}): {self.reason}"
+        return "\n".join([first, *(f"  or {tie}" for tie in self.tied)])
 
 
 def _describe_value(value: object) -> str:
@@ -953,9 +1049,11 @@ def _describe_value(value: object) -> str:
 
 
 def walk(pattern: Pattern) -> Iterator[Pattern]:
-    """Every node of ``pattern``, parents before children."""
-    stack = [pattern]
-    while stack:
-        p = stack.pop()
-        yield p
-        stack.extend(reversed(p.children()))
+    """Every distinct sub-pattern of ``pattern`` once (equal ones merged), parents first.
+
+    Spelled out, a catalog pattern repeats its shared parts thousands of times (see
+    :mod:`qalgebra.sharing`); what a pass over a pattern needs is each part once.
+    """
+    from qalgebra.sharing import distinct
+
+    return distinct(pattern)

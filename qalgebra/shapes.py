@@ -6,6 +6,7 @@ replacement node (``meta['qalgebra_shape']``).
 from __future__ import annotations
 
 import torch
+import torch.ao.quantization.fx._decomposed  # registers quantized_decomposed ops
 from torch import fx
 
 __all__ = ["SHAPE_KEY", "known_shape"]

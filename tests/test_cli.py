@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import math
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 from typer.testing import CliRunner, Result
 
-from qalgebra import fuzz
-from qalgebra.cli import app
+from qalgebra import Mismatch, fuzz
+from qalgebra.cli import _explain_one, app
 from qalgebra.fuzz import default_workers
 from qalgebra.lower import DEFAULT_FUSIONS
 from qalgebra.testing.models import build
@@ -94,6 +95,24 @@ def test_explain_says_matches_or_why_not() -> None:
         assert field in why.output
 
 
+def test_explain_shows_every_alternative_that_fails_as_far_in() -> None:
+    graph = torch.fx.Graph()
+    x = graph.placeholder("x")
+    add = graph.call_function(torch.ops.aten.add.Tensor, (x, 3))
+    first = Mismatch("expected {}, got {}", (1, 3), (".args[1]",), 3)
+    tied = Mismatch("expected {}, got {}", (2, 3), (".args[1]",), 3)
+    text = str(_explain_one("f", add, replace(first, tied=(tied,))))
+    assert text.splitlines()[1:] == [
+        "  path:   root.args[1]",
+        "  node:   3",
+        "  reason: expected 1, got 3",
+        "  or",
+        "  path:   root.args[1]",
+        "  node:   3",
+        "  reason: expected 2, got 3",
+    ]
+
+
 def test_explain_unknown_names_fail_with_suggestions() -> None:
     result = invoke("explain", "--model", "conv2d_rleu", "--fusion", "qconv")
     assert result.exit_code == 2
@@ -152,3 +171,22 @@ def test_fuzz_workers_report_every_failure_and_exit_1(
     assert all(
         f.path.exists() and "deliberately broken" in f.path.read_text() for f in summary.failures
     )
+
+
+def test_the_refusals_table_lists_failed_rewrites_too() -> None:
+    from rich.console import Console
+
+    from qalgebra.cli import Comparison, _refusals_table
+    from qalgebra.lower import FailedRewrite, LoweringReport, RefusedMatch
+
+    report = LoweringReport(
+        refused=[RefusedMatch("qlinear", "linear", "weight dtype torch.float32 is not int8")],
+        failed=[FailedRewrite("qconv", "conv2d", "RuntimeError: could not create a primitive")],
+    )
+    table = _refusals_table([Comparison("m", report=report)])
+    assert table is not None
+    console = Console(width=200, record=True)
+    console.print(table)
+    text = console.export_text()
+    assert "weight dtype torch.float32 is not int8" in text
+    assert "failed, rolled back: RuntimeError: could not create a primitive" in text

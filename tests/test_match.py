@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gc
 import operator
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -31,7 +33,7 @@ from qalgebra import (
 )
 from qalgebra.checks import satisfies, single_user
 from qalgebra.combinators import dequantize_per_tensor, qparams
-from qalgebra.match import explain, find_matches, iter_matches, match_node
+from qalgebra.match import Matcher, explain, find_matches, iter_matches, match_node
 
 aten = torch.ops.aten
 prims = torch.ops.prims
@@ -623,6 +625,7 @@ def test_explain_golden_messages() -> None:
             "default 1",
         ),
         (
+            # mul commutes: the swapped operand order fails as far in, but only mirrors this.
             call(aten.mul.Tensor, X, S),
             mul,
             "at root.args[1] (node b (placeholder)): Var s expects type float, got node b "
@@ -762,3 +765,88 @@ def test_targets_a_pattern_needs_are_looked_up_by_overload_and_by_packet() -> No
     assert "sigmoid" in str(explain(needs_sigmoid, neg))
     other_overload = call(aten.neg.default, call(aten.relu.out, X, out=ignored()))
     assert find_matches(other_overload, gm) == []
+
+
+def test_explain_lists_every_alternative_that_fails_as_far_in() -> None:
+    b, a, _ = _two_inputs()
+    add3 = b.op(aten.add.Tensor, a, 3)
+    mm = explain(any_of(call(aten.add.Tensor, X, 1), call(aten.add.Tensor, X, 2)), add3)
+    assert mm is not None
+    assert str(mm) == (
+        "at root.args[1] (3): expected 1, got 3\n  or at root.args[1] (3): expected 2, got 3"
+    )
+    assert [t.reason for t in mm.tied] == ["expected 2, got 3"]
+    # A failure after less progress is no tie: the second alternative fails at its root.
+    mm = explain(any_of(call(aten.add.Tensor, X, 1), call(aten.neg.default, X)), add3)
+    assert mm is not None and mm.tied == ()
+    # Alternatives of other targets at one place are one failure naming them all.
+    mm = explain(call(aten.relu.default, X) | call(aten.sigmoid.default, X) | X, add3)
+    assert mm is None
+    mm = explain(call(aten.relu.default, X) | call(aten.sigmoid.default, X), add3)
+    assert mm is not None and mm.tied == ()
+    assert mm.reason == (
+        "expected a call to aten.relu.default | aten.sigmoid.default, got node add_tensor = "
+        "aten.add.Tensor(...)"
+    )
+
+
+def test_explain_does_not_list_the_mirror_of_a_commutative_call() -> None:
+    b, a, c = _two_inputs()
+    mm = explain(call(aten.mul.Tensor, X, S), b.op(aten.mul.Tensor, a, c))
+    assert mm is not None
+    assert mm.tied == ()  # the swapped order fails as far in, at the mirrored place
+    assert mm.node is c
+
+
+# --------------------------------------------------------------------------------------------
+# Compiled matchers
+# --------------------------------------------------------------------------------------------
+
+
+def test_a_matcher_matches_like_its_pattern() -> None:
+    b, relus = _relu_chain(3)
+    gm = b.module()
+    p = call(aten.relu.default, call(aten.relu.default, X))
+    compiled = Matcher(p)
+    assert [m.root for m in compiled.find_matches(gm)] == [m.root for m in find_matches(p, gm)]
+    assert [m.root for m in find_matches(compiled, gm)] == [relus[2]]
+    m = compiled.match_node(relus[1])
+    assert m is not None and m == match_node(compiled, relus[1]) == match_node(p, relus[1])
+    assert list(iter_matches(compiled, relus[0])) == []
+    assert explain(compiled, relus[0]) == compiled.explain(relus[0]) == explain(p, relus[0])
+    with pytest.raises(PatternError, match="expected a Pattern, got 'relu'"):
+        Matcher(_any("relu"))
+
+
+def test_a_pattern_is_checked_when_it_is_compiled() -> None:
+    with pytest.raises(PatternError, match="both inside and outside a list_of"):
+        Matcher(call(aten.cat.default, list_of(X), X))
+
+
+def test_matching_throwaway_patterns_keeps_none_of_them_alive() -> None:
+    """10,000 patterns built, matched through the entry points in turn and dropped: none stays
+    alive, nor does anything made for it (module caches used to keep every pattern matched)."""
+    b, a, _ = _two_inputs()
+    node = b.op(aten.mul.Tensor, b.op(aten.relu.default, a), 0.5)
+    gm = b.module()
+    uses: list[Callable[[Pattern], bool]] = [
+        lambda p: len(find_matches(p, gm)) == 1,
+        lambda p: match_node(p, node) is not None,
+        lambda p: explain(p, node) is None and explain(p, a) is not None,
+        lambda p: len(list(iter_matches(p, node))) == 2,  # relu present, then absent
+    ]
+    sample: list[weakref.ref[Pattern]] = []
+    baseline = 0
+    for i in range(10_000):
+        if i == 1_000:
+            gc.collect()
+            baseline = len(gc.get_objects())
+        p = call(aten.mul.Tensor, optional(call(aten.relu.default, X)), Var(f"s{i % 7}", float))
+        assert uses[i % len(uses)](p)
+        if i % 100 == 0:
+            sample.append(weakref.ref(p))
+    del p
+    gc.collect()
+    assert [r for r in sample if r() is not None] == []
+    grown = len(gc.get_objects()) - baseline
+    assert grown < 500, f"{grown} more objects after 9,000 more patterns"

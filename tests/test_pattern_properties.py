@@ -44,6 +44,7 @@ from qalgebra import (
     tag,
 )
 from qalgebra.match import explain, find_matches, iter_matches, match_node
+from qalgebra.sharing import NAMED_FROM
 
 aten = torch.ops.aten
 
@@ -501,6 +502,18 @@ def test_repr_evaluates_back_to_an_equal_pattern(p: Pattern) -> None:
     assert q == p
     assert hash(q) == hash(p)
     assert repr(q) == repr(p)
+
+
+@given(patterns, patterns)
+def test_parts_used_twice_print_once_and_evaluate_back(a: Pattern, b: Pattern) -> None:
+    # Built apart, used in several places: what the describe/repr naming is for.
+    p = call(aten.atan2.default, call(aten.maximum.default, a, b), call(aten.minimum.default, b, a))
+    q = eval(repr(p), NS)
+    assert q == p and repr(q) == repr(p) and q.describe() == p.describe()
+    _, _, defined = p.describe().partition("\nwith\n")
+    for line in defined.splitlines():  # a part is named only where that is shorter
+        name, _, text = line.strip().partition(" = ")
+        assert len(text) >= NAMED_FROM and p.describe().count(name) >= 3
 
 
 @given(specs(), specs())

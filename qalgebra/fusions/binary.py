@@ -149,7 +149,7 @@ def _rewrite_qconv_binary(m: Match, rw: Rewriter) -> fx.Node:
             dtype=accum_dtype,
             memory_format=torch.channels_last,
         )
-    accum.meta["qalgebra_accumulator"] = True
+    rw.set_meta(accum, "qalgebra_accumulator", True)
     unary, scalars, algorithm = unary_args(m)
     fused = rw.call(
         onednn.qconv2d_pointwise.binary,

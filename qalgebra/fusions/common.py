@@ -130,7 +130,7 @@ def clamp_to_quant_range(
     low, high = m[OQ.quant_min], m[OQ.quant_max]
     if _narrow_quant_range(m) is not None and not enforced:
         node = range_clamp(rw, node, (low, high), torch.iinfo(m[OQ.dtype]), in_place=owned)
-    node.meta[QUANT_RANGE_KEY] = (low, high)
+    rw.set_meta(node, QUANT_RANGE_KEY, (low, high))
     return node
 
 
@@ -170,7 +170,7 @@ def reshaped_output(m: Match, rw: Rewriter, node: fx.Node, shape: list[Any]) -> 
         return node
     out = rw.call(torch.ops.aten.reshape.default, node, shape)
     if QUANT_RANGE_KEY in node.meta:
-        out.meta[QUANT_RANGE_KEY] = node.meta[QUANT_RANGE_KEY]
+        rw.set_meta(out, QUANT_RANGE_KEY, node.meta[QUANT_RANGE_KEY])
     return out
 
 
@@ -195,6 +195,9 @@ def check_common(m: Match, *, allowed_act: tuple[torch.dtype, ...]) -> None:
         raise Refusal(f"weight quantized along axis {m[WQ.axis]}, expected 0 (output channels)")
     if bool((m[WQ.zero_points] != 0).any()):
         raise Refusal("weight zero points are not all 0 (oneDNN needs symmetric weights)")
+    scales = m[WQ.scales]
+    if not bool((torch.isfinite(scales) & (scales > 0)).all()):
+        raise Refusal("weight scales are not all finite positive numbers")
     # Without VNNI, oneDNN turns int8 activations into uint8 by adding 128 before the same
     # saturating pair sums: their magnitude is then up to 255 whatever the quant range.
     max_act = 255 if act == torch.int8 else _max_abs_activation(m)

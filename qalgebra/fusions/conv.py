@@ -37,7 +37,7 @@ from qalgebra.fusions.common import (
 from qalgebra.pattern import Match, Pattern, Var, any_of, call, ignored
 from qalgebra.shapes import known_shape
 
-__all__ = ["CONV_UNARIES", "QCONV", "conv", "conv_geometry"]
+__all__ = ["CONV_UNARIES", "QCONV", "conv", "conv_geometry", "input_shape_hint"]
 
 aten = torch.ops.aten
 onednn = torch.ops.onednn
@@ -109,17 +109,40 @@ def static_shape(node: fx.Node) -> list[int] | None:
     return dims if len(dims) == len(shape) else None
 
 
+def input_shape_hint(m: Match) -> list[int] | None:
+    """The activation's static shape, when it fits the weight and the conv's result, else None.
+
+    ``meta['val']`` can be stale: torchao's ``move_exported_model_to_eval`` swaps batch norms by
+    subgraph rewriting and leaves the pattern's example shape (``[1, 1, 3, 3]``) on the new
+    nodes, and ``qconv_prepack`` fails for a shape that contradicts the weight (Inductor and
+    torchao re-export first, so their shapes are fresh). A shape is only a layout hint.
+    """
+    shape = static_shape(m[X])
+    w = m[W]
+    stride, padding, dilation, groups = conv_geometry(m)
+    if shape is None or len(shape) != w.dim() or shape[1] != w.shape[1] * groups:
+        return None
+    out = static_shape(m.root)  # every root (unary, quantize, residual add) keeps the shape
+    if out is None:
+        return shape
+    spatial = [
+        (size + 2 * p - d * (k - 1) - 1) // s + 1
+        for size, p, d, k, s in zip(shape[2:], padding, dilation, w.shape[2:], stride, strict=True)
+    ]
+    return shape if out == [shape[0], w.shape[0], *spatial] else None
+
+
 def prepack_conv(m: Match) -> torch.Tensor:
     """The oneDNN-packed weight, laid out for the activation shape when it is static.
 
-    A symbolic shape is left out (the packed weight then works for any shape, as Inductor does
-    for dynamic shapes); a given shape lets oneDNN pick a faster layout and still accepts
-    other batch sizes.
+    A symbolic or inconsistent shape is left out (the packed weight then works for any shape,
+    as Inductor does for dynamic shapes); a given shape lets oneDNN pick a faster layout and
+    still accepts other batch sizes.
     """
     stride, padding, dilation, groups = conv_geometry(m)
     packed: torch.Tensor = onednn.qconv_prepack(
         m[W], m[WQ.scales], m[XQ.scale], m[XQ.zero_point], stride, padding, dilation, groups,
-        static_shape(m[X]),
+        input_shape_hint(m),
     )  # fmt: skip
     return packed
 

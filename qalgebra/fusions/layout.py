@@ -42,5 +42,6 @@ VIEW_AS_RESHAPE = Fusion(
     family="layout",
     pattern=call(aten.view.default, _SOURCE, _SIZE),
     rewrite=_respell,
+    essential=True,  # a view of a channels_last oneDNN output fails at run time
     doc="view(x)  =>  reshape(x) (oneDNN conv outputs are channels_last; a view may not apply)",
 )

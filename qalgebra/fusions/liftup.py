@@ -98,7 +98,7 @@ def _lifted_quant(m: Match, rw: Rewriter) -> fx.Node:
         m[OQ.quant_max],
         m[OQ.dtype],
     )
-    q.meta[QUANT_RANGE_KEY] = (m[OQ.quant_min], m[OQ.quant_max])
+    rw.set_meta(q, QUANT_RANGE_KEY, (m[OQ.quant_min], m[OQ.quant_max]))
     return q
 
 
@@ -107,7 +107,7 @@ def _lift_over_movements(m: Match, rw: Rewriter) -> fx.Node:
     for mv in reversed(STEPS):
         moved = replay(m, mv, rw, node)
         if moved is not node:
-            moved.meta[QUANT_RANGE_KEY] = (m[OQ.quant_min], m[OQ.quant_max])
+            rw.set_meta(moved, QUANT_RANGE_KEY, (m[OQ.quant_min], m[OQ.quant_max]))
         node = moved
     return node
 

@@ -291,7 +291,7 @@ def within_output_range(
     low, high = m[OQ.quant_min], m[OQ.quant_max]
     ranges = [_known_range(rw.node(s)) for s in sources]
     if all(r is not None and low <= r[0] and r[1] <= high for r in ranges):
-        node.meta[QUANT_RANGE_KEY] = (low, high)
+        rw.set_meta(node, QUANT_RANGE_KEY, (low, high))
         return node
     return clamp_to_quant_range(m, rw, node)
 

@@ -28,8 +28,7 @@ def _promote(m: Match, rw: Rewriter) -> fx.Node:
     users = list(shared.users)
     for user in users[1:]:
         rw.anchor = user
-        copy = rw.duplicate(m.nodes)
-        user.replace_input_with(shared, copy)
+        rw.redirect(user, shared, rw.duplicate(m.nodes))
     return shared
 
 

@@ -82,7 +82,7 @@ from qalgebra.pattern import (
     tag,
     where,
 )
-from qalgebra.shapes import SHAPE_KEY, known_shape
+from qalgebra.shapes import known_shape
 
 __all__ = [
     "DEFAULT_WOQ_DTYPES",
@@ -95,7 +95,6 @@ __all__ = [
     "closed",
     "constant",
     "constant_node",
-    "drop_metadata_asserts",
     "fold_constant",
     "has_rank",
     "is_constant",
@@ -349,22 +348,6 @@ def shape_args(
     return out
 
 
-def drop_metadata_asserts(m: Match) -> None:
-    """Erase ``_assert_tensor_metadata`` checks of values the fusion removes.
-
-    ``torch.export`` asserts the dtype/device of some intermediates (``_int_mm``'s int32 result,
-    a converted weight). The assert is side-effectful, so it would keep the replaced computation
-    alive; the value it checks no longer exists once fused. Asserts on the root stay: the root is
-    replaced by a node of the same metadata.
-    """
-    for node in m.nodes:
-        if node is m.root:
-            continue
-        for user in list(node.users):
-            if user.target is _ASSERT_METADATA:
-                node.graph.erase_node(user)
-
-
 # --------------------------------------------------------------------------------------------
 # The WOQ pattern
 # --------------------------------------------------------------------------------------------
@@ -542,17 +525,6 @@ def plan_woq(m: Match, dtypes: Sequence[torch.dtype] = DEFAULT_WOQ_DTYPES) -> Wo
     )
 
 
-def _current(rw: Rewriter, node: fx.Node) -> fx.Node:
-    """``node``, or what replaced it earlier in this pass (including concat siblings)."""
-    node = rw.node(node)
-    while (nxt := node.meta.get(_REPLACED_BY)) is not None:
-        node = rw.node(nxt)
-    return node
-
-
-_REPLACED_BY = "qalgebra_woq_replaced_by"
-
-
 def _aligned(t: torch.Tensor) -> torch.Tensor:
     """``t`` contiguous, in a fresh allocation unless it already starts 64-byte aligned."""
     t = t.contiguous()
@@ -568,7 +540,7 @@ def _emit_matmul(
     (a slice) would crash it, so x is cloned into a fresh (aligned) allocation; an [M, K] copy
     is small next to the [N, K] weight the kernel streams.
     """
-    x = _current(rw, plan.x)
+    x = rw.node(plan.x)
     if plan.x_shape is None or len(plan.x_shape) != 2:
         x = rw.call(aten.reshape.default, x, [-1, plan.in_features])
     if plan.dtype == torch.bfloat16:
@@ -592,7 +564,7 @@ def _result_shape(rw: Rewriter, plan: WoqPlan) -> list[Any] | None:
         return plan.reshape_to
     if x_is_2d and len(plan.out_shape) == 2:
         return None
-    args = shape_args(rw, _current(rw, plan.x), plan.x_shape or (), plan.out_shape)
+    args = shape_args(rw, rw.node(plan.x), plan.x_shape or (), plan.out_shape)
     if args is None:
         raise Refusal(f"cannot express the result shape {plan.out_shape} from x's dimensions")
     return args
@@ -613,7 +585,6 @@ class _RewriteWoq:
             shape = _result_shape(rw, plan)
         if shape is not None:
             y = rw.call(aten.reshape.default, y, shape)
-        drop_metadata_asserts(m)
         return y
 
 
@@ -710,7 +681,7 @@ class _RewriteConcat:
 
 
 def _rewrite_concat(m: Match, rw: Rewriter, dtypes: Sequence[torch.dtype]) -> fx.Node:
-    group = woq_group(_current(rw, m[X]), dtypes)
+    group = woq_group(rw.node(m[X]), dtypes)
     if len(group) < 2 or group[-1][0].root is not m.root:
         raise Refusal("the group of WOQ linears changed since it was matched")
     plans = [plan for _, plan in group]
@@ -725,28 +696,11 @@ def _rewrite_concat(m: Match, rw: Rewriter, dtypes: Sequence[torch.dtype]) -> fx
         piece = rw.call(aten.contiguous.default, rw.call(operator.getitem, parts, i))
         shape = _result_shape(rw, plan)
         pieces.append(piece if shape is None else rw.call(aten.reshape.default, piece, shape))
-    # Nothing below can refuse: the other members are redirected to their pieces and erased
-    # (the lowering erases the chain of the match it was given, the last member's, only).
+    # The other members are roots too: each is replaced by its piece, and its chain erased
+    # with the match's (the lowering replaces the last member, the match's root).
     for (found, _), piece in zip(group[:-1], pieces[:-1], strict=True):
-        root = rw.node(found.root)
-        piece.meta.update({k: v for k, v in root.meta.items() if k in ("val", "tensor_meta")})
-        root_shape = known_shape(root)
-        if root_shape is not None:
-            piece.meta[SHAPE_KEY] = root_shape
-        root.replace_all_uses_with(piece)
-        root.meta[_REPLACED_BY] = piece
-    for found, _ in group:
-        drop_metadata_asserts(found)
-    for found, _ in group[:-1]:
-        _erase_unused(found.nodes)
+        rw.replace(rw.node(found.root), piece, consumed=found.nodes)
     return pieces[-1]
-
-
-def _erase_unused(nodes: Sequence[fx.Node]) -> None:
-    """Erase the nodes nothing reads any more, the last first (a replaced chain)."""
-    for node in reversed(nodes):
-        if not node.users and not node.is_impure():
-            node.graph.erase_node(node)
 
 
 def make_woq(

@@ -214,7 +214,7 @@ def check_idempotent(
     lowered: fx.GraphModule, inputs: Sequence[torch.Tensor], outputs: Sequence[torch.Tensor]
 ) -> LoweringReport:
     """Lowering ``lowered`` again fires nothing and computes the same outputs."""
-    twice, report = lower_with_report(lowered, _clones(inputs))
+    twice, report = lower_with_report(lowered, _clones(inputs), strict=True)
     if report.total_fired:
         raise PropertyFailure(
             "idempotent", f"lowering the lowered graph fired again:\n{report.summary()}"
@@ -236,7 +236,7 @@ def _check_example(example: ExampleLike) -> Outcome:
     gm, inputs = example.gm, example.inputs
     before = _snapshot(gm, inputs)
     reference = [t.clone() for t in flat_outputs(gm(*_clones(inputs)))]
-    lowered, report = lower_with_report(gm, inputs)
+    lowered, report = lower_with_report(gm, inputs, strict=True)  # a failed rewrite is a bug
     check_untouched(gm, inputs, before)
     check_fires(example.expected, report)
     try:
