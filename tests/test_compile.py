@@ -9,6 +9,7 @@ Numerics are checked against the quantized module run eagerly, by the oracle's r
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 from collections.abc import Iterator
 from importlib.metadata import entry_points
@@ -21,6 +22,7 @@ from qalgebra import isa
 from qalgebra.catalog_pass import CatalogPass
 from qalgebra.compile import CompileReport, backend, compile, inductor_quant_fusions, recording
 from qalgebra.errors import LoweringError
+from qalgebra.fusions.conv import QCONV
 from qalgebra.inductor_prep import respell_unfused
 from qalgebra.lower import LoweringReport, lower_with_report
 from qalgebra.testing.forms import to_decomposed, to_tensor_qparams
@@ -117,6 +119,17 @@ def test_compiled_model_fuses_what_the_eager_lowering_fuses(name: str) -> None:
     report = only_report(compiled.reports)
     assert families(report.lowering) == families(eager) and sum(families(eager).values()) > 0
     assert report.inductor_quant_fusions == {}  # Inductor's own patterns found nothing
+    assert_outputs_close(run(gm, inputs), run(compiled, inputs), quant_step=the_step(gm))
+
+
+def test_a_users_catalog_replaces_inductors_patterns() -> None:
+    mine = dataclasses.replace(QCONV, name="my_qconv")
+    model, inputs = build("conv2d_relu")
+    gm = quantize_pt2e(model, inputs)
+    compiled = compile(gm, inputs, fusions=(mine,))
+    report = only_report(compiled.reports)
+    assert dict(report.lowering.fired) == {"my_qconv": 2}
+    assert report.inductor_quant_fusions == {}
     assert_outputs_close(run(gm, inputs), run(compiled, inputs), quant_step=the_step(gm))
 
 
