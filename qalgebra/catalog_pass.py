@@ -22,6 +22,7 @@ cannot run on prepacked (mkldnn) weights.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -53,6 +54,8 @@ class PassResult:
     lowering: LoweringReport
     #: Quantize/dequantize nodes left unfused and respelled (see ``respell_unfused``).
     hidden: tuple[str, ...]
+    #: Wall time of the whole pass (lowering, preparation, transplant).
+    seconds: float
 
 
 def _frozen_indices(params: Sequence[object], metadata: Any) -> list[int]:
@@ -129,6 +132,7 @@ class CatalogPass(CustomGraphPass):
         return None  # never cached: a frozen graph is not cacheable anyway
 
     def __call__(self, graph: fx.Graph) -> None:
+        start = time.perf_counter()
         context = torch._guards.TracingContext.try_get()
         metadata = None if context is None else context.fw_metadata
         if context is None or metadata is None or graph.owning_module is None:
@@ -148,4 +152,4 @@ class CatalogPass(CustomGraphPass):
             functional_clamps(lowered.graph)
         decompose(lowered.graph)  # traces under the compile's fake mode
         _transplant(graph, lowered)
-        self.result = PassResult(report, hidden)
+        self.result = PassResult(report, hidden, time.perf_counter() - start)

@@ -79,10 +79,15 @@ class CompileReport:
     frozen_inputs: int
     #: Seconds in the backend (AOT autograd, qalgebra's pass, Inductor), tracing excluded.
     seconds: float
+    #: Of which in qalgebra's pass (lowering, respelling, decomposing, transplanting).
+    pass_seconds: float = 0.0
 
     def summary(self) -> str:
         """A few lines for people."""
-        lines = [f"compiled in {self.seconds:.2f} s; qalgebra {self.lowering.summary()}"]
+        lines = [
+            f"compiled in {self.seconds:.2f} s (qalgebra's pass {self.pass_seconds:.2f} s); "
+            f"qalgebra {self.lowering.summary()}"
+        ]
         if self.hidden_quant_nodes:
             lines.append(f"  respelled for Inductor: {', '.join(self.hidden_quant_nodes)}")
         if self.inductor_quant_fusions:
@@ -278,6 +283,7 @@ def backend(
         inductor_quant_fusions={k: v for k, v in after.items() if v > 0},
         frozen_inputs=len(lifted),
         seconds=time.perf_counter() - start,
+        pass_seconds=catalog.result.seconds,
     )
     _publish(report, reports)
     if lifted:
