@@ -13,7 +13,8 @@ three fix-ups make the result ordinary input for the rest of Inductor's compile:
 - :func:`decompose`: the compile traces with Inductor's decompositions except those of the
   post-ops the catalog fuses (:data:`KEPT_OPS`: ``gelu`` decomposed is ``x * 0.5 * (1 +
   erf(...))``, which no catalog pattern spells); what the catalog did not fuse, and any op it
-  wrote that Inductor would have decomposed, is decomposed here, by Inductor's own table.
+  wrote that Inductor would have decomposed and cannot lower, is decomposed here, by
+  Inductor's own table.
 """
 
 from __future__ import annotations
@@ -204,16 +205,21 @@ def functional_clamps(graph: fx.Graph) -> int:
     return count
 
 
-def decompose(graph: fx.Graph, table: Decompositions | None = None) -> int:
-    """Replace each node whose op ``table`` decomposes (Inductor's by default) by its trace.
+def decompose(graph: fx.Graph) -> int:
+    """Replace each node Inductor has a decomposition but no lowering for by its trace.
 
-    Every tensor argument must carry ``meta["val"]`` (fake tensors, as in AOT autograd's
-    graphs); a node without is left for Inductor's fallback. Returns how many were replaced.
+    Such a node is one AOT autograd would have decomposed: a post-op the catalog did not fuse
+    (:data:`KEPT_OPS`) or an op a rewrite wrote (``_to_copy``, a two-sided ``clamp``). Every
+    tensor argument must carry ``meta["val"]`` (fake tensors, as in AOT autograd's graphs); a
+    node without, or one whose trace fails, is left for Inductor's fallback kernel. Returns how
+    many were replaced.
     """
-    table = _inductor_table() if table is None else table
+    from torch._inductor.lowering import lowerings
+
+    table = _inductor_table()
     count = 0
     for node in list(graph.nodes):
-        if node.op != "call_function" or node.target not in table:
+        if node.op != "call_function" or node.target not in table or node.target in lowerings:
             continue
         inputs: list[fx.Node] = []
         fx.node.map_arg((node.args, node.kwargs), inputs.append)
@@ -221,7 +227,10 @@ def decompose(graph: fx.Graph, table: Decompositions | None = None) -> int:
         vals = [n.meta.get("val") for n in inputs]
         if not all(isinstance(v, torch.Tensor) for v in vals):
             continue
-        traced = _traced(node, inputs, vals, table)
+        try:
+            traced = _traced(node, inputs, vals, table)
+        except Exception:  # an optimization only: Inductor runs the op as a fallback kernel
+            continue
         placeholders = traced.graph.find_nodes(op="placeholder")
         with graph.inserting_before(node):
             out = graph.graph_copy(traced.graph, dict(zip(placeholders, inputs, strict=True)))

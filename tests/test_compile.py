@@ -23,7 +23,7 @@ from qalgebra.catalog_pass import CatalogPass
 from qalgebra.compile import CompileReport, backend, compile, inductor_quant_fusions, recording
 from qalgebra.errors import LoweringError
 from qalgebra.fusions.conv import QCONV
-from qalgebra.inductor_prep import respell_unfused
+from qalgebra.inductor_prep import decompose, functional_clamps, respell_unfused
 from qalgebra.lower import LoweringReport, lower_with_report
 from qalgebra.testing.forms import to_decomposed, to_tensor_qparams
 from qalgebra.testing.models import build
@@ -93,6 +93,35 @@ def test_respelled_quant_nodes_compute_the_same_values_with_no_quant_op_left(for
     ]
     assert hidden and not left, (hidden, left)
     assert torch.equal(run(respelled, inputs), run(gm, inputs))  # bit-exact: same arithmetic
+
+
+def test_leftover_post_ops_are_decomposed_by_inductors_table() -> None:
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    def model(x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.gelu(torch.nn.functional.hardswish(x)) + 1
+
+    x = torch.randn(64)
+    gm = make_fx(model, tracing_mode="fake")(x)  # aten.gelu, aten.hardswish, fake meta vals
+    kept = {aten.gelu.default, aten.hardswish.default}
+    assert kept <= {n.target for n in gm.graph.nodes}
+    assert decompose(gm.graph) == 2
+    gm.recompile()
+    assert not kept & {n.target for n in gm.graph.nodes}
+    assert torch.allclose(gm(x), model(x), atol=1e-6)
+
+
+def test_in_place_clamps_of_an_owned_tensor_become_functional() -> None:
+    graph = fx.Graph()
+    x = graph.placeholder("x")
+    owned = graph.call_function(aten.mul.Tensor, (x, 2.0))
+    clamped = graph.call_function(aten.clamp_max_.default, (owned, 3.0))
+    shared = graph.call_function(aten.mul.Tensor, (x, 3.0))
+    in_place = graph.call_function(aten.clamp_min_.default, (shared, 0.0))
+    graph.output((clamped, in_place, shared))  # `shared` is read after its clamp: stays
+    assert functional_clamps(graph) == 1
+    assert clamped.target is aten.clamp_max.default
+    assert in_place.target is aten.clamp_min_.default
 
 
 def test_the_catalog_pass_refuses_to_run_outside_a_freezing_compile() -> None:
