@@ -82,8 +82,41 @@ MODELS: dict[str, Factory] = {
     "ffn_stack(8,2d)": lambda b: ffn_stack(8, three_d=False, batch=b, seq=64)(),
     "transformer_encoder": transformer_encoder,
 }
+#: The public architectures of ``qalgebra.testing.zoo`` (full size) the issue names.
+ZOO_MODELS = (
+    "resnet18",
+    "resnet50",
+    "mobilenet_v2",
+    "mobilenet_v3_large",
+    "efficientnet_b0",
+    "googlenet",
+    "shufflenet_v2_x1_0",
+    "transformer_encoder",
+)
 DECOMPOSED = " [decomposed]"
 QUICK_MODELS = ("resnet_like(8)", "ffn_stack(8,3d)", "resnet_like(8)" + DECOMPOSED)
+
+
+def _zoo_factory(name: str) -> Factory:
+    def factory(batch: int) -> tuple[nn.Module, tuple[Tensor, ...]]:
+        from qalgebra.testing import zoo
+
+        model, inputs = zoo.build(name, size="full", batch=batch)
+        return model, tuple(inputs)
+
+    return factory
+
+
+def _zoo_models() -> dict[str, Factory]:
+    """``zoo:<name>`` for each of :data:`ZOO_MODELS` the zoo registry has (when it exists)."""
+    try:
+        from qalgebra.testing import zoo
+    except ImportError:
+        return {}
+    return {f"zoo:{name}": _zoo_factory(name) for name in ZOO_MODELS if name in zoo.ZOO}
+
+
+MODELS.update(_zoo_models())
 
 
 def all_models() -> list[str]:
