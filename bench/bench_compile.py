@@ -119,9 +119,12 @@ def _zoo_models() -> dict[str, Factory]:
 MODELS.update(_zoo_models())
 
 
+#: Models also measured in the decomposed form.
+DECOMPOSED_MODELS = ("resnet_like(8)", "resnet_like(32)", "ffn_stack(8,3d)", "transformer_encoder")
+
+
 def all_models() -> list[str]:
-    names = list(MODELS)
-    return names + [f"{n}{DECOMPOSED}" for n in ("resnet_like(8)", "ffn_stack(8,3d)")]
+    return list(MODELS) + [f"{n}{DECOMPOSED}" for n in DECOMPOSED_MODELS]
 
 
 # ---------------------------------------------------------------------------------------------
