@@ -317,14 +317,6 @@ class CompiledModule(torch.nn.Module):
     def forward(self, *args: Any) -> Any:
         return self._compiled(*args)
 
-    @property
-    def fired(self) -> Counter[str]:
-        """qalgebra's fusions fired, summed over every compiled graph."""
-        total: Counter[str] = Counter()
-        for report in self.reports:
-            total.update(report.lowering.fired)
-        return total
-
 
 def compile(
     model: torch.nn.Module,

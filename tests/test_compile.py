@@ -1,9 +1,10 @@
 """qalgebra inside torch.compile: the ``qalgebra`` backend and ``qalgebra.compile.compile``.
 
-Each compile costs seconds (tens under load), so CI compiles a handful of small registry models,
-one property per compile; the comparison with Inductor's own quantization path on the decomposed
-form is opt-in (``QALGEBRA_SLOW=1``), as are the larger comparisons of bench/bench_compile.py.
-Numerics are checked against the quantized module run eagerly, by the oracle's rules.
+Each compile costs seconds (5-30 s with a cold Inductor cache on a loaded 2-core machine), so CI
+compiles ten small registry models, one property per compile (about 2-5 minutes in all); the
+comparison with Inductor's own quantization path on the decomposed form is opt-in
+(``QALGEBRA_SLOW=1``), as are the larger comparisons of bench/bench_compile.py. Numerics are
+checked against the quantized module run eagerly, by the oracle's rules.
 """
 
 from __future__ import annotations
