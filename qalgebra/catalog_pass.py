@@ -40,6 +40,7 @@ from qalgebra.inductor_prep import (
     fetch,
     fresh_name,
     functional_clamps,
+    propagate_vals,
     respell_unfused,
 )
 from qalgebra.lower import LoweringReport, lower_with_report
@@ -150,6 +151,7 @@ class CatalogPass(CustomGraphPass):
             )
             hidden = respell_unfused(lowered)
             functional_clamps(lowered.graph)
-        decompose(lowered.graph)  # traces under the compile's fake mode
+        propagate_vals(lowered)  # under the compile's fake mode, as the rest
+        decompose(lowered.graph)
         _transplant(graph, lowered)
         self.result = PassResult(report, hidden, time.perf_counter() - start)

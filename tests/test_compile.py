@@ -112,6 +112,27 @@ def test_leftover_post_ops_are_decomposed_by_inductors_table() -> None:
     assert torch.allclose(gm(x), model(x), atol=1e-6)
 
 
+@pytest.mark.parametrize("padding,ceil_mode", [(0, False), (1, True)])
+def test_a_uint8_max_pool_becomes_inductors_own_with_the_same_values(
+    padding: int, ceil_mode: bool
+) -> None:
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    def pool(x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = torch.ops.quantized.max_pool2d(
+            x, [3, 3], [2, 2], [padding, padding], [1, 1], ceil_mode
+        )
+        return out
+
+    x = torch.randint(0, 256, (2, 8, 9, 9), dtype=torch.uint8)
+    x = x.contiguous(memory_format=torch.channels_last)
+    gm = make_fx(pool, tracing_mode="fake")(x)
+    assert decompose(gm.graph) == 1
+    gm.recompile()
+    assert not any("quantized" in str(n.target) for n in gm.graph.nodes)
+    assert torch.equal(gm(x), pool(x))
+
+
 def test_in_place_clamps_of_an_owned_tensor_become_functional() -> None:
     graph = fx.Graph()
     x = graph.placeholder("x")
