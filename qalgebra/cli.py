@@ -3,7 +3,8 @@
 - ``qalgebra demo`` quantizes two bundled models with torchao's PT2E flow (X86InductorQuantizer),
   lowers each with qalgebra and with torchao, and compares what fired, numerics and speed.
 - ``qalgebra catalog`` lists the fusions :func:`qalgebra.lower.lower` applies, in priority order.
-- ``qalgebra lower PATH`` lowers a quantized program saved with ``torch.export.save``.
+- ``qalgebra lower PATH [--out OUT]`` lowers a quantized program saved with
+  ``torch.export.save`` (``--out``: and writes it as a :mod:`qalgebra.artifact`).
 - ``qalgebra explain`` says why a fusion does not match at a node of a bundled model.
 - ``qalgebra fuzz`` checks the lowering's properties on random graphs (:mod:`qalgebra.fuzz`).
 
@@ -701,11 +702,20 @@ def lower(
             "subgraph it replaces and leave unfused what disagrees; off: trust the kernels.",
         ),
     ] = "on",
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            "--out",
+            help="Write a qalgebra artifact here (qalgebra.artifact.load lowers it again, in "
+            "any process).",
+        ),
+    ] = None,
 ) -> None:
     """Lower a saved quantized program with qalgebra and print the lowering report.
 
-    The lowered module is not saved: its prepacked oneDNN weights are opaque tensors that
-    torch.save cannot serialize. Lowering takes milliseconds, so lower at load time instead.
+    The lowered module itself cannot be written (its prepacked oneDNN weights are opaque
+    tensors, packed for this CPU): ``--out`` writes the program with qalgebra's metadata, which
+    ``qalgebra.artifact.load`` lowers again at load time, in milliseconds.
     """
     quiet_third_party()
     console = Console()
@@ -767,6 +777,14 @@ def lower(
         console.print(f"numerics: max abs diff vs the program run eagerly: {diff:.3g}")
     if show_graph:
         console.print(lowered.code, markup=False, highlight=False)
+    if out is not None:
+        from qalgebra.artifact import save
+
+        try:
+            save(ep, out)
+        except (QAlgebraError, OSError) as exc:
+            raise _fail(err, f"writing {out} failed: {exc}") from None
+        console.print(f"wrote {out} (load it with qalgebra.artifact.load)")
 
 
 @app.command()
