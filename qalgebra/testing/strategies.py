@@ -103,6 +103,7 @@ __all__ = [
     "ExampleLike",
     "Expected",
     "ExpectedLike",
+    "GraphBuilder",
     "GraphSpec",
     "Layer",
     "LinearSpec",
@@ -725,7 +726,24 @@ _Q_TARGETS = (
 )
 
 
-class _Builder:
+class GraphBuilder:
+    """An ``fx.Graph`` built node by node, each node evaluated as it is added.
+
+    The builder behind every example, public so that a fusion of yours gets examples like the
+    catalog's: each node keeps its reference value (``values``) and a ``meta['val']``;
+    ``placeholder``/``const`` take the Python code that rebuilds their tensor (for the
+    reproduction scripts); ``module(meta)`` drops ``meta['val']`` as export (``"export"``: off
+    q/dq and constants) or entirely (``"none"``) and returns the GraphModule.
+
+    >>> b = GraphBuilder()
+    >>> x = b.placeholder("x", torch.ones(2, 3), "torch.ones(2, 3)")
+    >>> y = b.call(torch.ops.aten.relu.default, x)
+    >>> b.output([y])
+    >>> gm = b.module("all")
+    >>> gm(*b.inputs).shape, b.values[y].sum().item()
+    (torch.Size([2, 3]), 6.0)
+    """
+
     def __init__(self) -> None:
         self.root = torch.nn.Module()
         self.graph = fx.Graph()
@@ -768,7 +786,7 @@ class _Builder:
     def output(self, nodes: Sequence[fx.Node]) -> None:
         self.graph.output(nodes[0] if len(nodes) == 1 else tuple(nodes))
 
-    def module(self, meta: MetaMode) -> fx.GraphModule:
+    def module(self, meta: MetaMode = "export") -> fx.GraphModule:
         for node in self.graph.nodes:
             drop = meta == "none" or (
                 meta == "export" and (node.target in _Q_TARGETS or node.op == "get_attr")
@@ -783,13 +801,13 @@ def _float_dtype(dtype: DType) -> torch.dtype:
     return torch.bfloat16 if dtype == "bf16" else torch.float32
 
 
-def _exact_quantize(b: _Builder, x: fx.Node, q: QuantSpec) -> _Value:
+def _exact_quantize(b: GraphBuilder, x: fx.Node, q: QuantSpec) -> _Value:
     """A quantize of a graph input: nothing fuses it, both sides compute it the same."""
     node = b.call(qd.quantize_per_tensor.default, x, *q.args())
     return _exact(node, b.values[node])
 
 
-def _fused_quantize(b: _Builder, v: _Value, q: QuantSpec) -> _Value:
+def _fused_quantize(b: GraphBuilder, v: _Value, q: QuantSpec) -> _Value:
     """A quantize the lowering fuses into the op before it: per element, the levels between
     those of ``value - err`` and ``value + err`` (:func:`~qalgebra.testing.oracle.level_interval`;
     the op upcasts a bf16 input itself)."""
@@ -804,7 +822,7 @@ def _fused_quantize(b: _Builder, v: _Value, q: QuantSpec) -> _Value:
     return _Value(node, levels, moved, tight, (lo, hi), v.unchecked)
 
 
-def _dequantize(b: _Builder, q: _Value, qp: QuantSpec, dtype: DType) -> _Value:
+def _dequantize(b: GraphBuilder, q: _Value, qp: QuantSpec, dtype: DType) -> _Value:
     """Dequantize ``q`` (then convert to bf16 in int8-mixed-bf16, which the fused kernel that
     reads the int8 levels does not: the reference's input differs by that rounding)."""
     node = b.call(qd.dequantize_per_tensor.default, q.node, *qp.args())
@@ -819,7 +837,7 @@ def _dequantize(b: _Builder, q: _Value, qp: QuantSpec, dtype: DType) -> _Value:
 class _QTensor:
     """A quantized tensor and the dequant nodes its users read (one shared, or one each)."""
 
-    def __init__(self, b: _Builder, v: _Value, q: QuantSpec, dtype: DType, *, share: bool) -> None:
+    def __init__(self, b: GraphBuilder, v: _Value, q: QuantSpec, dtype: DType, *, share: bool) -> None:
         self.b, self.v, self.q, self.dtype, self.share = b, v, q, dtype, share
         self._shared: _Value | None = None
         self.dequant_users = 0
@@ -851,7 +869,7 @@ def _unchecked_reason(layer: Layer, x: _Value, act: QuantSpec) -> str:
     )
 
 
-def _layer(b: _Builder, layer: Layer, x: _Value, dtype: DType, unchecked: str = "") -> _Value:
+def _layer(b: GraphBuilder, layer: Layer, x: _Value, dtype: DType, unchecked: str = "") -> _Value:
     """``post_op(compute(x, dequant(w), bias))`` with the error bound of the fused kernel."""
     op, fdt = layer.op, _float_dtype(dtype)
     w_code = f"_randint({layer.seed}, {op.weight_shape!r}, {layer.weight_max})"
@@ -910,7 +928,7 @@ def _layer(b: _Builder, layer: Layer, x: _Value, dtype: DType, unchecked: str = 
 
 
 def _linear(
-    b: _Builder,
+    b: GraphBuilder,
     op: LinearSpec,
     x: fx.Node,
     w: fx.Node,
@@ -955,7 +973,7 @@ _POST_OPS: dict[Unary, tuple[Callable[[torch.Tensor, Layer], torch.Tensor], floa
 }
 
 
-def _post_op(b: _Builder, v: _Value, layer: Layer, dtype: DType) -> _Value:
+def _post_op(b: GraphBuilder, v: _Value, layer: Layer, dtype: DType) -> _Value:
     u = layer.post_op
     if u is Unary.NONE:
         return v
@@ -994,7 +1012,7 @@ def _post_op(b: _Builder, v: _Value, layer: Layer, dtype: DType) -> _Value:
 
 
 def _input(
-    b: _Builder,
+    b: GraphBuilder,
     name: str,
     shape: tuple[int, ...],
     q: QuantSpec,
@@ -1244,8 +1262,8 @@ def apply_form(gm: fx.GraphModule, form: str) -> fx.GraphModule:
     return _forms.respell(gm, *names) if names else gm
 
 
-def _build_graph_spec(spec: GraphSpec, form: str) -> tuple[_Builder, Expected, fx.GraphModule]:
-    b = _Builder()
+def _build_graph_spec(spec: GraphSpec, form: str) -> tuple[GraphBuilder, Expected, fx.GraphModule]:
+    b = GraphBuilder()
     tensor_qparams = form.split("+")[0].startswith("tensor_qparams")
     plan = _Plan(spec.meta != "none" and not (tensor_qparams and spec.meta == "export"))
     x = _input(
@@ -1337,7 +1355,7 @@ def _dequantized_moved(moved: torch.Tensor, dq: _Value) -> torch.Tensor:
     return moved
 
 
-def _residual_other(b: _Builder, spec: GraphSpec, qx: _QTensor, shape: tuple[int, ...]) -> _Value:
+def _residual_other(b: GraphBuilder, spec: GraphSpec, qx: _QTensor, shape: tuple[int, ...]) -> _Value:
     res = spec.residual
     assert res is not None
     if res.source == "float":
@@ -1357,8 +1375,8 @@ def _residual_other(b: _Builder, spec: GraphSpec, qx: _QTensor, shape: tuple[int
     return _dequantize(b, _fused_quantize(b, o, res.quant), res.quant, spec.dtype)
 
 
-def _build_uncovered(spec: UncoveredSpec) -> tuple[_Builder, Expected, fx.GraphModule]:
-    b = _Builder()
+def _build_uncovered(spec: UncoveredSpec) -> tuple[GraphBuilder, Expected, fx.GraphModule]:
+    b = GraphBuilder()
     q = spec.quant
     x = _input(b, "x", spec.input_shape, q, spec.seed, "fp32")
     c = spec.channels
