@@ -837,7 +837,9 @@ def _dequantize(b: GraphBuilder, q: _Value, qp: QuantSpec, dtype: DType) -> _Val
 class _QTensor:
     """A quantized tensor and the dequant nodes its users read (one shared, or one each)."""
 
-    def __init__(self, b: GraphBuilder, v: _Value, q: QuantSpec, dtype: DType, *, share: bool) -> None:
+    def __init__(
+        self, b: GraphBuilder, v: _Value, q: QuantSpec, dtype: DType, *, share: bool
+    ) -> None:
         self.b, self.v, self.q, self.dtype, self.share = b, v, q, dtype, share
         self._shared: _Value | None = None
         self.dequant_users = 0
@@ -1355,7 +1357,9 @@ def _dequantized_moved(moved: torch.Tensor, dq: _Value) -> torch.Tensor:
     return moved
 
 
-def _residual_other(b: GraphBuilder, spec: GraphSpec, qx: _QTensor, shape: tuple[int, ...]) -> _Value:
+def _residual_other(
+    b: GraphBuilder, spec: GraphSpec, qx: _QTensor, shape: tuple[int, ...]
+) -> _Value:
     res = spec.residual
     assert res is not None
     if res.source == "float":
