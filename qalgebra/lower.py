@@ -88,7 +88,8 @@ class RefusedMatch:
 class NearMiss:
     """A node left unlowered where ``fusion``'s structure matched but a ``where`` check refused:
     the check's ``reason`` (without it, a failing check would be silent: nothing fired, nothing
-    refused)."""
+    refused). Only fusions that lower (``exclusive``): a preparing one (dequant promotion:
+    "a dequant read more than once") refuses most nodes by design."""
 
     fusion: str
     root: str
@@ -301,7 +302,8 @@ def _apply(
     except Exception as error:  # a failing check: this fusion is skipped, the graph untouched
         _failed(fusion, "(matching)", error, report, strict=strict)
         return
-    near.extend((node, miss) for node in missed if (miss := _near_miss(fusion, node)))
+    if fusion.exclusive:  # the others prepare (promotion): their checks refuse routinely
+        near.extend((node, miss) for node in missed if (miss := _near_miss(fusion, node)))
     replaced: dict[fx.Node, fx.Node] = {}
     chains: list[tuple[fx.Node, ...]] = []
     for m in matches:
