@@ -39,7 +39,9 @@ __all__ = [
     "aten_vectors_are_avx2",
     "cpu_description",
     "forced",
+    "foreign_answers",
     "int8_pairs_saturate",
+    "kernel_fault_probe",
     "measured",
     "pair_safe_level",
     "pair_sum_may_saturate",
@@ -60,6 +62,9 @@ PROBES: dict[str, Callable[[], bool]] = {}
 
 _forced: dict[str, bool] = {}
 _measured: dict[str, Callable[[], bool]] = {}
+#: Probes that say whether a kernel is wrong here, not what the lowering may emit: forcing one
+#: to "right" is how tests show the self-check catching that kernel on this CPU.
+_KERNEL_FAULTS: set[str] = set()
 
 
 def _parse_forced(text: str) -> dict[str, bool]:
@@ -95,6 +100,26 @@ def measured(name: str) -> bool:
     """
     _check_names({name: True})
     return _measured[name]()
+
+
+def kernel_fault_probe(fn: Callable[[], bool]) -> Callable[[], bool]:
+    """Register ``fn`` as a probe (see :func:`probe`) answering whether a kernel computes some
+    calls wrongly on this CPU; :func:`foreign_answers` leaves it out."""
+    answer = probe(fn)
+    _KERNEL_FAULTS.add(fn.__name__)
+    return answer
+
+
+def foreign_answers() -> dict[str, bool]:
+    """The decision probes forced to another answer than this CPU's own: the lowering then
+    decides as another CPU would, and this CPU's kernels may not run what it emits (a K only
+    AVX2 vectors take reads past the rows with AVX512; 8-bit activations saturate on AVX2), so
+    whatever runs the emitted kernels at lowering time (the self-check) must not."""
+    return {
+        name: told
+        for name, told in _forced.items()
+        if name not in _KERNEL_FAULTS and told != _measured[name]()
+    }
 
 
 def _check_names(names: Mapping[str, bool]) -> None:
@@ -224,7 +249,7 @@ def aten_vectors_are_avx2() -> bool:
     return torch.backends.cpu.get_cpu_capability() == "AVX2"
 
 
-@probe
+@kernel_fault_probe
 def qconv_single_column_stride_wrong() -> bool:
     """Whether oneDNN's int8 conv is wrong here for one output column, kernel and stride > 1.
 

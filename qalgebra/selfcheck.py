@@ -14,7 +14,9 @@ Verdicts are cached per process by the call's *signature* -- the fusion, each ne
 its input shapes and dtypes, its geometry, post-op and output dtype (floats, such as scales,
 and weight values are left out; zero points only as zero / non-zero): a model whose layers
 repeat a shape pays for one run. What a check cannot evaluate (an unknown shape or dtype, a
-reference that raises on random inputs) is counted as skipped and fused as before.
+reference that raises on random inputs) is counted as skipped and fused as before. So is every
+kernel while probes are forced to another CPU's answers (:func:`qalgebra.isa.foreign_answers`):
+the lowering then emits what another CPU runs, which this CPU may compute wrongly or crash on.
 
 >>> stats = SelfCheckStats()
 >>> SelfCheck("off", stats).enabled
@@ -40,6 +42,7 @@ from qalgebra.combinators import qparams, quantize_per_tensor
 from qalgebra.errors import LoweringError
 from qalgebra.fusions.base import Refusal, Rewriter
 from qalgebra.fusions.common import QUANT_RANGE_KEY
+from qalgebra.isa import foreign_answers
 from qalgebra.match import match_node, node_dtype
 from qalgebra.pattern import Match, ignored
 from qalgebra.shapes import known_shape
@@ -142,6 +145,11 @@ class SelfCheck:
     def check(self, fusion: str, m: Match, rw: Rewriter, new: fx.Node) -> None:
         """Raise :class:`Refusal` if the nodes ``rw`` built for ``m`` disagree with ``m``."""
         if not self.enabled or new is m.root or not emits_kernel(rw.created):
+            return
+        foreign = foreign_answers()
+        if foreign:
+            names = ", ".join(sorted(foreign))
+            self.stats.skipped[f"probes forced to another CPU's answers ({names})"] += 1
             return
         start = time.perf_counter()
         try:

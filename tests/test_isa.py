@@ -82,3 +82,15 @@ def test_onednn_limited_to_avx2_saturates_on_any_x86_cpu() -> None:
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
     )
     assert out.stdout.split() == ["True"]
+
+
+def test_foreign_answers_name_the_decisions_forced_away_from_this_cpu() -> None:
+    own = isa.measured("int8_pairs_saturate")
+    with isa.forced(int8_pairs_saturate=own):
+        assert isa.foreign_answers() == {}
+    with isa.forced(int8_pairs_saturate=not own):
+        assert isa.foreign_answers() == {"int8_pairs_saturate": not own}
+    # a kernel-fault probe forced either way is not a decision for another CPU
+    fault = not isa.measured("qconv_single_column_stride_wrong")
+    with isa.forced(qconv_single_column_stride_wrong=fault):
+        assert isa.foreign_answers() == {}

@@ -86,6 +86,21 @@ def _conv_example(
     return example.gm, example.inputs
 
 
+def test_kernels_are_not_run_while_probes_decide_for_another_cpu() -> None:
+    # the lowering then emits another CPU's kernels (on an AVX2 CPU, 8-bit activations that
+    # saturate; on AVX512, a bf16 WOQ K read past its rows): this CPU must not judge or run them
+    gm, inputs = _conv_example()
+    other = not isa.measured("int8_pairs_saturate")
+    with isa.forced(int8_pairs_saturate=other):
+        _, report = lower_with_report(gm, inputs)
+    assert report.selfcheck.ran == 0 and report.selfcheck.cached == 0, report.summary()
+    (reason,) = report.selfcheck.skipped
+    assert "another CPU's answers (int8_pairs_saturate)" in reason
+    with isa.forced(int8_pairs_saturate=not other):  # this CPU's own answer: checked
+        _, report = lower_with_report(gm, inputs)
+    assert not report.selfcheck.skipped and report.selfcheck.ran + report.selfcheck.cached >= 1
+
+
 def test_a_wrong_kernel_is_refused_and_the_model_still_runs_right() -> None:
     gm, inputs = _conv_example()
     reference = gm(*inputs)
