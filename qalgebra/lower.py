@@ -296,9 +296,7 @@ def _apply(
     Roots where a check refused are explained into ``near``."""
     missed: list[fx.Node] = []
     try:
-        matches = fusion.matcher.find_matches(
-            graph, exclusive=fusion.exclusive, near_misses=missed
-        )
+        matches = fusion.matcher.find_matches(graph, exclusive=fusion.exclusive, near_misses=missed)
     except Exception as error:  # a failing check: this fusion is skipped, the graph untouched
         _failed(fusion, "(matching)", error, report, strict=strict)
         return

@@ -602,3 +602,15 @@ def test_forms_compose() -> None:
     tensor_dequants = histogram(shared)[qd.dequantize_per_tensor.tensor]
     assert tensor_dequants == histogram(gm)[DQ] - 1
     assert_bit_exact(gm, shared, inputs)
+
+
+def test_the_form_enums_name_every_respelling_and_nothing_else() -> None:
+    """``PrimaryForm``/``Modifier`` are the respellings of :data:`forms.FORMS` ("" = none)."""
+    from qalgebra.testing.strategies import FORMS, Modifier, PrimaryForm, form_name
+
+    named = {str(f) for f in (*PrimaryForm, *Modifier) if f}
+    assert named == set(forms.FORMS)
+    assert form_name(PrimaryForm.DECOMPOSED, Modifier.VIEW_VIEW) == "decomposed+view_view"
+    assert form_name("op") == "op" and "op" in FORMS and type(FORMS[0]) is str
+    with pytest.raises(ValueError):
+        form_name("decomposd")

@@ -53,7 +53,7 @@ from torch import fx
 
 from qalgebra.fusions.pointwise import LOW_MEMORY_MAX_POOL
 from qalgebra.testing import forms as _forms
-from qalgebra.testing.strategies import PRIMARY_FORMS
+from qalgebra.testing.strategies import PRIMARY_FORMS, Modifier, form_name
 
 __all__ = [
     "FAMILIES",
@@ -89,14 +89,14 @@ POINTWISE_FUSIONS: tuple[str, ...] = (
 
 #: Forms an example may be drawn in: ``primary`` or ``primary+modifier``, the primaries those
 #: of the conv/linear strategies (:data:`qalgebra.testing.strategies.PRIMARY_FORMS`).
-MODIFIERS: tuple[str, ...] = (
-    "",
-    "shared_dequants",
-    "view_view",
-    "view_reshape",
-    "view_unsafe_view",
+MODIFIERS: tuple[Modifier, ...] = (
+    Modifier.NONE,
+    Modifier.SHARED_DEQUANTS,
+    Modifier.VIEW_VIEW,
+    Modifier.VIEW_RESHAPE,
+    Modifier.VIEW_UNSAFE_VIEW,
 )
-FORMS: tuple[str, ...] = tuple(p if not m else f"{p}+{m}" for p in PRIMARY_FORMS for m in MODIFIERS)
+FORMS: tuple[str, ...] = tuple(form_name(p, m) for p in PRIMARY_FORMS for m in MODIFIERS)
 
 #: The refusal reasons (substrings) the fusions give.
 DIFFERENT_QPARAMS = "must be quantized alike"

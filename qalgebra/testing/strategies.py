@@ -61,6 +61,7 @@ left unchecked (``why`` says so; decisions are still checked).
 from __future__ import annotations
 
 import dataclasses
+import enum
 import functools
 import importlib
 import inspect
@@ -108,7 +109,9 @@ __all__ = [
     "Layer",
     "LinearSpec",
     "LinearSpelling",
+    "Modifier",
     "OutputBound",
+    "PrimaryForm",
     "QuantSpec",
     "Residual",
     "Unary",
@@ -120,6 +123,7 @@ __all__ = [
     "examples",
     "families",
     "flat_tensors",
+    "form_name",
     "graph_code",
     "graph_specs",
     "layers",
@@ -149,30 +153,47 @@ TRACKED_FUSIONS: tuple[str, ...] = (
     "dequant_promotion",
 )
 
+
+class PrimaryForm(enum.StrEnum):
+    """The first respelling of an op-form example (:func:`apply_form`): how its
+    quantize/dequantize nodes are spelled. A ``str``: ``PrimaryForm.DECOMPOSED == "decomposed"``."""
+
+    OP = "op"
+    TENSOR_QPARAMS = "tensor_qparams"
+    TENSOR_QPARAMS_F32 = "tensor_qparams_f32"
+    DECOMPOSED = "decomposed"
+    DECOMPOSED_SINGLE_CLAMP = "decomposed_single_clamp"
+    DECOMPOSED_KEEP_ZERO_ZP = "decomposed_keep_zero_zp"
+
+
+class Modifier(enum.StrEnum):
+    """A respelling applied after the primary form (``NONE``: none); a form is
+    ``"primary+modifier"`` (:func:`form_name`)."""
+
+    NONE = ""
+    SHARED_DEQUANTS = "shared_dequants"
+    WEIGHT_CLONE = "weight_clone"
+    FP32_BEFORE_QUANT = "fp32_before_quant"
+    DTYPE_PRIMS = "dtype_prims"
+    DTYPE_TO_COPY = "dtype_to_copy"
+    DTYPE_TO_DTYPE = "dtype_to_dtype"
+    VIEW_VIEW = "view_view"
+    VIEW_RESHAPE = "view_reshape"
+    VIEW_UNSAFE_VIEW = "view_unsafe_view"
+
+
+def form_name(primary: PrimaryForm | str, modifier: Modifier | str = Modifier.NONE) -> str:
+    """The form's name, as :data:`FORMS` and ``Example.form`` hold it: ``primary[+modifier]``."""
+    primary, modifier = str(PrimaryForm(primary)), str(Modifier(modifier))
+    return f"{primary}+{modifier}" if modifier else primary
+
+
 #: The first form applied to the op-form graph (names of ``qalgebra.testing.forms.FORMS``).
-PRIMARY_FORMS: tuple[str, ...] = (
-    "op",
-    "tensor_qparams",
-    "tensor_qparams_f32",
-    "decomposed",
-    "decomposed_single_clamp",
-    "decomposed_keep_zero_zp",
-)
-#: Respellings applied after the primary form ("" = none).
-MODIFIERS: tuple[str, ...] = (
-    "",
-    "shared_dequants",
-    "weight_clone",
-    "fp32_before_quant",
-    "dtype_prims",
-    "dtype_to_copy",
-    "dtype_to_dtype",
-    "view_view",
-    "view_reshape",
-    "view_unsafe_view",
-)
+PRIMARY_FORMS: tuple[PrimaryForm, ...] = tuple(PrimaryForm)
+#: Respellings applied after the primary form (``Modifier.NONE`` = none).
+MODIFIERS: tuple[Modifier, ...] = tuple(Modifier)
 #: Every form an example may be drawn in: ``primary`` or ``primary+modifier``.
-FORMS: tuple[str, ...] = tuple(p if not m else f"{p}+{m}" for p in PRIMARY_FORMS for m in MODIFIERS)
+FORMS: tuple[str, ...] = tuple(form_name(p, m) for p in PRIMARY_FORMS for m in MODIFIERS)
 
 #: Modules of other families, imported on first use when present.
 PLUGIN_MODULES: tuple[str, ...] = (
