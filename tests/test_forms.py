@@ -514,7 +514,7 @@ def test_respell_is_the_composition_of_the_forms(name: str, form: str) -> None:
 @pytest.mark.parametrize("form", pointwise.FORMS)
 def test_pointwise_examples_are_spelled_as_the_forms_compose(form: str) -> None:
     """The pointwise builder respells its graph once: what composing the forms gives."""
-    q = pointwise.Quantization(0.05, 3, 0, 255, torch.uint8)
+    q = strategies.QuantSpec(0.05, 3, 0, 255, torch.uint8)
     moves = (pointwise.Move("view", (2, 12, 4)), pointwise.Move("transpose", (1, 2)))
     spec = pointwise.MovementSpec((2, 3, 4, 4), moves, "dequant", q, q, also_read=True)
     example = pointwise.build_example(spec, form)

@@ -79,7 +79,9 @@ def family_test(
             with single_thread():  # campaigns run a process per core
                 outcome = check_example(ex, fusions=fusions)
         except BaseException as exc:
-            note(f"reproduction script:\n{ex.code()}")
+            variant = catalog_variant(fusions)
+            lowered_with = f" (lowered with the fusions {variant}: pass them as fusions=)"
+            note(f"reproduction script{lowered_with if variant else ''}:\n{ex.code()}")
             if observer is not None:
                 observer.after(ex, None, exc)
             raise

@@ -239,6 +239,14 @@ class QuantSpec:
     def args(self) -> tuple[float, int, int, int, torch.dtype]:
         return (self.scale, self.zero_point, self.quant_min, self.quant_max, self.dtype)
 
+    def alike(self, other: QuantSpec) -> bool:
+        """Same scale, zero point and dtype (the range may differ)."""
+        return (self.scale, self.zero_point, self.dtype) == (
+            other.scale,
+            other.zero_point,
+            other.dtype,
+        )
+
 
 @dataclass(frozen=True, slots=True)
 class ConvSpec:
@@ -2039,14 +2047,6 @@ def families() -> Mapping[str, FamilyFactory]:
 _CASE_STRATEGIES = ("woq_cases", "woq_concat_cases", "dynamic_fp16_cases", "int_mm_cases")
 
 
-@dataclass(frozen=True, slots=True)
-class _CaseExpected:
-    fired: Mapping[str, int]
-    refusals: tuple[str, ...] = ()
-    allowed_refusals: tuple[str, ...] = ()
-    outputs: tuple[OutputBound, ...] = ()
-
-
 @dataclass(frozen=True, eq=False)
 class CaseExample:
     """A ``FamilyCase``-style case (graph, inputs, expected counts, ``check``) as an example.
@@ -2069,11 +2069,11 @@ class CaseExample:
         return tuple(self.case.inputs)
 
     @functools.cached_property
-    def expected(self) -> _CaseExpected:
+    def expected(self) -> Expected:
         """Counted once: the outputs' count comes from running the graph."""
         n = len(flat_tensors(self.case.graph(*self.case.inputs)))
         bound = OutputBound("float", atol=math.inf, why="the case's own elementwise bound")
-        return _CaseExpected(fired=MappingProxyType(dict(self.case.expected)), outputs=(bound,) * n)
+        return Expected(fired=MappingProxyType(dict(self.case.expected)), outputs=(bound,) * n)
 
     def check_outputs(
         self, reference: Sequence[torch.Tensor], lowered: Sequence[torch.Tensor]
