@@ -43,6 +43,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from qalgebra.fusions.base import Fusion
 from qalgebra.lower import DEFAULT_FUSIONS, LoweringReport, lower_with_report
+from qalgebra.testing.oracle import bound_failure
 from qalgebra.testing.strategies import (
     TRACKED_FUSIONS,
     BoundLike,
@@ -193,59 +194,6 @@ def check_inputs(
             raise PropertyFailure("inputs", f"output {j} aliases an input")
 
 
-def _compare(index: int, bound: BoundLike, ref: torch.Tensor, got: torch.Tensor) -> None:
-    where = f"output {index} ({bound.kind}; {bound.why})"
-    if ref.shape != got.shape or ref.dtype != got.dtype:
-        raise PropertyFailure(
-            "numerics",
-            f"{where}: {got.dtype}{list(got.shape)} != reference {ref.dtype}{list(ref.shape)}",
-        )
-    if bound.kind == "exact":
-        if not torch.equal(ref, got) and not (
-            ref.is_floating_point()
-            and torch.equal(ref.isnan(), got.isnan())
-            and torch.equal(ref.nan_to_num(), got.nan_to_num())
-        ):
-            diff = (ref.double() - got.double()).abs().nan_to_num(float("inf")).max()
-            raise PropertyFailure("numerics", f"{where}: not bit-identical, max |diff| {diff}")
-        return
-    if ref.numel() == 0:
-        return
-    ref, got = ref.detach(), got.detach()
-    interval: tuple[torch.Tensor, torch.Tensor] | None = getattr(bound, "interval", None)
-    if bound.kind == "quantized":
-        diff = (ref.to(torch.int32) - got.to(torch.int32)).abs().double()
-        agree_limit: float | torch.Tensor = 0.0
-        if interval is None:
-            limit: float | torch.Tensor = float(bound.steps)
-        else:  # the allowed levels, as a distance from the reference on each side
-            lo, hi = interval
-            level = ref.double()
-            limit = torch.where(got.double() >= level, hi - level, level - lo)
-    else:
-        diff = (ref.double() - got.double()).abs().nan_to_num(float("inf"))
-        limit, agree_limit = bound.atol, bound.agree_atol
-    excess = diff - limit
-    worst = float(excess.max())
-    if worst > 0:
-        at = [int(i) for i in torch.unravel_index(excess.argmax(), diff.shape)]
-        allowed = limit if isinstance(limit, float) else float(limit[tuple(at)])
-        raise PropertyFailure(
-            "numerics",
-            f"{where}: |diff| {float(diff[tuple(at)]):.6g} > {allowed:.6g} at {at} "
-            f"(reference {float(ref[tuple(at)]):.6g}, lowered {float(got[tuple(at)]):.6g}; "
-            f"max |diff| {float(diff.max()):.6g})",
-        )
-    if bound.agree is not None:
-        fraction = float((diff <= agree_limit).double().mean())
-        if fraction < bound.agree:
-            raise PropertyFailure(
-                "numerics",
-                f"{where}: only {fraction:.4f} of the elements agree to their tight bound "
-                f"(need {bound.agree}); max |diff| {float(diff.max()):.6g}",
-            )
-
-
 def check_numerics(
     bounds: Sequence[BoundLike], reference: Sequence[torch.Tensor], got: Sequence[torch.Tensor]
 ) -> None:
@@ -255,7 +203,9 @@ def check_numerics(
     if len(bounds) != len(reference):
         raise PropertyFailure("numerics", f"{len(bounds)} bounds for {len(reference)} outputs")
     for i, (bound, ref, out) in enumerate(zip(bounds, reference, got, strict=True)):
-        _compare(i, bound, ref, out)
+        failure = bound_failure(bound, ref, out)
+        if failure is not None:
+            raise PropertyFailure("numerics", f"output {i} ({bound.kind}; {bound.why}): {failure}")
 
 
 def check_idempotent(

@@ -88,6 +88,7 @@ from qalgebra.isa import (
 )
 from qalgebra.testing import forms as _forms
 from qalgebra.testing import oracle
+from qalgebra.testing.oracle import BoundLike
 
 __all__ = [
     "FAMILIES",
@@ -523,26 +524,6 @@ class Example:
             family=self.family,
             form=self.form,
         )
-
-
-class BoundLike(Protocol):
-    """What the properties read from an output bound (:class:`OutputBound` or a plug-in's).
-
-    A bound may also have an ``interval`` (see :class:`OutputBound`), read when present.
-    """
-
-    @property
-    def kind(self) -> Literal["quantized", "float", "exact"]: ...
-    @property
-    def steps(self) -> int: ...
-    @property
-    def atol(self) -> float | torch.Tensor: ...
-    @property
-    def agree(self) -> float | None: ...
-    @property
-    def agree_atol(self) -> float | torch.Tensor: ...
-    @property
-    def why(self) -> str: ...
 
 
 class ExpectedLike(Protocol):
