@@ -37,7 +37,24 @@ from torch import fx
 from qalgebra.errors import CatalogError
 from qalgebra.fusions.base import Fusion
 
-__all__ = ["Placed", "contains", "load", "placement", "with_fusions"]
+__all__ = ["PREPARING", "Placed", "contains", "load", "placement", "with_fusions"]
+
+
+#: Catalog fusions that rewrite the graph so that larger patterns match it (they run first by
+#: design, before the patterns that contain them): eval dropouts and in-place ops made
+#: functional, shared dequants promoted (one per reader), quantizes lifted above views, pools
+#: and cats so that they meet the conv or linear producing their input.
+PREPARING = frozenset(
+    {
+        "eval_dropout",
+        "functionalize",
+        "dequant_promotion",
+        "quant_lift_up",
+        "quant_share_max_pool",
+        "quant_lift_up_max_pool",
+        "quant_lift_up_cat",
+    }
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,11 +79,10 @@ def contains(outer: Fusion, inner: Fusion, witnesses: Iterable[fx.Graph | fx.Gra
     """On some witness graph, a match of ``outer`` holds a match of ``inner`` that covers fewer
     of its nodes (so ``inner`` tried first would take them): ``outer`` goes first.
 
-    A fusion that keeps its inner nodes (``exclusive=False``: dequant promotion duplicates a
-    shared dequant so that each reader's pattern can take its own) takes nothing from a larger
-    match: no fusion contains it, it goes where it enables the others (say where).
+    A fusion that prepares the graph for others (:data:`PREPARING`, or one that keeps its inner
+    nodes, ``exclusive=False``) takes nothing from a larger match: no fusion contains it.
     """
-    if not inner.exclusive:
+    if not inner.exclusive or inner.name in PREPARING:
         return False
     for g in witnesses:
         for big in outer.matcher.find_matches(_graph(g), exclusive=outer.exclusive):

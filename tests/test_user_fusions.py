@@ -16,7 +16,7 @@ from torch import fx
 from typer.testing import CliRunner, Result
 
 from qalgebra import call
-from qalgebra.catalog import Placed, contains, load, placement, with_fusions
+from qalgebra.catalog import PREPARING, Placed, contains, load, placement, with_fusions
 from qalgebra.cli import app
 from qalgebra.combinators import dequantize_per_tensor, qparams
 from qalgebra.errors import CatalogError
@@ -201,6 +201,12 @@ def test_the_catalog_order_follows_containment(containment: list[tuple[str, str]
     assert {("qconv_binary", "qconv"), ("qlinear_binary", "qlinear")} <= set(containment)
     wrong = [(a, b) for a, b in containment if order.index(a) > order.index(b)]
     assert wrong == []
+
+
+def test_the_preparing_fusions_are_the_catalog_fusions_that_run_first() -> None:
+    order = _names(DEFAULT_FUSIONS)
+    assert set(order) >= PREPARING
+    assert order[: len(PREPARING)] == [n for n in order if n in PREPARING]
 
 
 def test_with_fusions_puts_each_catalog_fusion_back_in_order(
