@@ -164,10 +164,11 @@ def _dequant_sub_swapped() -> None:
         optional,
         where,
     )
+    from qalgebra.qparams import QParams
 
     aten, qd = c.aten, c.qd
 
-    def dequantize_per_tensor(x: PatternLike, qp: c.QParams) -> Pattern:
+    def dequantize_per_tensor(x: PatternLike, qp: QParams) -> Pattern:
         op_form = call(
             (qd.dequantize_per_tensor.default, qd.dequantize_per_tensor.tensor),
             x, qp.scale, qp.zero_point, qp.quant_min, qp.quant_max, qp.dtype,

@@ -22,7 +22,7 @@ import pytest
 import torch
 from torch import fx
 
-from qalgebra import isa
+from qalgebra import emit, isa
 from qalgebra.errors import LoweringError, RewriteError, UnsupportedGraphError
 from qalgebra.fusions import DEFAULT_FUSIONS, Fusion, Refusal, Rewriter
 from qalgebra.isa import int8_pairs_saturate
@@ -382,7 +382,7 @@ def test_saturating_cpu_refuses_full_range_activations() -> None:
 def _failing_fusion() -> Fusion:
     def explode(m: Match, rw: Rewriter) -> fx.Node:
         rw.constant("half_built", torch.zeros(1))
-        rw.call(torch.ops.aten.relu.default, m.root)
+        emit.aten.relu.default(rw, self=m.root)
         raise RuntimeError("replacement bug")
 
     conv = DEFAULT_FUSIONS[[f.name for f in DEFAULT_FUSIONS].index("qconv")]
@@ -671,7 +671,7 @@ def test_qat_batchnorm_conv_batchnorm_lowers() -> None:
 
 def test_an_edit_behind_the_rewriters_back_that_defeats_rollback_stops_the_lowering() -> None:
     def sneaky(m: Match, rw: Rewriter) -> fx.Node:
-        built = rw.call(torch.ops.aten.relu.default, m.root)
+        built = emit.aten.relu.default(rw, self=m.root)
         rw.graph.call_function(torch.ops.aten.neg.default, (built,))  # not through rw
         raise RuntimeError("replacement bug")
 

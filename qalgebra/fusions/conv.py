@@ -8,7 +8,7 @@ weight prepacked by ``onednn.qconv_prepack`` at lowering time. Beyond Inductor a
 runtime activation qparams (``.tensor``), per-tensor weights, and int8 activations shifted to
 the uint8 the op takes (:mod:`qalgebra.fusions.common`).
 
-The binary (residual add) variant lives in :mod:`qalgebra.fusions.conv_binary`.
+The binary (residual add) variant lives in :mod:`qalgebra.fusions.binary`.
 """
 
 from __future__ import annotations
@@ -18,8 +18,10 @@ from typing import Any
 import torch
 from torch import fx
 
+from qalgebra import emit
 from qalgebra.combinators import Unary, with_unary
-from qalgebra.fusions.base import Fusion, Refusal, Rewriter
+from qalgebra.errors import Refusal
+from qalgebra.fusion import Fusion
 from qalgebra.fusions.common import (
     UNARY,
     W,
@@ -31,20 +33,18 @@ from qalgebra.fusions.common import (
     clamp_to_quant_range,
     maybe_output_quant,
     output_qparams,
-    overload_for,
     prepack_hint,
     unary_args_enforcing_range,
     weight,
     weight_constants,
     weight_quant,
 )
+from qalgebra.ops import aten, onednn
 from qalgebra.pattern import Match, Pattern, Var, any_of, call, ignored
+from qalgebra.rewriter import Rewriter
 from qalgebra.shapes import known_shape
 
 __all__ = ["CONV_ACTIVATIONS", "CONV_UNARIES", "QCONV", "conv", "conv_geometry", "input_shape_hint"]
-
-aten = torch.ops.aten
-onednn = torch.ops.onednn
 
 STRIDE = Var("stride", list)
 PADDING = Var("padding", list)
@@ -149,39 +149,38 @@ def prepack_conv(m: Match) -> torch.Tensor:
     """
     stride, padding, dilation, groups = conv_geometry(m)
     x_scale, x_zp = prepack_hint(m)
-    packed: torch.Tensor = onednn.qconv_prepack(
+    return onednn.qconv_prepack.default(
         m[W], weight_quant(m).scales, x_scale, x_zp, stride, padding, dilation, groups,
         input_shape_hint(m),
     )  # fmt: skip
-    return packed
 
 
 def _rewrite_qconv(m: Match, rw: Rewriter) -> fx.Node:
     check_common(m, allowed_act=CONV_ACTIVATIONS)
     stride, padding, dilation, groups = conv_geometry(m)
-    packed, w_scales, w_zps, bias = weight_constants(m, rw, prepack_conv(m), "qconv")
+    w = weight_constants(m, rw, prepack_conv(m), "qconv")
     out_scale, out_zp, out_dtype = output_qparams(m)
     attr, scalars, algorithm, enforced = unary_args_enforcing_range(m)
     x, xq = activation_input(m, rw, allowed_act=CONV_ACTIVATIONS)
-    fused = rw.call(
-        overload_for(xq, onednn.qconv_pointwise.default, onednn.qconv_pointwise.tensor),
-        x,
-        xq.scale,
-        xq.zero_point,
-        packed,
-        w_scales,
-        w_zps,
-        bias,
-        stride,
-        padding,
-        dilation,
-        groups,
-        out_scale,
-        out_zp,
-        out_dtype,
-        attr,
-        scalars,
-        algorithm,
+    fused = emit.onednn.qconv_pointwise(  # .default, or .tensor for runtime qparams
+        rw,
+        qx=x,
+        x_scale=xq.scale,
+        x_zero_point=xq.zero_point,
+        qw=w.packed,
+        w_scale=w.scales,
+        w_zero_point=w.zero_points,
+        bias=w.bias,
+        stride=stride,
+        padding=padding,
+        dilation=dilation,
+        groups=groups,
+        output_scale=out_scale,
+        output_zero_point=out_zp,
+        output_dtype=out_dtype,
+        attr=attr,
+        scalars=scalars,
+        algorithm=algorithm,
     )
     return clamp_to_quant_range(m, rw, fused, enforced=enforced, owned=True)
 
