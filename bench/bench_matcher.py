@@ -120,8 +120,10 @@ def bench_optionals(ks: list[int]) -> None:
 
         hit = _best(_match_both, clamps, clamp_root, muls, ok_root)
         miss = _best(match_node, muls, bad_root)
-        print(f"k = {k:3d}            {build * 1e3:7.2f} ms  {hit * 1e3:10.3f} ms"
-              f"          {miss * 1e3:10.3f} ms")
+        print(
+            f"k = {k:3d}            {build * 1e3:7.2f} ms  {hit * 1e3:10.3f} ms"
+            f"          {miss * 1e3:10.3f} ms"
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -173,9 +175,10 @@ def bench_find_matches(sizes: list[int]) -> None:
     qp = qparams("x")
     patterns = {"quantize": quantize_per_tensor(X, qp), "dequantize": dequantize_per_tensor(X, qp)}
     print()
-    print("find_matches     nodes   blocks   " + "   ".join(
-        f"{name:>10s} [ms]  us/node  ratio" for name in patterns
-    ))
+    print(
+        "find_matches     nodes   blocks   "
+        + "   ".join(f"{name:>10s} [ms]  us/node  ratio" for name in patterns)
+    )
     previous: dict[str, float] = {}
     for n in sizes:
         g, blocks = large_graph(n)

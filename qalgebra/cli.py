@@ -3,7 +3,8 @@
 - ``qalgebra demo`` quantizes two bundled models with torchao's PT2E flow (X86InductorQuantizer),
   lowers each with qalgebra and with torchao, and compares what fired, numerics and speed.
 - ``qalgebra catalog`` lists the fusions :func:`qalgebra.lower.lower` applies, in priority order.
-- ``qalgebra lower PATH`` lowers a quantized program saved with ``torch.export.save``.
+- ``qalgebra lower PATH [--out OUT]`` lowers a quantized program saved with
+  ``torch.export.save`` (``--out``: and writes it as a :mod:`qalgebra.artifact`).
 - ``qalgebra explain`` says why a fusion does not match at a node of a bundled model.
 - ``qalgebra fuzz`` checks the lowering's properties on random graphs (:mod:`qalgebra.fuzz`).
 
@@ -29,7 +30,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, cast
 
 import typer
 from rich.console import Console
@@ -51,6 +52,7 @@ if TYPE_CHECKING:
 
     from qalgebra.lower import LoweringReport
     from qalgebra.pattern import Mismatch
+    from qalgebra.selfcheck import SelfCheckMode
 
 __all__ = [
     "Comparison",
@@ -692,11 +694,28 @@ def lower(
     show_graph: Annotated[
         bool, typer.Option("--show-graph", help="Print the lowered graph's Python code.")
     ] = False,
+    selfcheck: Annotated[
+        str,
+        typer.Option(
+            "--selfcheck",
+            help="on: run each distinct fused kernel call once on random inputs against the "
+            "subgraph it replaces and leave unfused what disagrees; off: trust the kernels.",
+        ),
+    ] = "on",
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            "--out",
+            help="Write a qalgebra artifact here (qalgebra.artifact.load lowers it again, in "
+            "any process).",
+        ),
+    ] = None,
 ) -> None:
     """Lower a saved quantized program with qalgebra and print the lowering report.
 
-    The lowered module is not saved: its prepacked oneDNN weights are opaque tensors that
-    torch.save cannot serialize. Lowering takes milliseconds, so lower at load time instead.
+    The lowered module itself cannot be written (its prepacked oneDNN weights are opaque
+    tensors, packed for this CPU): ``--out`` writes the program with qalgebra's metadata, which
+    ``qalgebra.artifact.load`` lowers again at load time, in milliseconds.
     """
     quiet_third_party()
     console = Console()
@@ -708,6 +727,10 @@ def lower(
 
     from qalgebra.errors import QAlgebraError
     from qalgebra.lower import lower_with_report
+    from qalgebra.selfcheck import MODES
+
+    if selfcheck not in MODES:
+        raise _fail(err, f"--selfcheck must be one of {', '.join(MODES)}, not {selfcheck!r}", 2)
 
     try:
         ep = torch.export.load(str(path))
@@ -732,7 +755,7 @@ def lower(
     if not args:
         console.print("[yellow]note:[/yellow] no usable example inputs saved; numerics not checked")
     try:
-        lowered, report = lower_with_report(gm, args)
+        lowered, report = lower_with_report(gm, args, selfcheck=cast("SelfCheckMode", selfcheck))
     except QAlgebraError as exc:
         raise _fail(err, f"{path}: lowering refused: {exc}") from None
     except Exception as exc:
@@ -754,6 +777,14 @@ def lower(
         console.print(f"numerics: max abs diff vs the program run eagerly: {diff:.3g}")
     if show_graph:
         console.print(lowered.code, markup=False, highlight=False)
+    if out is not None:
+        from qalgebra.artifact import save
+
+        try:
+            save(ep, out)
+        except (QAlgebraError, OSError) as exc:
+            raise _fail(err, f"writing {out} failed: {exc}") from None
+        console.print(f"wrote {out} (load it with qalgebra.artifact.load)")
 
 
 @app.command()
@@ -872,13 +903,27 @@ def fuzz(
         int | None,
         typer.Option("--workers", help="Processes sharing the work (default: 2 if 2 cores)."),
     ] = None,
+    db: Annotated[
+        str | None,
+        typer.Option(
+            "--db",
+            help="Example database: a directory, or a Redis URL shared by machines (default: "
+            "$QALGEBRA_HYPOTHESIS_DB, else .hypothesis/examples).",
+        ),
+    ] = None,
 ) -> None:
     """Check the lowering's properties on random quantized graphs (exit 1 on any failure)."""
     quiet_third_party()
+    from qalgebra.errors import ExampleDatabaseError
     from qalgebra.fuzz import run_campaign
 
     names = [n for entry in families or [] for n in entry.split(",") if n]
-    summary = run_campaign(max_examples, minutes, seed, names or None, out, workers=workers)
+    try:
+        summary = run_campaign(
+            max_examples, minutes, seed, names or None, out, workers=workers, database=db
+        )
+    except ExampleDatabaseError as exc:
+        raise _fail(Console(stderr=True), str(exc), code=2) from None
     raise typer.Exit(summary.exit_code)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 __all__ = [
     "EmitError",
+    "ExampleDatabaseError",
     "InvalidQParamsError",
     "LoweringError",
     "MatchError",
@@ -44,7 +45,15 @@ class Refusal(QAlgebraError):
 
     The lowering rolls the rewrite back and lists the reason in ``report.refused``; the rest of
     the graph still lowers. :func:`qalgebra.checks.require` raises it from a check's failure.
+
+    ``cause`` says what decided, for the report: ``"rule"`` (the fusion's own checks),
+    ``"probe:<name>"`` (a :mod:`qalgebra.isa` probe found this CPU computes it wrongly) or
+    ``"selfcheck"`` (the fused op disagreed with its reference, :mod:`qalgebra.selfcheck`).
     """
+
+    def __init__(self, reason: str, *, cause: str = "rule") -> None:
+        super().__init__(reason)
+        self.cause = cause
 
 
 class LoweringError(QAlgebraError):
@@ -72,3 +81,7 @@ class RewriteError(LoweringError):
 
     def __str__(self) -> str:
         return f"{self.fusion} failed at {self.node}: {self.cause}"
+
+
+class ExampleDatabaseError(QAlgebraError, ValueError):
+    """The example database named for the properties cannot be used (unreachable server...)."""

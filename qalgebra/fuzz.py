@@ -1,15 +1,24 @@
-"""Fuzzing campaigns: the lowering properties on many random graphs, outside pytest.
+"""Fuzzing campaigns on one machine: the family property tests, run as jobs in worker processes.
 
-:func:`run_campaign` draws examples of every family (:func:`qalgebra.testing.strategies.
-examples`), checks every property of :mod:`qalgebra.testing.properties` on each, shows a
-progress display, prints a summary (examples per family, per fusion and form, failures,
-examples per second) and writes each failing graph -- shrunk by Hypothesis -- as a standalone
-reproduction script into ``out_dir``. ``qalgebra fuzz`` is its command line.
+:func:`run_campaign` runs the lowering properties as the same Hypothesis tests pytest and
+HypoFuzz run (:func:`qalgebra.testing.campaign.family_test`, one per family), split into jobs
+of at most :data:`CHUNK` examples, families taking turns; worker processes take the jobs, each
+job a Hypothesis run with its own seed (derived from ``seed``), so the campaign goes on after a
+failure (a job reports at most one, shrunk). It shows a progress display, prints a summary
+(examples per family, per fusion and form, failures, examples per second) and writes each
+failing graph as a standalone reproduction script into ``out_dir``. ``qalgebra fuzz`` is its
+command line; ``hypothesis fuzz`` (HypoFuzz) drives the same tests for long campaigns.
 
-The campaign runs in chunks of Hypothesis runs with seeds derived from ``seed``, so it goes on
-after a failure (each chunk reports at most one, shrunk); the first chunk (of the first worker)
-replays the example database (``QALGEBRA_HYPOTHESIS_DB``, default ``.hypothesis/examples``,
-shared by the test profiles): failures found by other machines come back first.
+The first job of each family replays the family's failures from the example database first
+(:func:`qalgebra.testing.database.example_database`: ``database``, else
+``QALGEBRA_HYPOTHESIS_DB``, a directory or a Redis URL shared by machines, else
+``.hypothesis/examples``); failures recorded on another kind of CPU that pass here are kept in
+the database and reported, not taken for fixed.
+
+Each worker records every example before checking it (:mod:`qalgebra.fuzz_worker`): a worker
+that dies -- a segfault in a kernel, an abort, the out-of-memory killer -- is reported as a
+``crash`` failure with its signal and the example's script, a new worker takes its place and
+the campaign goes on.
 
 >>> import tempfile
 >>> with tempfile.TemporaryDirectory() as out:
@@ -22,21 +31,21 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import itertools
 import multiprocessing
 import os
+import shutil
+import signal
+import tempfile
 import time
-import traceback
-import warnings
-from collections import Counter
-from collections.abc import Callable, Sequence
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from multiprocessing.process import BaseProcess
 from pathlib import Path
 from queue import Empty
+from typing import Any
 
-import torch
-from hypothesis import HealthCheck, Phase, given, settings
-from hypothesis import seed as hypothesis_seed
-from hypothesis.database import DirectoryBasedExampleDatabase, ExampleDatabase
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -46,187 +55,45 @@ from rich.progress import (
     TextColumn,
     TimeElapsedColumn,
 )
-from rich.table import Table
 
-from qalgebra.testing.properties import PropertyFailure, check_example
-from qalgebra.testing.strategies import PRIMARY_FORMS, ExampleLike, examples, families
+from qalgebra.fuzz_summary import CampaignSummary, Failure
+from qalgebra.fuzz_worker import InFlight, Job, read_in_flight, serve, write_failure
+from qalgebra.testing.database import DB_ENV, DEFAULT_DB, example_database, redacted
+from qalgebra.testing.strategies import examples, families
 
-__all__ = ["CampaignSummary", "Failure", "default_workers", "run_campaign"]
+__all__ = ["CHUNK", "CampaignSummary", "Failure", "default_workers", "jobs", "run_campaign"]
 
-#: Examples per Hypothesis run (a run stops at its first failure and shrinks it).
+#: Examples per job: a Hypothesis run, which stops at its first failure and shrinks it.
 CHUNK = 50
-_DEFAULT_DB = ".hypothesis/examples"
+#: Seed offset of what is left of a job whose worker died (not the examples that crashed it).
+_RESEED = 1_000_003
 
 
-@dataclass(frozen=True, slots=True)
-class Failure:
-    """One failing example, shrunk: which property, why, and where its reproduction is."""
+def jobs(max_examples: int | None, family_names: Sequence[str], seed: int) -> Iterator[Job]:
+    """The campaign's jobs: ``max_examples`` shared evenly by the families (endless when
+    None), in jobs of at most :data:`CHUNK`, families taking turns; the first job of each
+    family replays its failures from the database.
 
-    family: str
-    form: str
-    prop: str
-    message: str
-    path: Path
-
-
-@dataclass
-class CampaignSummary:
-    """What a campaign checked and found."""
-
-    examples: int = 0
-    seconds: float = 0.0
-    seed: int | None = None
-    failures: list[Failure] = field(default_factory=list)
-    by_family: Counter[str] = field(default_factory=Counter)
-    by_form: Counter[str] = field(default_factory=Counter)
-    by_modifier: Counter[str] = field(default_factory=Counter)
-    #: fusion name -> primary form -> examples in which it fired
-    fired: dict[str, Counter[str]] = field(default_factory=dict)
-    #: examples with at least one refusal, by family
-    refused: Counter[str] = field(default_factory=Counter)
-    failures_by_family: Counter[str] = field(default_factory=Counter)
-    #: time spent shrinking failures (in every worker: may exceed ``seconds`` with workers)
-    shrink_seconds: float = 0.0
-    #: processes that shared the examples
-    workers: int = 1
-
-    @property
-    def examples_per_second(self) -> float:
-        return self.examples / self.seconds if self.seconds > 0 else 0.0
-
-    @property
-    def ok(self) -> bool:
-        return not self.failures
-
-    @property
-    def exit_code(self) -> int:
-        """0 when every example passed, 1 otherwise."""
-        return 0 if self.ok else 1
-
-    def record(self, ex: ExampleLike, fired: Counter[str], refused: bool) -> None:
-        self.examples += 1
-        self.by_family[ex.family] += 1
-        primary, _, modifier = ex.form.partition("+")
-        self.by_form[primary] += 1
-        self.by_modifier[modifier or "(none)"] += 1
-        for name, count in fired.items():
-            if count:
-                self.fired.setdefault(name, Counter())[primary] += 1
-        if refused:
-            self.refused[ex.family] += 1
-
-    def tables(self) -> list[Table]:
-        """The summary as rich tables: families, fusions x forms, respellings, totals."""
-        fam = Table(title="Examples per family")
-        for col in ("family", "examples", "with refusals", "failures"):
-            fam.add_column(col, justify="left" if col == "family" else "right")
-        for name in sorted(self.by_family):
-            fam.add_row(
-                name,
-                str(self.by_family[name]),
-                str(self.refused[name]),
-                str(self.failures_by_family[name]),
-            )
-        forms = sorted(self.by_form, key=_form_order)
-        fusions = Table(title="Examples in which each fusion fired, per form")
-        fusions.add_column("fusion")
-        for form in forms:
-            fusions.add_column(form, justify="right")
-        fusions.add_column("total", justify="right")
-        for name in sorted(self.fired):
-            counts = self.fired[name]
-            fusions.add_row(name, *(str(counts[f]) for f in forms), str(sum(counts.values())))
-        fusions.add_row(
-            "[dim]examples[/dim]", *(f"[dim]{self.by_form[f]}[/dim]" for f in forms),
-            f"[dim]{self.examples}[/dim]",
-        )  # fmt: skip
-        mods = Table(title="Examples per respelling (applied after the form)")
-        mods.add_column("respelling")
-        mods.add_column("examples", justify="right")
-        for name, count in sorted(self.by_modifier.items()):
-            mods.add_row(name, str(count))
-        totals = Table(title="Campaign")
-        columns = (
-            "examples", "failures", "seconds", "of which shrinking", "examples/s", "seed", "workers"
-        )  # fmt: skip
-        for col in columns:
-            totals.add_column(col, justify="right")
-        totals.add_row(
-            str(self.examples),
-            str(len(self.failures)),
-            f"{self.seconds:.1f}",
-            f"{self.shrink_seconds:.1f}",
-            f"{self.examples_per_second:.2f}",
-            str(self.seed),
-            str(self.workers),
-        )
-        return [fam, fusions, mods, totals]
-
-
-_PRIMARY_ORDER = PRIMARY_FORMS
-
-
-def default_workers() -> int:
-    """Two processes where two cores are usable, else one: each worker is single-threaded,
-    and a campaign should not take more than two cores of a shared machine by default."""
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        usable = os.cpu_count() or 1
-    return max(1, min(2, usable))
-
-
-def _form_order(form: str) -> tuple[int, str]:
-    return (_PRIMARY_ORDER.index(form) if form in _PRIMARY_ORDER else len(_PRIMARY_ORDER), form)
-
-
-class _Stop(BaseException):
-    """Ends a Hypothesis run when the campaign's time is up (not a failure: not shrunk)."""
-
-
-@dataclass
-class _Chunk:
-    failed: bool = False
-    failed_at: float = 0.0
-    last: tuple[ExampleLike, BaseException, str] | None = None
-
-
-def _database() -> ExampleDatabase:
-    return DirectoryBasedExampleDatabase(os.environ.get("QALGEBRA_HYPOTHESIS_DB") or _DEFAULT_DB)
-
-
-def _write_failure(
-    out_dir: Path, name: str, ex: ExampleLike, exc: BaseException, tb: str
-) -> Failure:
-    prop = exc.prop if isinstance(exc, PropertyFailure) else "crash"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"failure_{name}_{ex.family}_{prop}.py"
-    message = str(exc)
-    header = "\n".join(f"# {line}" for line in (message or type(exc).__name__).splitlines())
-    if prop == "crash":
-        header += "\n" + "\n".join(f"# {line}" for line in tb.splitlines())
-    path.write_text(f"# qalgebra fuzz: property {prop!r} failed\n{header}\n\n{ex.code()}")
-    return Failure(ex.family, ex.form, prop, message.splitlines()[0] if message else prop, path)
-
-
-def _check_one(
-    ex: ExampleLike, chunk: _Chunk, summary: CampaignSummary, deadline: float | None
-) -> None:
-    """Check one example; count it unless the chunk is already shrinking a failure."""
-    if not chunk.failed and deadline is not None and time.monotonic() >= deadline:
-        raise _Stop
-    try:
-        outcome = check_example(ex)
-    except BaseException as exc:
-        chunk.last = (ex, exc, traceback.format_exc())
-        if not chunk.failed:
-            chunk.failed = True
-            chunk.failed_at = time.monotonic()
-            summary.examples += 1  # the first failing example counts; its shrinks do not
-            summary.by_family[ex.family] += 1
-        raise
-    if not chunk.failed:
-        summary.record(ex, outcome.report.fired, bool(outcome.report.refused))
+    >>> [(j.family, j.examples, j.replay) for j in jobs(130, ["a", "b"], 0)]
+    [('a', 50, True), ('b', 50, True), ('a', 15, False), ('b', 15, False)]
+    """
+    names = list(family_names)
+    if max_examples is None:
+        quotas: list[int | None] = [None] * len(names)
+    else:
+        quotas = [max_examples // len(names) + (i < max_examples % len(names)) for i in
+                  range(len(names))]  # fmt: skip
+    left = dict(enumerate(quotas))
+    for turn in itertools.count():
+        if not any(q is None or q > 0 for q in left.values()):
+            return
+        for i, name in enumerate(names):
+            quota = left[i]
+            size = CHUNK if quota is None else min(CHUNK, quota)
+            if size <= 0:
+                continue
+            left[i] = None if quota is None else quota - size
+            yield Job(name, size, seed + 7919 * turn + 104729 * i, replay=turn == 0)
 
 
 def run_campaign(
@@ -238,6 +105,7 @@ def run_campaign(
     *,
     forms: Sequence[str] | None = None,
     workers: int | None = None,
+    database: str | None = None,
     console: Console | None = None,
     quiet: bool = False,
 ) -> CampaignSummary:
@@ -245,10 +113,10 @@ def run_campaign(
 
     With neither, 100 examples; with both, whichever ends first. ``seed`` makes the campaign
     reproducible (None: random); ``families`` and ``forms`` restrict what is drawn (default:
-    every registered family, every form). ``workers`` processes share the examples (each with
-    its own seed, all with the same example database; None: :func:`default_workers`). Failing
-    graphs are written to ``out_dir``; the summary's ``exit_code`` is non-zero when any example
-    failed.
+    every registered family, every form). ``workers`` processes take the jobs (None:
+    :func:`default_workers`); ``database`` names the example database (a directory or a
+    Redis URL; None: ``QALGEBRA_HYPOTHESIS_DB`` or the local default). Failing graphs are
+    written to ``out_dir``; the summary's ``exit_code`` is non-zero when any example failed.
     """
     if max_examples is None and minutes is None:
         max_examples = 100
@@ -257,9 +125,12 @@ def run_campaign(
     workers = default_workers() if workers is None else workers
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
+    names = list(_family_names(families))
+    example_database(database)  # fails here, clearly, if the server does not answer
     console = console or Console(stderr=True, width=max(Console().width, 132))
     base_seed = seed if seed is not None else int.from_bytes(os.urandom(4), "little")
     start = time.monotonic()
+    deadline = time.time() + minutes * 60 if minutes is not None else None
     progress = _progress(console, max_examples, quiet)
     with progress:
         task = progress.add_task("examples", total=max_examples, rate=0.0, failures=0)
@@ -269,26 +140,48 @@ def run_campaign(
             rate = done / elapsed if elapsed else 0.0
             progress.update(task, completed=done, rate=rate, failures=failures, description=what)
 
-        if workers == 1:
-            summary = _campaign(max_examples, minutes, base_seed, families, forms, out_dir, show)
-        else:
-            summary = _parallel(
-                max_examples, minutes, base_seed, families, forms, out_dir, workers, show
-            )
+        _preload(names, forms)
+        campaign = _Supervisor(
+            jobs(max_examples, names, base_seed), workers, out_dir, database, forms, deadline, show
+        )
+        summary = campaign.run()
     summary.seed = seed
     summary.workers = workers
     summary.seconds = time.monotonic() - start
+    summary.database = redacted(database or os.environ.get(DB_ENV) or DEFAULT_DB)
     if not quiet:
-        for failure in summary.failures:
-            console.print(f"[red]FAILED[/red] [{failure.prop}] {failure.message}")
-            console.print(f"  reproduction: {failure.path}")
-        for table in summary.tables():
-            console.print(table)
-        if summary.failures:
-            console.print(f"[red]{len(summary.failures)} failing example(s) written to {out_dir}")
-        else:
-            console.print("[green]no failures")
+        _report(console, summary, out_dir)
     return summary
+
+
+def _family_names(chosen: Sequence[str] | None) -> Sequence[str]:
+    registry = families()
+    names = list(registry) if chosen is None else list(chosen)
+    unknown = [n for n in names if n not in registry]
+    if unknown:
+        raise KeyError(f"unknown families {unknown}; known: {', '.join(registry)}")
+    return names
+
+
+def _report(console: Console, summary: CampaignSummary, out_dir: Path) -> None:
+    for failure in summary.failures:
+        console.print(f"[red]FAILED[/red] [{failure.prop}] {failure.message}")
+        if failure.replayed:
+            where = "; ".join(failure.found_on) or "an untagged run"
+            console.print(f"  replayed from the example database; found before on {where}")
+        console.print(f"  reproduction: {failure.path}")
+    for family, what in summary.not_reproduced:
+        console.print(f"[yellow]kept[/yellow] a recorded {family} failure: {what}")
+    for table in summary.tables():
+        console.print(table)
+    console.print(f"example database: {summary.database}", highlight=False)
+    if summary.failures:
+        crashed = f", {summary.crashes} of them crashes" if summary.crashes else ""
+        console.print(
+            f"[red]{len(summary.failures)} failing example(s){crashed} written to {out_dir}"
+        )
+    else:
+        console.print("[green]no failures")
 
 
 _Show = Callable[[int, int, str], None]
@@ -307,145 +200,162 @@ def _progress(console: Console, total: int | None, quiet: bool) -> Progress:
     )
 
 
-def _campaign(
-    max_examples: int | None,
-    minutes: float | None,
-    base_seed: int,
-    family_names: Sequence[str] | None,
-    forms: Sequence[str] | None,
-    out_dir: Path,
-    show: _Show,
-    *,
-    prefix: str = "",
-    replay: bool = True,
-) -> CampaignSummary:
-    """One process: Hypothesis runs of :data:`CHUNK` examples until the budget is spent."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # oneDNN's thread pool costs more than these tiny ops
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)
-            return _chunks(
-                max_examples, minutes, base_seed, family_names, forms, out_dir, show, prefix, replay
-            )
-    finally:
-        torch.set_num_threads(threads)
+@dataclass
+class _Worker:
+    """A worker process, its task queue, and the job it is running."""
+
+    ident: int
+    process: BaseProcess
+    tasks: Any
+    job: Job | None = None
+    done: int = 0  # examples of ``job`` checked, as last reported
 
 
-def _chunks(
-    max_examples: int | None,
-    minutes: float | None,
-    base_seed: int,
-    family_names: Sequence[str] | None,
-    forms: Sequence[str] | None,
-    out_dir: Path,
-    show: _Show,
-    prefix: str,
-    replay: bool,
-) -> CampaignSummary:
-    strategy = examples(family_names, forms)
-    summary = CampaignSummary()
-    deadline = time.monotonic() + minutes * 60 if minutes is not None else None
-    database = _database()
-    chunk_index = 0
-    while True:
-        remaining = None if max_examples is None else max_examples - summary.examples
-        if remaining is not None and remaining <= 0:
-            break
-        if deadline is not None and time.monotonic() >= deadline:
-            break
-        chunk = _Chunk()
+@dataclass
+class _Supervisor:
+    """Hands out jobs to worker processes, merges what they report, replaces dead ones."""
 
-        def check(ex: ExampleLike) -> None:
-            _check_one(ex, chunk, summary, deadline)  # noqa: B023  # this chunk's
-            show(summary.examples, len(summary.failures), f"{ex.family} / {ex.form}")
+    jobs: Iterator[Job]
+    workers: int
+    out_dir: Path
+    database: str | None
+    forms: Sequence[str] | None
+    deadline: float | None
+    show: _Show
+    summary: CampaignSummary = field(default_factory=CampaignSummary)
+    _retry: deque[Job] = field(default_factory=deque)
+    _spawned: int = 0
+    _errors: list[str] = field(default_factory=list)
 
-        phases = [Phase.generate, Phase.shrink]
-        if chunk_index == 0 and replay:
-            phases.insert(0, Phase.reuse)
-        runner = settings(
-            max_examples=CHUNK if remaining is None else min(CHUNK, remaining),
-            deadline=None,
-            database=database,
-            derandomize=False,
-            phases=phases,
-            suppress_health_check=list(HealthCheck),
-            report_multiple_bugs=False,
-            print_blob=False,
-        )(hypothesis_seed(base_seed + chunk_index)(given(ex=strategy)(check)))
-        chunk_index += 1
+    def run(self) -> CampaignSummary:
+        self._context = multiprocessing.get_context("fork")
+        self._results: Any = self._context.Queue()
+        self._flights = Path(tempfile.mkdtemp(prefix="qalgebra-fuzz-"))
+        running: dict[int, _Worker] = {}
         try:
-            runner()
-        except _Stop:
-            break
-        except KeyboardInterrupt:
-            raise
-        except BaseException:  # the chunk's failure, shrunk: the last one recorded
-            if chunk.last is None:
-                raise
-            summary.shrink_seconds += time.monotonic() - chunk.failed_at
-            ex, err, tb = chunk.last
-            name = f"{prefix}{len(summary.failures):03d}"
-            failure = _write_failure(out_dir, name, ex, err, tb)
-            summary.failures.append(failure)
-            summary.failures_by_family[failure.family] += 1
-            show(summary.examples, len(summary.failures), f"FAILED {failure.prop}")
-    return summary
+            for _ in range(self.workers):
+                worker = self._spawn()
+                running[worker.ident] = worker
+                self._assign(worker)
+            while any(w.job is not None for w in running.values()) and not self._errors:
+                self._receive(running, timeout=0.5)
+                for worker in list(running.values()):
+                    if worker.job is not None and not worker.process.is_alive():
+                        self._receive(running, timeout=0.0, drain=True)
+                    if worker.job is not None and not worker.process.is_alive():
+                        del running[worker.ident]
+                        self._crashed(worker)
+                        replacement = self._spawn()
+                        running[replacement.ident] = replacement
+                        self._assign(replacement)
+        finally:
+            for worker in running.values():
+                with contextlib.suppress(ValueError, OSError):
+                    worker.tasks.put(None)
+            for worker in running.values():
+                worker.process.join(timeout=10)
+                if worker.process.is_alive():
+                    worker.process.kill()
+            shutil.rmtree(self._flights, ignore_errors=True)
+        if self._errors:
+            raise RuntimeError("fuzz worker failed: " + "; ".join(self._errors))
+        return self.summary
 
-
-def _parallel(
-    max_examples: int | None,
-    minutes: float | None,
-    base_seed: int,
-    family_names: Sequence[str] | None,
-    forms: Sequence[str] | None,
-    out_dir: Path,
-    workers: int,
-    show: _Show,
-) -> CampaignSummary:
-    """``workers`` forked processes, each a :func:`_campaign` with its own seed and share."""
-    _preload(family_names, forms)
-    context = multiprocessing.get_context("fork")
-    queue: multiprocessing.Queue[tuple[int, str, object]] = context.Queue()
-    shares = [None] * workers if max_examples is None else [
-        max_examples // workers + (i < max_examples % workers) for i in range(workers)
-    ]  # fmt: skip
-    procs = [
-        context.Process(
-            target=_worker,
-            args=(i, shares[i], minutes, base_seed + 7919 * i, family_names, forms, out_dir, queue),
+    def _spawn(self) -> _Worker:
+        ident = self._spawned
+        self._spawned += 1
+        tasks = self._context.Queue()
+        process = self._context.Process(
+            target=serve,
+            args=(
+                ident, tasks, self._results, self.out_dir, self._flights / f"{ident}.json",
+                self.database, self.forms, self.deadline,
+            ),
             daemon=True,
-        )
-        for i in range(workers)
-    ]
-    for proc in procs:
-        proc.start()
-    done = [0] * workers
-    failed = [0] * workers
-    summaries: dict[int, CampaignSummary] = {}
-    errors: list[str] = []
-    while len(summaries) + len(errors) < workers:
-        try:
-            index, kind, payload = queue.get(timeout=1.0)
-        except Empty:
-            if not any(p.is_alive() for p in procs) and queue.empty():
-                errors.append("a worker died without reporting")
-                break
-            continue
-        if kind == "progress":
-            assert isinstance(payload, tuple)
-            done[index], failed[index], what = payload
-            show(sum(done), sum(failed), str(what))
-        elif kind == "summary":
-            assert isinstance(payload, CampaignSummary)
-            summaries[index] = payload
-        else:
-            errors.append(str(payload))
-    for proc in procs:
-        proc.join(timeout=10)
-    if errors:
-        raise RuntimeError("fuzz worker failed: " + "; ".join(errors))
-    return _merge([summaries[i] for i in sorted(summaries)])
+        )  # fmt: skip
+        process.start()
+        return _Worker(ident, process, tasks)
+
+    def _next_job(self) -> Job | None:
+        if self.deadline is not None and time.time() >= self.deadline:
+            return None
+        if self._retry:
+            return self._retry.popleft()
+        return next(self.jobs, None)
+
+    def _assign(self, worker: _Worker) -> None:
+        worker.job, worker.done = self._next_job(), 0
+        worker.tasks.put(worker.job)  # None: the worker stops
+
+    def _receive(self, running: dict[int, _Worker], timeout: float, drain: bool = False) -> None:
+        while True:
+            try:
+                ident, kind, payload = (
+                    self._results.get_nowait() if drain else self._results.get(timeout=timeout)
+                )
+            except Empty:
+                return
+            worker = running.get(ident)
+            if kind == "error":
+                self._errors.append(str(payload))
+            elif worker is not None and kind == "progress":
+                worker.done = int(payload[0])
+                self.show(self._done(running), len(self.summary.failures), str(payload[1]))
+            elif worker is not None and kind == "done":
+                part, checked = payload
+                self.summary.merge(part)
+                job = worker.job
+                if job is not None and checked < job.examples and part.failures:
+                    # a failure ended the run early: the rest of its examples, from a new seed
+                    rest = Job(job.family, job.examples - checked, job.seed + _RESEED)
+                    self._retry.append(rest)
+                self._assign(worker)
+                self.show(self._done(running), len(self.summary.failures), "")
+            if not drain:
+                return
+
+    def _done(self, running: dict[int, _Worker]) -> int:
+        return self.summary.examples + sum(w.done for w in running.values() if w.job)
+
+    def _crashed(self, worker: _Worker) -> None:
+        """Record the example ``worker`` died on; queue the rest of its job."""
+        job = worker.job
+        assert job is not None
+        code = worker.process.exitcode
+        how = _signal_name(code)
+        flight = read_in_flight(self._flights / f"{worker.ident}.json")
+        if flight is None or not flight.code:  # between examples: drawing one, or Hypothesis
+            note = f"# no example was being checked ({job.family}, job seed {job.seed})\n"
+            flight = InFlight(job.family, "", flight.checked if flight else 0, note)
+        failure = write_failure(
+            self.out_dir, f"w{worker.ident}_crash", None, None, code=flight.code,
+            family=flight.family, form=flight.form, signal=how,
+        )  # fmt: skip
+        self.summary.examples += 1
+        self.summary.by_family[flight.family] += 1
+        self.summary.add_failure(failure)
+        self.summary.examples += flight.checked  # checked before it: counted, details lost
+        self.summary.by_family[flight.family] += flight.checked
+        rest = job.examples - flight.checked - 1
+        if rest > 0:
+            self._retry.append(Job(job.family, rest, job.seed + _RESEED))
+
+
+def _signal_name(exitcode: int | None) -> str:
+    if exitcode is not None and exitcode < 0:
+        with contextlib.suppress(ValueError):
+            return signal.Signals(-exitcode).name
+    return f"exit code {exitcode}"
+
+
+def default_workers() -> int:
+    """Two processes where two cores are usable, else one: each worker is single-threaded,
+    and a campaign should not take more than two cores of a shared machine by default."""
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        usable = os.cpu_count() or 1
+    return max(1, min(2, usable))
 
 
 #: Modules the strategies import on first use (export, torchao's quantizer): ~3.5 s.
@@ -458,64 +368,12 @@ _LAZY_IMPORTS = (
 
 def _preload(family_names: Sequence[str] | None, forms: Sequence[str] | None) -> None:
     """Import the plug-ins and what they import lazily once, before forking: every worker
-    inherits them instead of paying for them."""
+    inherits them instead of paying for them. (Nothing here may run a oneDNN op: its thread
+    pool does not survive a fork.)"""
     examples(family_names, forms)
     for name in _LAZY_IMPORTS:
         with contextlib.suppress(ImportError):
             importlib.import_module(name)
-
-
-def _worker(
-    index: int,
-    max_examples: int | None,
-    minutes: float | None,
-    seed: int,
-    family_names: Sequence[str] | None,
-    forms: Sequence[str] | None,
-    out_dir: Path,
-    queue: multiprocessing.Queue[tuple[int, str, object]],
-) -> None:
-    last = [0.0]
-
-    def show(done: int, failures: int, what: str) -> None:
-        now = time.monotonic()
-        if now - last[0] > 0.2:
-            last[0] = now
-            queue.put((index, "progress", (done, failures, what)))
-
-    try:
-        summary = _campaign(
-            max_examples,
-            minutes,
-            seed,
-            family_names,
-            forms,
-            out_dir,
-            show,
-            prefix=f"w{index}_",
-            replay=index == 0,  # one worker replays the shared database
-        )
-    except BaseException as exc:
-        queue.put((index, "error", f"worker {index}: {type(exc).__name__}: {exc}"))
-        return
-    queue.put((index, "progress", (summary.examples, len(summary.failures), "done")))
-    queue.put((index, "summary", summary))
-
-
-def _merge(parts: Sequence[CampaignSummary]) -> CampaignSummary:
-    out = CampaignSummary()
-    for part in parts:
-        out.examples += part.examples
-        out.failures += part.failures
-        out.by_family.update(part.by_family)
-        out.by_form.update(part.by_form)
-        out.by_modifier.update(part.by_modifier)
-        out.refused.update(part.refused)
-        out.failures_by_family.update(part.failures_by_family)
-        out.shrink_seconds += part.shrink_seconds
-        for name, counts in part.fired.items():
-            out.fired.setdefault(name, Counter()).update(counts)
-    return out
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -528,6 +386,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--workers", type=int, default=None, help="default: default_workers()")
     parser.add_argument("--out", type=Path, default=Path("fuzz-failures"))
+    parser.add_argument("--db", default=None, help="a directory or a Redis URL")
     parser.add_argument("families", nargs="*", help=f"default: all of {sorted(families())}")
     args = parser.parse_args(argv)
     summary = run_campaign(
@@ -537,6 +396,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.families or None,
         args.out,
         workers=args.workers,
+        database=args.db,
     )
     return summary.exit_code
 

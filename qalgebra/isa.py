@@ -18,14 +18,15 @@ True
 >>> with forced(int8_pairs_saturate=False):
 ...     pair_sum_may_saturate(255, torch.full((2,), 127, dtype=torch.int8))
 False
->>> sorted(PROBES)[:1]
-['int8_pairs_saturate']
+>>> "int8_pairs_saturate" in PROBES
+True
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import os
 from collections.abc import Callable, Iterator, Mapping
 
@@ -35,13 +36,19 @@ __all__ = [
     "FORCE_ENV",
     "INT16_MAX",
     "PROBES",
+    "aten_vectors_are_avx2",
     "cpu_description",
     "forced",
+    "foreign_answers",
     "int8_pairs_saturate",
+    "kernel_fault_probe",
+    "measured",
+    "pair_safe_level",
     "pair_sum_may_saturate",
     "probe",
     "probe_answers",
     "qconv_binary_emits_bf16",
+    "qconv_single_column_stride_wrong",
     "qlinear_binary_emits_bf16",
 ]
 
@@ -54,6 +61,10 @@ FORCE_ENV = "QALGEBRA_FORCE_PROBES"
 PROBES: dict[str, Callable[[], bool]] = {}
 
 _forced: dict[str, bool] = {}
+_measured: dict[str, Callable[[], bool]] = {}
+#: Probes that say whether a kernel is wrong here, not what the lowering may emit: forcing one
+#: to "right" is how tests show the self-check catching that kernel on this CPU.
+_KERNEL_FAULTS: set[str] = set()
 
 
 def _parse_forced(text: str) -> dict[str, bool]:
@@ -77,7 +88,38 @@ def probe(fn: Callable[[], bool]) -> Callable[[], bool]:
         return cached() if told is None else told
 
     PROBES[name] = answer
+    _measured[name] = cached
     return answer
+
+
+def measured(name: str) -> bool:
+    """The machine's own answer to probe ``name``, whatever :func:`forced` says.
+
+    For tests that state a fact about this CPU's kernels (another lowering's numbers are wrong
+    here), not for decisions: decisions read the probe, which tests force both ways.
+    """
+    _check_names({name: True})
+    return _measured[name]()
+
+
+def kernel_fault_probe(fn: Callable[[], bool]) -> Callable[[], bool]:
+    """Register ``fn`` as a probe (see :func:`probe`) answering whether a kernel computes some
+    calls wrongly on this CPU; :func:`foreign_answers` leaves it out."""
+    answer = probe(fn)
+    _KERNEL_FAULTS.add(fn.__name__)
+    return answer
+
+
+def foreign_answers() -> dict[str, bool]:
+    """The decision probes forced to another answer than this CPU's own: the lowering then
+    decides as another CPU would, and this CPU's kernels may not run what it emits (a K only
+    AVX2 vectors take reads past the rows with AVX512; 8-bit activations saturate on AVX2), so
+    whatever runs the emitted kernels at lowering time (the self-check) must not."""
+    return {
+        name: told
+        for name, told in _forced.items()
+        if name not in _KERNEL_FAULTS and told != _measured[name]()
+    }
 
 
 def _check_names(names: Mapping[str, bool]) -> None:
@@ -147,6 +189,19 @@ def pair_sum_may_saturate(max_abs_activation: int, weight: torch.Tensor) -> bool
     return 2 * max_abs_activation * max_abs_weight > INT16_MAX
 
 
+def pair_safe_level(max_abs_weight: int) -> int:
+    """The largest uint8 level ``L`` with ``2 * L * max_abs_weight <= 32767``.
+
+    Activations at or below it are computed exactly on every CPU, saturating or not (int8
+    activations are shifted by +128 first on a saturating CPU): data chosen within it checks the
+    numerics of a lowering that only a VNNI/AMX CPU would do, on any CPU.
+
+    >>> pair_safe_level(127), pair_safe_level(64)
+    (129, 255)
+    """
+    return min(255, INT16_MAX // (2 * max(max_abs_weight, 1)))
+
+
 @probe
 def qlinear_binary_emits_bf16() -> bool:
     """Whether ``onednn.qlinear_pointwise.binary`` accepts a bf16 ``other`` and output here."""
@@ -182,6 +237,45 @@ def qconv_binary_emits_bf16() -> bool:
     except RuntimeError:
         return False
     return True
+
+
+@probe
+def aten_vectors_are_avx2() -> bool:
+    """Whether ATen dispatches its AVX2 kernels here (8 floats a vector; AVX512: 16).
+
+    The vectorized bf16 ``_weight_int8pack_mm`` reads activations a whole vector at a time with
+    no tail (see :func:`qalgebra.fusions.woq.bf16_k_multiple`).
+    """
+    return torch.backends.cpu.get_cpu_capability() == "AVX2"
+
+
+@kernel_fault_probe
+def qconv_single_column_stride_wrong() -> bool:
+    """Whether oneDNN's int8 conv is wrong here for one output column, kernel and stride > 1.
+
+    Runs the two smallest convs measured wrong (docs/onednn_ops.md, "Conv geometries oneDNN
+    gets wrong"): one only with the AMX kernel, one with every AVX512 kernel (AVX2's computes
+    both right). Small integers and scales 1: the exact answer is exact in float32.
+    """
+    onednn = torch.ops.onednn
+    cases = (((1, 8, 6, 2), 2, 2), ((1, 2, 4, 2), 16, 2))  # (input shape, outputs, groups)
+    for shape, outputs, groups in cases:
+        channels = shape[1] // groups
+        x = (torch.arange(math.prod(shape)) % 5).to(torch.uint8).reshape(shape)
+        weight = (torch.arange(outputs * channels * 4) % 3 - 1).to(torch.int8)
+        weight = weight.reshape(outputs, channels, 2, 2)
+        ones = torch.ones(outputs)
+        geometry = ([1, 2], [0, 0], [1, 1], groups)  # stride, padding, dilation, groups
+        packed = onednn.qconv_prepack(weight, ones, 1.0, 0, *geometry, None)
+        y = onednn.qconv_pointwise(
+            x.contiguous(memory_format=torch.channels_last), 1.0, 0, packed, ones,
+            torch.zeros(outputs, dtype=torch.int64), None, *geometry, 1.0, 0, torch.float32,
+            "none", [], None,
+        )  # fmt: skip
+        exact = torch.nn.functional.conv2d(x.float(), weight.float(), None, *geometry)
+        if not torch.equal(y, exact):
+            return True
+    return False
 
 
 _forced.update(_parse_forced(os.environ.get(FORCE_ENV, "")))

@@ -10,6 +10,12 @@ fails is rolled back exactly, leaving that subgraph as it was, and the rest stil
 (:mod:`qalgebra.validate`). ``lower_with_report`` also returns what fired, what each fusion
 consumed, what was refused and why, what failed, and which quantize/dequantize nodes are left.
 
+The lowered module returns the dtypes and shapes the input module returns: int8-mixed-bf16
+outputs stay bf16, also where this CPU's oneDNN cannot emit a bf16 sum (computed in fp32, then
+converted: ``qalgebra.isa``). The graph is lowered as exported: run under an ambient
+``torch.autocast`` (not exported under it), the input module's conv/linear return bf16 and the
+lowered module's oneDNN ops do not autocast.
+
 >>> import torch
 >>> gm = torch.fx.symbolic_trace(torch.nn.ReLU())
 >>> lowered, report = lower_with_report(gm, (torch.randn(2),))
@@ -36,16 +42,21 @@ from qalgebra.fusion import Fusion
 from qalgebra.fusions import DEFAULT_FUSIONS
 from qalgebra.match import METADATA_ASSERTS
 from qalgebra.rewriter import Rewriter
+from qalgebra.selfcheck import SelfCheck, SelfCheckMode, SelfCheckStats
 from qalgebra.validate import check_arguments
 
 __all__ = [
     "DEFAULT_FUSIONS",
+    "DEFAULT_SELFCHECK",
     "FailedRewrite",
     "LoweringReport",
     "RefusedMatch",
     "lower",
     "lower_with_report",
 ]
+
+#: The self-check mode ``lower`` uses unless told (see :mod:`qalgebra.selfcheck`).
+DEFAULT_SELFCHECK: SelfCheckMode = "on"
 
 _QUANT_TARGETS = frozenset(
     {
@@ -64,6 +75,9 @@ class RefusedMatch:
     fusion: str
     root: str
     reason: str
+    #: What decided (:class:`~qalgebra.fusions.base.Refusal`): ``"rule"``, ``"probe:<name>"``
+    #: (this CPU's kernels were found wrong by an ISA probe) or ``"selfcheck"``.
+    cause: str = "rule"
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,10 +102,16 @@ class LoweringReport:
     failed: list[FailedRewrite] = field(default_factory=list)
     unfused_quant_nodes: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    selfcheck: SelfCheckStats = field(default_factory=SelfCheckStats)
 
     @property
     def total_fired(self) -> int:
         return sum(self.fired.values())
+
+    @property
+    def probe_refusals(self) -> list[RefusedMatch]:
+        """The refusals an ISA probe decided (this CPU's kernel computes the match wrongly)."""
+        return [r for r in self.refused if r.cause.startswith("probe:")]
 
     def summary(self) -> str:
         """A few lines for people."""
@@ -99,9 +119,12 @@ class LoweringReport:
         for name, count in sorted(self.fired.items()):
             lines.append(f"  {name}: fired {count}x, consumed {self.nodes_consumed[name]} nodes")
         for r in self.refused:
-            lines.append(f"  refused {r.fusion} at {r.root}: {r.reason}")
+            by = "" if r.cause == "rule" else f" [{r.cause}]"
+            lines.append(f"  refused {r.fusion} at {r.root}: {r.reason}{by}")
         for f in self.failed:
             lines.append(f"  failed {f.fusion} at {f.root} (rolled back): {f.error}")
+        if self.selfcheck.mode != "off":
+            lines.append(f"  {self.selfcheck.summary()}")
         if self.unfused_quant_nodes:
             lines.append(f"  unfused quant/dequant nodes: {', '.join(self.unfused_quant_nodes)}")
         return "\n".join(lines)
@@ -225,6 +248,7 @@ def _apply(
     graph: fx.Graph,
     module: torch.nn.Module,
     report: LoweringReport,
+    selfcheck: SelfCheck,
     *,
     strict: bool,
 ) -> None:
@@ -241,12 +265,15 @@ def _apply(
         rw = Rewriter(graph, module, m.root, replaced)
         try:
             new = fusion.rewrite(m, rw)
+            selfcheck.check(fusion.name, m, rw, new)  # a Refusal if the kernel disagrees
             if new is not m.root:
                 rw.replace(m.root, new, consumed=m.nodes)
             rw.commit()
         except Refusal as refusal:
             _roll_back(rw, fusion, m.root.name)
-            report.refused.append(RefusedMatch(fusion.name, m.root.name, str(refusal)))
+            report.refused.append(
+                RefusedMatch(fusion.name, m.root.name, str(refusal), refusal.cause)
+            )
             continue
         except Exception as error:
             _roll_back(rw, fusion, m.root.name)
@@ -284,18 +311,20 @@ def lower_with_report(
     *,
     fusions: Sequence[Fusion] = DEFAULT_FUSIONS,
     strict: bool = False,
+    selfcheck: SelfCheckMode = DEFAULT_SELFCHECK,
 ) -> tuple[fx.GraphModule, LoweringReport]:
     """Like :func:`lower`, and also say what fired, what was refused or failed, what is left."""
     start = time.perf_counter()
     source = check_arguments(gm, example_inputs)
     chosen = _fusions(fusions)
     report = LoweringReport()
+    checker = SelfCheck(selfcheck, report.selfcheck)
     with _gc_paused():
         overlay = _Overlay(source)
         graph = _copy_graph(source, overlay)
         with _single_thread():
             for fusion in chosen:
-                _apply(fusion, graph, overlay, report, strict=strict)
+                _apply(fusion, graph, overlay, report, checker, strict=strict)
         out = _build_module(source, overlay, graph)
         out.graph.lint()
     report.unfused_quant_nodes = [n.name for n in out.graph.nodes if _is_quant_node(n)]
@@ -322,6 +351,7 @@ def lower(
     *,
     fusions: Sequence[Fusion] = DEFAULT_FUSIONS,
     strict: bool = False,
+    selfcheck: SelfCheckMode = DEFAULT_SELFCHECK,
 ) -> fx.GraphModule:
     """A new, runnable module whose graph calls oneDNN int8 ops; ``gm`` is left untouched.
 
@@ -329,5 +359,11 @@ def lower(
     match left unlowered: the report lists it under ``failed`` and the rest of the model still
     lowers. With ``strict=True`` it raises :class:`~qalgebra.errors.RewriteError` (naming the
     fusion and the node, chained to the cause) instead.
+
+    ``selfcheck`` (:mod:`qalgebra.selfcheck`): ``"on"`` runs each distinct fused kernel call
+    once per process on random inputs against the subgraph it replaces, and leaves unfused
+    what disagrees; ``"off"`` trusts the kernels.
     """
-    return lower_with_report(gm, example_inputs, fusions=fusions, strict=strict)[0]
+    return lower_with_report(
+        gm, example_inputs, fusions=fusions, strict=strict, selfcheck=selfcheck
+    )[0]

@@ -94,6 +94,11 @@ class Rewriter:
     # Reading
     # ----------------------------------------------------------------------------------------
 
+    @property
+    def created(self) -> tuple[fx.Node, ...]:
+        """The nodes built so far and not undone (constants' ``get_attr`` nodes included)."""
+        return tuple(self._created)
+
     def node(self, n: fx.Node) -> fx.Node:
         """The current stand-in for ``n`` (itself unless an earlier rewrite replaced it)."""
         while n in self._replaced:

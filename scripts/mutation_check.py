@@ -4,11 +4,13 @@
     python scripts/mutation_check.py --mutants post_op_dropped,output_zp_dropped
 
 Each mutant patches qalgebra in a fresh Python process (monkeypatched replacement code, or a
-mutated combinator with the catalog rebuilt from it) and runs the property tests
-(tests/test_properties_lowering.py, Hypothesis profile ``ci``: derandomized, so every run sees
-the same graphs). The unmutated suite runs first: a mutant is *caught* when a test that passes
-unmutated fails under it (tests failing unmutated -- known bugs -- are deselected). The table
-printed at the end is recorded in docs/findings.md.
+mutated combinator with the catalog rebuilt from it) and runs the tests that must catch it: the
+property tests (tests/test_properties_lowering.py, Hypothesis profile ``ci``: derandomized, so
+every run sees the same graphs), or another file (``Mutant.tests``). The unmutated files run
+first: a mutant is *caught* when a test that passes unmutated fails under it (tests failing
+unmutated -- known bugs -- are deselected). Whatever the CPU, the tests force the probes of
+``qalgebra.isa`` both ways, so the table is the same on every CPU; the one printed at the end is
+recorded in docs/findings.md.
 """
 
 from __future__ import annotations
@@ -33,14 +35,20 @@ class Mutant:
     name: str
     description: str
     apply: Callable[[], None]
+    #: The test files that must catch it.
+    tests: tuple[str, ...] = (TESTS,)
 
 
 # --------------------------------------------------------------------------------------------
 # The mutants (applied in the child process, before pytest imports the tests)
 
 
-def _patch_fused_calls(edit: Callable[[Any, list[Any]], None]) -> None:
-    """Wrap ``Rewriter.call``: ``edit(target, args)`` may rewrite the args of oneDNN calls."""
+def _patch_fused_calls(
+    edit: Callable[[Any, list[Any]], None] | None = None,
+    then: Callable[[Callable[..., Any], Any, tuple[Any, ...], Any], Any] | None = None,
+) -> None:
+    """Wrap ``Rewriter.call``: ``edit(target, args)`` may rewrite the args of oneDNN calls, and
+    ``then(call, target, args, node)`` may replace the node built (``call`` builds more)."""
     import torch
 
     from qalgebra.fusions.base import Rewriter
@@ -55,11 +63,15 @@ def _patch_fused_calls(edit: Callable[[Any, list[Any]], None]) -> None:
     original = Rewriter.call
 
     def call(self: Rewriter, target: Any, *args: Any, **kwargs: Any) -> Any:
-        if target in fused:
-            mutable = list(args)
+        if target not in fused:
+            return original(self, target, *args, **kwargs)
+        mutable = list(args)
+        if edit is not None:
             edit(target, mutable)
-            args = tuple(mutable)
-        return original(self, target, *args, **kwargs)
+        node = original(self, target, *mutable, **kwargs)
+        if then is None:
+            return node
+        return then(lambda *more: original(self, *more), target, tuple(mutable), node)
 
     setattr(Rewriter, "call", call)  # noqa: B010  # the mutant replaces the method
 
@@ -82,7 +94,7 @@ def _qparams_swapped() -> None:
 
 def _post_op_dropped() -> None:
     def edit(target: Any, args: list[Any]) -> None:
-        at = _index(target, "attr", "post_op_name", "unary_post_op")
+        at = _index(target, "attr", "post_op_name", "unary_post_op", "unary_attr")
         args[at : at + 3] = ["none", [], ""]
 
     _patch_fused_calls(edit)
@@ -106,6 +118,53 @@ def _accum_qparams_from_input() -> None:
     _patch_fused_calls(edit)
 
 
+def _float_outputs_zeroed() -> None:
+    """Every fused op with a float output: its result multiplied by 0 (all zeros)."""
+    import torch
+
+    def then(call: Callable[..., Any], target: Any, args: tuple[Any, ...], node: Any) -> Any:
+        if args[_index(target, "output_dtype")] in (torch.float32, torch.bfloat16):
+            return call(torch.ops.aten.mul.Tensor, node, 0.0)
+        return node
+
+    _patch_fused_calls(then=then)
+
+
+def _linear_output_zp_off_by_one() -> None:
+    import torch
+
+    onednn = torch.ops.onednn
+    linears = (onednn.qlinear_pointwise.default, onednn.qlinear_pointwise.binary)
+
+    def edit(target: Any, args: list[Any]) -> None:
+        dtype = args[_index(target, "output_dtype")]
+        if target in linears and dtype in (torch.uint8, torch.int8):
+            args[_index(target, "output_zero_point")] += 1
+
+    _patch_fused_calls(edit)
+
+
+def _leaky_slope_default() -> None:
+    def edit(target: Any, args: list[Any]) -> None:
+        at = _index(target, "attr", "post_op_name", "unary_post_op", "unary_attr")
+        if args[at] == "leaky_relu":
+            args[at + 1] = [0.01]
+
+    _patch_fused_calls(edit)
+
+
+def _range_clamp_high_off_by_one() -> None:
+    import qalgebra.fusions.common as common
+
+    original = common.range_clamp
+
+    def range_clamp(rw: Any, node: Any, bounds: tuple[int, int], info: Any, **kw: Any) -> Any:
+        low, high = bounds
+        return original(rw, node, (low, high + 1), info, **kw)
+
+    _patch_everywhere("range_clamp", range_clamp)
+
+
 def _patch_everywhere(name: str, value: object) -> None:
     """Rebind ``name`` in every loaded qalgebra module that has it (replacement code looks
     its helpers up in its module's globals at call time)."""
@@ -117,11 +176,27 @@ def _patch_everywhere(name: str, value: object) -> None:
 
 
 def _clamp_dropped() -> None:
-    _patch_everywhere("clamp_to_quant_range", lambda m, rw, node: node)
+    _patch_everywhere("clamp_to_quant_range", lambda m, rw, node, **kw: node)
 
 
 def _saturation_check_off() -> None:
     _patch_everywhere("pair_sum_may_saturate", lambda max_abs_activation, weight: False)
+
+
+def _mean_truncated() -> None:
+    """The int8 mean (``qmean``) converted to int8 without its ``round``: truncated."""
+    import torch
+
+    from qalgebra.fusions.base import Rewriter
+
+    original = Rewriter.call
+
+    def call(self: Rewriter, target: Any, *args: Any, **kwargs: Any) -> Any:
+        if target is torch.ops.aten.round.default:
+            return args[0]
+        return original(self, target, *args, **kwargs)
+
+    setattr(Rewriter, "call", call)  # noqa: B010  # the mutant replaces the method
 
 
 def _shift_zero_point_kept() -> None:
@@ -250,6 +325,11 @@ MUTANTS: dict[str, Mutant] = {
             _clamp_dropped,
         ),
         Mutant(
+            "mean_truncated",
+            "qmean: the mean of the int8 levels truncated instead of rounded",
+            _mean_truncated,
+        ),
+        Mutant(
             "shift_zero_point_kept",
             "conv: int8 activations shifted by +128, the zero point not",
             _shift_zero_point_kept,
@@ -261,8 +341,29 @@ MUTANTS: dict[str, Mutant] = {
         ),
         Mutant(
             "saturation_check_off",
-            "no refusal of int8 products that saturate on this CPU",
+            "no refusal of int8 products that saturate on a saturating CPU",
             _saturation_check_off,
+        ),
+        Mutant(
+            "float_outputs_zeroed",
+            "every fused float output replaced by zeros",
+            _float_outputs_zeroed,
+        ),
+        Mutant(
+            "linear_output_zp_off_by_one",
+            "qlinear (and binary) int8 output zero point + 1",
+            _linear_output_zp_off_by_one,
+        ),
+        Mutant(
+            "leaky_slope_default",
+            "leaky_relu's slope replaced by its default, 0.01",
+            _leaky_slope_default,
+        ),
+        Mutant(
+            "range_clamp_high_off_by_one",
+            "the clamp to a narrow (reduce_range) output range lets quant_max + 1 through",
+            _range_clamp_high_off_by_one,
+            tests=("tests/test_lower.py",),
         ),
     )
 }
@@ -280,14 +381,16 @@ def _child(mutant: str | None, pytest_args: Sequence[str]) -> int:
     return int(pytest.main(list(pytest_args)))
 
 
-def _pytest(mutant: str | None, extra: Sequence[str], report: Path) -> tuple[int, float]:
+def _pytest(
+    mutant: str | None, tests: Sequence[str], extra: Sequence[str], report: Path
+) -> tuple[int, float]:
     args = [
         sys.executable,
         __file__,
         "--child",
         mutant or "",
         "--",
-        TESTS,
+        *tests,
         "-q",
         "-p",
         "no:cacheprovider",
@@ -316,7 +419,8 @@ def _failed(report: Path) -> list[tuple[str, str]]:
         if problem is None:
             problem = case.find("error")
         if problem is not None:
-            test = f"{case.get('classname', '').split('.')[-1]}::{case.get('name')}"
+            module = case.get("classname", "").split(".")[-1]
+            test = f"tests/{module}.py::{case.get('name')}"
             message = problem.get("message", "")
             # a PropertyFailure says "[prop] ..."; Hypothesis may group several failures
             found = re.search(r"PropertyFailure: \[(\w+)\]", message + (problem.text or ""))
@@ -337,13 +441,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown mutants {unknown}; known: {', '.join(MUTANTS)}")
     out = Path(tempfile.mkdtemp(prefix="qalgebra-mutation-"))  # the junit reports
-    code, seconds = _pytest(None, [], out / "baseline.xml")
+    files = sorted({test for name in names for test in MUTANTS[name].tests})
+    code, seconds = _pytest(None, files, [], out / "baseline.xml")
     baseline = [test for test, _ in _failed(out / "baseline.xml")] if code else []
     print(f"unmutated: exit {code}, {seconds:.0f} s, failing (deselected): {baseline or 'none'}")
-    deselect = [f"--deselect={TESTS}::{t.split('::', 1)[1]}" for t in baseline]
+    deselect = [f"--deselect={t}" for t in baseline]
     rows = []
     for name in names:
-        code, seconds = _pytest(name, ["-x", *deselect], out / f"{name}.xml")
+        tests = MUTANTS[name].tests
+        code, seconds = _pytest(name, tests, ["-x", *deselect], out / f"{name}.xml")
         failed = _failed(out / f"{name}.xml") if code else []
         rows.append((name, MUTANTS[name].description, bool(code), failed, seconds))
         print(f"{name}: {'caught' if code else 'NOT caught'} ({seconds:.0f} s) {failed[:1]}")

@@ -208,7 +208,7 @@ def _seeded(make: Callable[[], nn.Module], *shape: int) -> tuple[nn.Module, tupl
 
 def _qat() -> Input:
     model, inputs = _seeded(BatchNormConvBatchNorm, 2, 3, 8, 8)
-    return Input(quantize_pt2e(model, inputs, is_qat=True), inputs)
+    return Input(quantize_pt2e(model, inputs, is_qat=True, reduce_range=True), inputs)
 
 
 class HandQuantizedConv(nn.Module):

@@ -43,7 +43,13 @@ MODEL_NAMES = ("conv_add_conv_rhs_relu", "linear3d_gelu_tanh", "maxpool_variants
 @functools.cache
 def quantized(name: str, variant: str = "fp32") -> tuple[fx.GraphModule, tuple[torch.Tensor, ...]]:
     model, inputs = MODELS[name]()
-    gm = quantize_pt2e(model, inputs, bf16=variant == "bf16", dynamic_batch=variant == "dynamic")
+    gm = quantize_pt2e(
+        model,
+        inputs,
+        bf16=variant == "bf16",
+        dynamic_batch=variant == "dynamic",
+        reduce_range=True,
+    )
     return gm, inputs
 
 

@@ -112,6 +112,11 @@ def _qreshape() -> tuple[GraphBuilder, fx.Node]:
     return b, quantize(b, b.op(aten.relu.default, _dequantized_input(b, (2, 6))))
 
 
+def _qmean() -> tuple[GraphBuilder, fx.Node]:
+    b = GraphBuilder()
+    return b, quantize(b, b.op(aten.mean.dim, b.input("x", (1, 2, 4, 4)), [-1, -2], True))
+
+
 def _woq_linear(b: GraphBuilder, w: fx.Node) -> fx.Node:
     x = b.input("x", (2, 8), torch.bfloat16)
     lin = b.op(aten.linear.default, x, convert(b, w, torch.bfloat16))
@@ -194,6 +199,7 @@ NEAR_MISSES: dict[str, NearMiss] = {
     "qmaxpool2d": ("avg_pool2d instead of max_pool2d", _qmaxpool2d),
     "qcat": ("cat of a dequantized and a float input", _qcat),
     "qreshape": ("relu instead of a movement", _qreshape),
+    "qmean": ("a mean of a float input, not of a dequantize", _qmean),
     "woq_int8": ("an int8 weight that is an input, not a constant", _woq),
     "woq_int8_concat_linear": ("one WOQ linear of x, no sibling", _woq_concat),
     "int_mm_linear": ("_int_mm scaled without converting it first", _int_mm),

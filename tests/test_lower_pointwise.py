@@ -26,6 +26,7 @@ from test_lower import assert_close_to_reference
 from torch import fx, nn
 from torch.fx.node import Argument
 
+from qalgebra import isa
 from qalgebra.fusions import DEFAULT_FUSIONS, Fusion
 from qalgebra.fusions.common import QUANT_RANGE_KEY
 from qalgebra.fusions.liftup import QUANT_LIFT_UP, QUANT_LIFT_UP_MAX_POOL
@@ -81,9 +82,13 @@ def _linear_view_permute() -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
 
 
 @functools.cache
-def _quantized(name: str) -> tuple[fx.GraphModule, tuple[torch.Tensor, ...]]:
+def _quantized(
+    name: str, reduce_range: bool = True
+) -> tuple[fx.GraphModule, tuple[torch.Tensor, ...]]:
+    """The model quantized with 7-bit activations (every CPU fuses and computes them exactly)
+    or 8-bit ones."""
     model, inputs = _linear_view_permute() if name == "linear_view_permute" else MODELS[name]()
-    return quantize_pt2e(model, inputs), inputs
+    return quantize_pt2e(model, inputs, reduce_range=reduce_range), inputs
 
 
 @functools.cache
@@ -167,21 +172,24 @@ def test_pointwise_lowering_alone_is_bit_exact(name: str, form: str) -> None:
     assert torch.equal(lowered(*inputs), graph(*inputs))
 
 
-def test_resnet_stem_conv_fuses_with_int8_output_into_the_pool() -> None:
-    model, inputs = MODELS["resnet_like_2"]()
-    gm = quantize_pt2e(model, inputs, reduce_range=True)  # 7-bit activations on every CPU
-    lowered = lower(gm, inputs)
+@pytest.mark.parametrize("bits", [7, 8])
+def test_resnet_stem_conv_fuses_with_int8_output_into_the_pool(bits: int) -> None:
+    # 8-bit activations fuse only where int8 products do not saturate (forced here: the
+    # decisions are checked on every CPU; nothing is run)
+    gm, inputs = _quantized("resnet_like_2", reduce_range=bits == 7)
+    with isa.forced(int8_pairs_saturate=bits == 7):
+        lowered = lower(gm, inputs)
     (pool,) = _calls(lowered, QMAXPOOL_OP)
     assert pool.args[1:] == ([2, 2], [2, 2], [0, 0], [1, 1], False)
     producer = pool.args[0]
     assert isinstance(producer, fx.Node)
-    # the pool's input is known to lie in [0, 127] (7-bit activations): no clamp after the pool
-    assert producer.meta[QUANT_RANGE_KEY] == (0, 127)
-    assert all(user.target is not aten.clamp.default for user in pool.users)
-    # the range as a clamp pass, unless the conv folded it into its post-op
-    stem = producer.args[0] if producer.target is aten.clamp.default else producer
-    assert isinstance(stem, fx.Node) and stem.target is onednn.qconv_pointwise.default
-    assert stem.args[13] == torch.uint8 and stem.args[14] in ("relu", "hardtanh")
+    # the pool's input is known to lie in the stem's output range: no clamp after the pool
+    assert producer.meta[QUANT_RANGE_KEY] == (0, 2**bits - 1)
+    assert all("clamp" not in str(user.target) for user in pool.users)
+    # a 7-bit range is folded into the stem's relu as a hardtanh: no clamp pass either
+    assert isinstance(producer, fx.Node) and producer.target is onednn.qconv_pointwise.default
+    assert producer.args[13] == torch.uint8
+    assert producer.args[14] == ("hardtanh" if bits == 7 else "relu")
 
 
 @pytest.mark.parametrize("form", ["op", "decomposed"])
@@ -336,7 +344,11 @@ def test_a_dequant_shared_with_other_readers_needs_no_promotion() -> None:
 def test_symbolic_batch_and_int8_mixed_bf16(variant: str) -> None:
     model, inputs = MODELS["inception"]()
     gm = quantize_pt2e(
-        model, inputs, dynamic_batch=variant == "dynamic_batch", bf16=variant == "bf16"
+        model,
+        inputs,
+        dynamic_batch=variant == "dynamic_batch",
+        bf16=variant == "bf16",
+        reduce_range=True,
     )
     lowered, report = lower_with_report(gm, inputs)
     assert _fired(report) == _expected("inception"), report.summary()

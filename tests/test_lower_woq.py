@@ -30,6 +30,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import fx, nn
 
+from qalgebra import isa
 from qalgebra.combinators import LinearForm
 from qalgebra.fusions import DEFAULT_FUSIONS, Fusion
 from qalgebra.fusions.woq import (
@@ -421,11 +422,36 @@ def test_non_constant_scales_are_refused() -> None:
     assert "not a constant" in reason
 
 
-def test_bf16_with_a_k_the_kernel_cannot_take_is_refused_not_crashing() -> None:
-    k = bf16_k_multiple() + 5
-    weight = torch.randint(-128, 128, (8, k), dtype=torch.int8)
-    reason = _refusal(_Woq(weight, torch.rand(8).to(BF16)), (torch.randn(4, k).to(BF16),))
-    assert f"K = {k} is not a multiple of {bf16_k_multiple()}" in reason
+@pytest.mark.parametrize("avx2", [True, False], ids=["avx2", "avx512"])
+def test_bf16_with_a_k_the_kernel_cannot_take_is_refused_not_crashing(avx2: bool) -> None:
+    with isa.forced(aten_vectors_are_avx2=avx2):
+        width = bf16_k_multiple()
+        k = width + 5
+        weight = torch.randint(-128, 128, (8, k), dtype=torch.int8)
+        reason = _refusal(_Woq(weight, torch.rand(8).to(BF16)), (torch.randn(4, k).to(BF16),))
+    assert width == (8 if avx2 else 16)
+    assert f"K = {k} is not a multiple of {width}" in reason
+
+
+@pytest.mark.parametrize("avx2", [True, False], ids=["avx2", "avx512"])
+def test_a_k_only_avx2_vectors_take_is_lowered_only_there(avx2: bool) -> None:
+    # K = 24 is 3 AVX2 vectors and 1.5 AVX512 ones. Where the probe is forced to AVX2 on an
+    # AVX512 CPU the kernel would read past the rows: the lowered module is not run then
+    # (decisions only); refused, it runs the reference's way.
+    weight = torch.randint(-128, 128, (8, 24), dtype=torch.int8)
+    model, inputs = _Woq(weight, torch.rand(8).to(BF16)), (torch.randn(4, 24).to(BF16),)
+    graph = torch.export.export(model, inputs).module()
+    assert isinstance(graph, fx.GraphModule)
+    with isa.forced(aten_vectors_are_avx2=avx2):
+        lowered, report = lower_with_report(graph, inputs)
+    if avx2:
+        assert _family(report) == {"woq_int8": 1} and not report.refused, report.summary()
+        assert WOQ_MM in _calls(lowered)
+    else:
+        assert _family(report) == {}
+        (refusal,) = report.refused
+        assert "K = 24 is not a multiple of 16" in refusal.reason
+        assert torch.equal(lowered(*inputs), graph(*inputs))
 
 
 def test_fp32_is_refused_by_the_default_catalog_with_the_reason() -> None:

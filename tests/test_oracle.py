@@ -13,11 +13,18 @@ from torch import fx
 from qalgebra.testing import forms
 from qalgebra.testing.oracle import (
     BF16_RTOL,
+    BF16_UNIT_ROUNDOFF,
     FLOAT_ATOL,
+    FP32_COMPUTE_REL,
     FP32_RTOL,
     assert_outputs_close,
     compare_outputs,
+    compute_error,
+    level_interval,
     output_quant_steps,
+    quantize_levels,
+    rounding,
+    unary_error,
 )
 
 qd = torch.ops.quantized_decomposed
@@ -198,3 +205,80 @@ def test_output_quant_steps_finds_the_dequantize_scale_in_every_form() -> None:
     x = torch.randn(4, 4)
     ref, cand = gm(x), forms.to_decomposed(gm)(x)
     assert compare_outputs(ref, cand, quant_step=output_quant_steps(gm)).max_abs_diff == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-element error bounds
+
+
+def _layer_terms(
+    x_levels: torch.Tensor, w_levels: torch.Tensor, x_scale: float, w_scales: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    x = x_levels.double() * x_scale
+    w = w_levels.double() * w_scales.double().reshape(-1, 1)
+    return x, w
+
+
+@given(
+    seed=st.integers(0, 2**16),
+    k=st.integers(1, 64),
+    x_scale=st.floats(1e-3, 1.0),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+)
+def test_compute_error_bounds_the_reference_against_exact_int8_products(
+    seed: int, k: int, x_scale: float, dtype: torch.dtype
+) -> None:
+    # The reference dequantizes, rounds to the compute dtype, multiplies and rounds the result;
+    # the kernel multiplies exact levels. The bound must hold on every element.
+    gen = torch.Generator().manual_seed(seed)
+    x_levels = torch.randint(0, 128, (5, k), generator=gen)
+    w_levels = torch.randint(-127, 128, (7, k), generator=gen)
+    w_scales = torch.rand(7, generator=gen) * 0.02 + 1e-3
+    bias = torch.randn(7, generator=gen)
+    x, w = _layer_terms(x_levels, w_levels, x_scale, w_scales)
+    reference = torch.nn.functional.linear(x.to(dtype), w.float().to(dtype), bias.to(dtype))
+    exact = torch.nn.functional.linear(x, w, bias.double())
+    x_err = rounding(x.to(dtype).double(), dtype)  # the reference's rounded input
+    bound = compute_error(
+        torch.nn.functional.linear, x, x_err, w.float(), bias.expand(5, 7), reference, dtype
+    )
+    assert bool(((reference.double() - exact).abs() <= bound).all())
+
+
+def test_compute_error_grows_with_each_elements_own_magnitudes() -> None:
+    x = torch.tensor([[1.0, 0.0], [0.0, 100.0]])
+    w = torch.tensor([[1.0, 1.0]])
+    y = x @ w.T
+    bound = compute_error(
+        torch.nn.functional.linear, x, torch.zeros(2, 2), w, torch.zeros(2, 1), y, torch.bfloat16
+    )
+    # per element: (u + 1e-5) sum|x||w| + u |y|, with u = 2**-8
+    per_unit = 2 * BF16_UNIT_ROUNDOFF + FP32_COMPUTE_REL
+    assert torch.allclose(bound, torch.tensor([[per_unit], [100 * per_unit]], dtype=torch.float64))
+
+
+def test_unary_error_maps_an_interval_through_the_post_op() -> None:
+    pre = torch.tensor([-5.0, 0.05, 5.0])
+    err = torch.full((3,), 0.1, dtype=torch.float64)
+    relu = unary_error(pre, err, torch.relu(pre), torch.float32, lambda t: t.clamp_min(0.0))
+    # far from 0 on the negative side, relu hides the error; near 0 or positive it passes
+    assert float(relu[0]) < 1e-3 and 0.1 <= float(relu[1]) < 0.101 and float(relu[2]) >= 0.1
+    # hardswish: flat (0) below -3, its minimum -0.375 at -1.5
+    pre = torch.tensor([-50.0, -1.45, 2.0])
+    swish = torch.nn.functional.hardswish
+    bound = unary_error(pre, err, swish(pre), torch.float32, swish, valley=-1.5)
+    assert float(bound[0]) < 1e-3  # both sides 0, whatever moved
+    assert float(bound[1]) < 0.01  # around the minimum hardswish barely moves
+    assert float(bound[2]) >= swish(torch.tensor(2.1)) - swish(torch.tensor(2.0))
+    every = torch.linspace(-1.55, -1.35, 41)
+    assert float(bound[1]) >= float((swish(every) - swish(pre[1])).abs().max())
+
+
+def test_level_interval_holds_the_levels_of_value_plus_minus_err() -> None:
+    scale, zp = 0.1, 10
+    value = torch.tensor([0.0, 0.149, 0.26, 100.0])  # levels 10, 11, 13, clamped 127
+    levels = quantize_levels(value.double(), scale, zp, 0, 127)
+    assert levels.tolist() == [10, 11, 13, 127]
+    err = torch.tensor([0.001, 0.002, 0.1, 1.0], dtype=torch.float64)
+    lo, hi = level_interval(value, err, levels, scale, zp, 0, 127)
+    assert lo.tolist() == [10, 11, 12, 127] and hi.tolist() == [10, 12, 14, 127]

@@ -119,6 +119,7 @@ SUBJECTS: dict[str, Callable[[], Subject]] = {
     "qmaxpool2d": lambda: _quantized("inception"),
     "qcat": lambda: _quantized("inception"),
     "qreshape": lambda: _quantized("inception"),
+    "qmean": lambda: _quantized("regnet_y_400mf"),
     "woq_int8_concat_linear": lambda: _woq(8, 4, 8),
     "woq_int8": lambda: _woq(8),
     "int_mm_linear": lambda: _case(int_mm_case(seed=2, rank=3, bias=True)),

@@ -24,6 +24,7 @@ from torch import Tensor, fx
 
 from qalgebra.fusions.inplace import FUNCTIONAL
 from qalgebra.fusions.liftup import QUANT_LIFT_UP_CAT, QUANT_LIFT_UP_MAX_POOL, QUANT_SHARE_MAX_POOL
+from qalgebra.isa import qconv_single_column_stride_wrong
 from qalgebra.lower import LoweringReport, lower_with_report
 from qalgebra.match import find_matches
 from qalgebra.testing.quantize import quantize_pt2e
@@ -33,6 +34,7 @@ aten = torch.ops.aten
 qd = torch.ops.quantized_decomposed
 
 _COMPUTE = frozenset({aten.conv2d.default, aten.linear.default})
+_PROBE = qconv_single_column_stride_wrong.__name__
 _DEQUANTS = frozenset({qd.dequantize_per_tensor.default, qd.dequantize_per_tensor.tensor})
 
 
@@ -55,7 +57,7 @@ NAMES = [
 @functools.cache
 def _lowered(name: str) -> tuple[fx.GraphModule, fx.GraphModule, LoweringReport, Tensor]:
     model, (x,) = build(name, size="ci", batch=2)
-    gm = quantize_pt2e(model, (x,))
+    gm = quantize_pt2e(model, (x,), reduce_range=True)  # 7-bit: lowered alike on every CPU
     lowered, report = lower_with_report(gm, (x,))
     return gm, lowered, report, x
 
@@ -76,8 +78,14 @@ def test_every_quantized_conv_and_linear_fuses(name: str, one_thread: None) -> N
     assert quantized, "the quantizer quantized nothing: the model no longer tests the catalog"
     fused = report.fired["qconv"] + report.fired["qconv_binary"]
     fused += report.fired["qlinear"] + report.fired["qlinear_binary"]
-    assert fused == len(quantized), report.summary()
-    assert _quantized_compute(lowered) == []
+    left = _quantized_compute(lowered)
+    assert fused + len(left) == len(quantized), report.summary()
+    # A conv stays unfused only where this CPU's oneDNN computes it wrongly (docs/onednn_ops.md,
+    # "Conv geometries oneDNN gets wrong": CI-size inputs shrink some strided convs to one
+    # column), refused by the ISA probe with that reason.
+    convs = [r for r in report.refused if r.fusion in ("qconv", "qconv_binary")]
+    assert all(r.cause == f"probe:{_PROBE}" for r in convs), report.summary()
+    assert len(left) <= len(convs) and not report.failed, report.summary()
 
 
 @pytest.mark.parametrize("name", NAMES)

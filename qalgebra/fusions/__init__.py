@@ -24,6 +24,7 @@ from qalgebra.fusions.liftup import (
 from qalgebra.fusions.linear import QLINEAR
 from qalgebra.fusions.pointwise import QCAT, QMAXPOOL2D, QRESHAPE
 from qalgebra.fusions.promotion import DEQUANT_PROMOTION
+from qalgebra.fusions.reduce import QMEAN
 from qalgebra.fusions.woq import WOQ, WOQ_CONCAT_LINEAR
 from qalgebra.rewriter import Rewriter
 
@@ -55,6 +56,9 @@ DEFAULT_FUSIONS: tuple[Fusion, ...] = (
     QMAXPOOL2D,
     QCAT,
     QRESHAPE,
+    # A global average pool / mean of an int8 tensor (squeeze-excitation, classifier heads):
+    # like the pointwise ops, after conv/linear, so it reads a qconv's uint8 output.
+    QMEAN,
     # Weight-only / dynamic families: no quantize/dequantize nodes, so disjoint from the above
     # (and from each other: int8 vs fp16 weights, _int_mm). Concat-linear before single WOQ: it
     # consumes a group of the single WOQ matches.

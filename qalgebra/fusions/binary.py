@@ -49,7 +49,14 @@ from qalgebra.fusions.common import (
     weight_constants,
     weight_quant,
 )
-from qalgebra.fusions.conv import CONV_ACTIVATIONS, conv, conv_geometry, prepack_conv
+from qalgebra.fusions.conv import (
+    CONV_ACTIVATIONS,
+    check_emitted_kernel,
+    conv,
+    conv_activation,
+    conv_geometry,
+    prepack_conv,
+)
 from qalgebra.fusions.linear import (
     LINEAR_ACTIVATIONS,
     LV,
@@ -126,6 +133,7 @@ def _rewrite_qconv_binary(m: Match, rw: Rewriter) -> fx.Node:
         raise Refusal("oneDNN's quantized conv binary post-op exists for conv2d only")
     _check_other(m)
     stride, padding, dilation, groups = conv_geometry(m)
+    check_emitted_kernel(m)
     out_scale, out_zp, out_dtype = _output(m)
     if OQ.scale in m:
         if m[OTHER_Q.dtype] != out_dtype:
@@ -153,7 +161,7 @@ def _rewrite_qconv_binary(m: Match, rw: Rewriter) -> fx.Node:
     x, xq = activation_input(m, rw, allowed_act=CONV_ACTIVATIONS)
     fused = emit.onednn.qconv2d_pointwise(  # .binary, or .binary_tensor for runtime qparams
         rw,
-        qx=x,
+        qx=conv_activation(m, rw, x, xq),
         x_scale=xq.scale,
         x_zero_point=xq.zero_point,
         qw=w.packed,

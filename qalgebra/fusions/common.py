@@ -187,6 +187,22 @@ def clamp_to_quant_range(
     return node
 
 
+def output_quantize(m: Match, rw: Rewriter, x: fx.Node, scale: float | None = None) -> fx.Node:
+    """``x`` quantized with the matched output quant (op form), ``scale`` in place of its scale
+    when given; its range is recorded for later fusions."""
+    out = emit.quantized_decomposed.quantize_per_tensor.default(
+        rw,
+        input=x,
+        scale=m[OQ.scale] if scale is None else scale,
+        zero_point=m[OQ.zero_point],
+        quant_min=m[OQ.quant_min],
+        quant_max=m[OQ.quant_max],
+        dtype=m[OQ.dtype],
+    )
+    rw.set_meta(out, QUANT_RANGE_KEY, (m[OQ.quant_min], m[OQ.quant_max]))
+    return out
+
+
 def range_clamp(
     rw: Rewriter, node: fx.Node, bounds: tuple[int, int], info: torch.iinfo, *, in_place: bool
 ) -> fx.Node:
@@ -281,7 +297,8 @@ def check_common(m: Match, *, allowed_act: tuple[torch.dtype, ...]) -> None:
             "this CPU's int8 kernels add products in saturating int16 pairs (no AVX512-VNNI/AMX): "
             f"activations up to {max_act}{shifted} times weights up to "
             f"{int(m[W].to(torch.int16).abs().max())} would overflow; quantize activations to "
-            "7-bit uint8 (reduce_range=True) or lower on a VNNI/AMX CPU"
+            "7-bit uint8 (reduce_range=True) or lower on a VNNI/AMX CPU",
+            cause="probe:int8_pairs_saturate",
         )
 
 

@@ -39,12 +39,23 @@ from qalgebra.fusions.common import (
     weight_constants,
     weight_quant,
 )
+from qalgebra.fusions.conv_guard import check_conv_kernel, trusted_input_shape
 from qalgebra.ops import aten, onednn
 from qalgebra.pattern import Match, Pattern, Var, any_of, call, ignored
+from qalgebra.qparams import ConstantQParams, QParamValues
 from qalgebra.rewriter import Rewriter
 from qalgebra.shapes import known_shape
 
-__all__ = ["CONV_ACTIVATIONS", "CONV_UNARIES", "QCONV", "conv", "conv_geometry", "input_shape_hint"]
+__all__ = [
+    "CONV_ACTIVATIONS",
+    "CONV_UNARIES",
+    "QCONV",
+    "check_emitted_kernel",
+    "conv",
+    "conv_activation",
+    "conv_geometry",
+    "input_shape_hint",
+]
 
 STRIDE = Var("stride", list)
 PADDING = Var("padding", list)
@@ -88,14 +99,105 @@ def conv() -> Pattern:
 
 
 def conv_geometry(m: Match) -> tuple[list[int], list[int], list[int], int]:
-    """(stride, padding, dilation, groups), each list expanded to the spatial rank."""
+    """(stride, padding, dilation, groups) of the oneDNN call, each list of the spatial rank.
+
+    Exact normalizations keep oneDNN's AVX512 and AMX int8 convolutions off geometries they
+    get wrong (docs/findings.md, bug 5): a kernel dimension of size 1 is not dilated (dilating
+    one tap changes nothing; dilated width-1 kernels whose output columns read only padding
+    crashed); padding as large as a window, so that some window reads only padding, is written
+    into the activation instead (:func:`conv_activation`; such windows came out as garbage);
+    and an output of a single column is computed from its one window, cut out of the
+    activation, unpadded and unstrided (AMX computed such padded or strided columns wrongly).
+    """
+    stride, padding, dilation, _ = _geometry(m)
+    pads = _explicit_pads(m)
+    if pads is not None:
+        padding = [0] * len(padding)
+        if _single_column(m) is not None:
+            stride[-1] = 1
+    return stride, padding, dilation, m[GROUPS]
+
+
+def _geometry(m: Match) -> tuple[list[int], list[int], list[int], list[int]]:
+    """(stride, padding, dilation, kernel) as written, but for size-1 kernel dilations."""
     spatial = m[W].dim() - 2
+    dilation = _expand(m[DILATION], spatial, "dilation")
+    kernel = [int(k) for k in m[W].shape[2:]]
     return (
         _expand(m[STRIDE], spatial, "stride"),
         _expand(m[PADDING], spatial, "padding"),
-        _expand(m[DILATION], spatial, "dilation"),
-        m[GROUPS],
+        [1 if size == 1 else d for size, d in zip(kernel, dilation, strict=True)],
+        kernel,
     )
+
+
+def _single_column(m: Match) -> tuple[int, int] | None:
+    """(left, right) padding of the width that cuts out the one window of a padded or strided
+    conv whose static output has a single column (negative: a crop), else None. The shape must
+    be one the graph's shapes confirm (:func:`input_shape_hint`): a stale one would cut the
+    wrong window."""
+    shape = input_shape_hint(m)
+    stride, padding, dilation, kernel = _geometry(m)
+    if shape is None or len(shape) != len(kernel) + 2:
+        return None
+    width, s, p = shape[-1], stride[-1], padding[-1]
+    extent = dilation[-1] * (kernel[-1] - 1) + 1
+    slack = width + 2 * p - extent
+    if not 0 <= slack < s or (p == 0 and s == 1):
+        return None  # more than one column, or nothing to cut
+    return p, extent - p - width
+
+
+def _explicit_pads(m: Match) -> list[tuple[int, int]] | None:
+    """(before, after) of each spatial dimension to write into the activation (negative: a
+    crop), with which the conv runs unpadded; None to call it as it is."""
+    _, padding, dilation, kernel = _geometry(m)
+    column = _single_column(m)
+    window_in_padding = any(
+        p >= d * (k - 1) + 1 for p, d, k in zip(padding, dilation, kernel, strict=True)
+    )
+    if column is None and not window_in_padding:
+        return None
+    pads = [(p, p) for p in padding]
+    if column is not None:
+        pads[-1] = column
+    return pads
+
+
+def conv_activation(m: Match, rw: Rewriter, x: fx.Node, xq: QParamValues) -> fx.Node:
+    """The quantized activation ``x`` (quantized with ``xq``: see
+    :func:`~qalgebra.fusions.common.activation_input`) as the conv is called on it: as it is, or
+    padded as :func:`conv_geometry` says with the zero point (which dequantizes to 0)."""
+    pads = _explicit_pads(m)
+    if pads is None or all(p == (0, 0) for p in pads):
+        return x
+    if not isinstance(xq, ConstantQParams):
+        raise Refusal(
+            "this conv's padding must be written into the activation (oneDNN computes windows "
+            "of padding only wrongly), which needs a zero point known when lowering"
+        )
+    flat = [side for pair in reversed(pads) for side in pair]  # last dimension first
+    return emit.aten.constant_pad_nd.default(rw, self=x, pad=flat, value=xq.zero_point)
+
+
+def check_emitted_kernel(m: Match) -> None:
+    """Refuse the conv if oneDNN computes it wrongly as it is emitted: after
+    :func:`conv_geometry`'s exact normalizations, on the activation :func:`conv_activation`
+    pads or cuts (``qalgebra.fusions.conv_guard``). Those normalizations need a static shape;
+    what they cannot mend (an unknown shape, a window between the input's edges that reads
+    only padding) is refused here."""
+    stride, padding, dilation, _ = _geometry(m)
+    shape: tuple[object, ...] | None = trusted_input_shape(
+        m[X], m.root, m[W], (stride, padding, dilation, m[GROUPS])
+    )
+    pads = _explicit_pads(m)
+    if shape is not None and pads is not None:
+        spatial = [
+            n + before + after if isinstance(n, int | torch.SymInt) else None
+            for n, (before, after) in zip(shape[2:], pads, strict=True)
+        ]
+        shape = None if None in spatial else (*shape[:2], *spatial)
+    check_conv_kernel(shape, m[W], conv_geometry(m))
 
 
 def _expand(values: list[Any], n: int, what: str) -> list[int]:
@@ -127,7 +229,8 @@ def input_shape_hint(m: Match) -> list[int] | None:
     """
     shape = static_shape(m[X])
     w = m[W]
-    stride, padding, dilation, groups = conv_geometry(m)
+    stride, padding, dilation, _ = _geometry(m)  # as written: what the graph's shapes follow
+    groups = m[GROUPS]
     if shape is None or len(shape) != w.dim() or shape[1] != w.shape[1] * groups:
         return None
     out = static_shape(m.root)  # every root (unary, quantize, residual add) keeps the shape
@@ -148,23 +251,28 @@ def prepack_conv(m: Match) -> torch.Tensor:
     still accepts other batch sizes.
     """
     stride, padding, dilation, groups = conv_geometry(m)
+    shape = input_shape_hint(m)
+    pads = _explicit_pads(m)
+    if shape is not None and pads is not None:
+        for dim, (before, after) in enumerate(pads):
+            shape[dim + 2] += before + after
     x_scale, x_zp = prepack_hint(m)
     return onednn.qconv_prepack.default(
-        m[W], weight_quant(m).scales, x_scale, x_zp, stride, padding, dilation, groups,
-        input_shape_hint(m),
+        m[W], weight_quant(m).scales, x_scale, x_zp, stride, padding, dilation, groups, shape,
     )  # fmt: skip
 
 
 def _rewrite_qconv(m: Match, rw: Rewriter) -> fx.Node:
     check_common(m, allowed_act=CONV_ACTIVATIONS)
     stride, padding, dilation, groups = conv_geometry(m)
+    check_emitted_kernel(m)
     w = weight_constants(m, rw, prepack_conv(m), "qconv")
     out_scale, out_zp, out_dtype = output_qparams(m)
     attr, scalars, algorithm, enforced = unary_args_enforcing_range(m)
     x, xq = activation_input(m, rw, allowed_act=CONV_ACTIVATIONS)
     fused = emit.onednn.qconv_pointwise(  # .default, or .tensor for runtime qparams
         rw,
-        qx=x,
+        qx=conv_activation(m, rw, x, xq),
         x_scale=xq.scale,
         x_zero_point=xq.zero_point,
         qw=w.packed,

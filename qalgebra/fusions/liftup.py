@@ -41,7 +41,7 @@ from qalgebra.aliasing import runs_after
 from qalgebra.checks import Check, dtype_in, require, satisfies, single_user, valid_qparams
 from qalgebra.combinators import dequantize_per_tensor, quantize_per_tensor, with_dtype_convert
 from qalgebra.fusion import Fusion
-from qalgebra.fusions.common import OQ, QUANT_RANGE_KEY
+from qalgebra.fusions.common import OQ, QUANT_RANGE_KEY, output_quantize
 from qalgebra.fusions.pointwise import (
     CAT_DIM,
     FLOAT_OP,
@@ -114,22 +114,7 @@ def movement_chain(x: Pattern) -> Pattern:
 
 
 def _lifted_quant(m: Match, rw: Rewriter) -> fx.Node:
-    return _quantize(m, rw, m[SOURCE])
-
-
-def _quantize(m: Match, rw: Rewriter, x: fx.Node) -> fx.Node:
-    """``x`` quantized with the match's output qparams (op form), its int8 range recorded."""
-    q = emit.quantized_decomposed.quantize_per_tensor.default(
-        rw,
-        input=x,
-        scale=m[OQ.scale],
-        zero_point=m[OQ.zero_point],
-        quant_min=m[OQ.quant_min],
-        quant_max=m[OQ.quant_max],
-        dtype=m[OQ.dtype],
-    )
-    rw.set_meta(q, QUANT_RANGE_KEY, (m[OQ.quant_min], m[OQ.quant_max]))
-    return q
+    return output_quantize(m, rw, m[SOURCE])
 
 
 def _lift_over_movements(m: Match, rw: Rewriter) -> fx.Node:
@@ -235,7 +220,7 @@ def _lift_over_cat(m: Match, rw: Rewriter) -> fx.Node:
     for x in m.each(_CAT_INPUT):
         if x not in quantized:
             rw.anchor = m[FLOAT_OP]  # each quantize right before the cat, after its input
-            quantized[x] = _quantize(m, rw, x)
+            quantized[x] = output_quantize(m, rw, x)
     rw.anchor = m.root
     inputs = [quantized[x] for x in m.each(_CAT_INPUT)]
     joined = emit.aten.cat.default(rw, tensors=inputs, dim=m[CAT_DIM])

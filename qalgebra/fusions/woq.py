@@ -79,6 +79,7 @@ from qalgebra.combinators import (
 from qalgebra.constants import fold_constant
 from qalgebra.errors import Refusal
 from qalgebra.fusion import Fusion
+from qalgebra.isa import aten_vectors_are_avx2
 from qalgebra.match import match_node
 from qalgebra.ops import aten
 from qalgebra.pattern import Match, Pattern, Var, any_of, call, capture, where
@@ -171,9 +172,10 @@ def bf16_k_multiple() -> int:
 
     The vectorized bf16 kernel reads x 8 (AVX2) or 16 (AVX512; 8 with NEON) values at a time,
     with aligned loads and no tail: another K reads past the rows and crashes (measured on AVX2:
-    a segfault for every K % 8 != 0). 16 is safe for every path.
+    a segfault for every K % 8 != 0). 16 is safe for every path. The vector width is the probe
+    :func:`qalgebra.isa.aten_vectors_are_avx2`, so tests see both answers on any CPU.
     """
-    return 8 if torch.backends.cpu.get_cpu_capability() == "AVX2" else 16
+    return 8 if aten_vectors_are_avx2() else 16
 
 
 @dataclass(frozen=True, slots=True)

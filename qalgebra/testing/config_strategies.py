@@ -58,9 +58,9 @@ from hypothesis import strategies as st
 from torch import fx
 
 from qalgebra.combinators import Unary
+from qalgebra.testing.oracle import FP32_COMPUTE_REL as FP32_REL
 from qalgebra.testing.strategies import (
     FLOAT_ATOL,
-    FP32_REL,
     TRACKED_FUSIONS,
     Example,
     Expected,

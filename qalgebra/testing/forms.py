@@ -95,6 +95,9 @@ from torch import fx
 from torch._guards import detect_fake_mode
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
+from qalgebra.qdq_arithmetic import bound_args as _bound
+from qalgebra.qdq_arithmetic import respell_as_arithmetic
+
 __all__ = [
     "DTYPE_SPELLINGS",
     "FORMS",
@@ -187,22 +190,6 @@ def _propagate_meta(gm: fx.GraphModule) -> bool:
 def _calls(gm: fx.GraphModule, *targets: object) -> list[fx.Node]:
     """The call_function nodes of ``gm`` whose target is one of ``targets``, in graph order."""
     return [n for n in gm.graph.nodes if n.op == "call_function" and n.target in targets]
-
-
-def _bound(node: fx.Node) -> dict[str, Any]:
-    """The node's arguments by schema name (defaults filled in), e.g. ``b["scale"]``."""
-    target = node.target
-    assert isinstance(target, torch._ops.OpOverload)
-    bound: dict[str, Any] = {}
-    schema_args = target._schema.arguments
-    positional = [a for a in schema_args if not a.kwarg_only]
-    for arg, value in zip(positional, node.args, strict=False):
-        bound[arg.name] = value
-    bound.update(node.kwargs)
-    for arg in schema_args:
-        if arg.name not in bound and arg.has_default_value():
-            bound[arg.name] = arg.default_value
-    return bound
 
 
 def _val(node: object) -> torch.Tensor | None:
@@ -304,32 +291,12 @@ def to_decomposed(
     """
     new = _copy(gm)
     _propagate_meta(new)  # to learn the quantize inputs' dtypes where possible
-    graph = new.graph
     for node in _calls(new, _Q_DEFAULT, _DQ_DEFAULT):
-        b = _bound(node)
-        scale, zp = float(b["scale"]), int(b["zero_point"])
-        with graph.inserting_before(node):
-            if node.target is _Q_DEFAULT:
-                x = b["input"]
-                x_val = _val(x)
-                if x_val is not None and x_val.dtype in (torch.bfloat16, torch.float16):
-                    x = graph.call_function(prims.convert_element_type.default, (x, torch.float32))
-                y = graph.call_function(aten.mul.Tensor, (x, 1.0 / scale))
-                y = graph.call_function(aten.round.default, (y,))
-                if zp != 0 or not drop_zero_zp:
-                    y = graph.call_function(aten.add.Tensor, (y, zp))
-                if single_clamp:
-                    y = graph.call_function(aten.clamp.default, (y, b["quant_min"], b["quant_max"]))
-                else:
-                    y = graph.call_function(aten.clamp_min.default, (y, b["quant_min"]))
-                    y = graph.call_function(aten.clamp_max.default, (y, b["quant_max"]))
-                out = graph.call_function(prims.convert_element_type.default, (y, b["dtype"]))
-            else:
-                out_dtype = b.get("out_dtype") or torch.float32
-                y = graph.call_function(prims.convert_element_type.default, (b["input"], out_dtype))
-                if zp != 0 or not drop_zero_zp:
-                    y = graph.call_function(aten.sub.Tensor, (y, zp))
-                out = graph.call_function(aten.mul.Tensor, (y, scale))
+        x_val = _val(_bound(node)["input"])
+        x_dtype = torch.float32 if x_val is None else x_val.dtype
+        out = respell_as_arithmetic(
+            node, x_dtype, single_clamp=single_clamp, drop_zero_zp=drop_zero_zp
+        )
         _replace(node, out)
     return _finish(new)
 

@@ -30,6 +30,11 @@ reference rounds the conv result to bf16 before quantizing it, the fused kernel 
 ``BF16_RTOL = 3e-2``, the default for bf16 outputs; pass it explicitly for an fp32 output of a
 bf16 graph.
 
+The last section gives the drawn examples' bounds (``qalgebra.testing.strategies``) their
+arithmetic: per element, how far a fused kernel may be from the reference, from the actual
+magnitudes of its inputs, weights and results (:func:`compute_error`, :func:`unary_error`) and
+which int8 levels a fused quantize may then produce (:func:`level_interval`).
+
 >>> import torch
 >>> ref = torch.tensor([10, 20, 30], dtype=torch.uint8)
 >>> compare_outputs(ref, ref + 1, quant_step=None).ok
@@ -44,7 +49,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal, TypeAlias
 
@@ -53,13 +58,20 @@ from torch import Tensor, fx
 
 __all__ = [
     "BF16_RTOL",
+    "BF16_UNIT_ROUNDOFF",
     "FLOAT_ATOL",
+    "FP32_COMPUTE_REL",
     "FP32_RTOL",
     "Comparison",
     "OutputKind",
     "assert_outputs_close",
     "compare_outputs",
+    "compute_error",
+    "level_interval",
     "output_quant_steps",
+    "quantize_levels",
+    "rounding",
+    "unary_error",
 ]
 
 FP32_RTOL = 1e-5
@@ -366,3 +378,103 @@ def output_quant_steps(gm: fx.GraphModule) -> tuple[float | None, ...]:
 
     flatten(output.args[0])
     return tuple(_dequant_scale(gm, leaf) if isinstance(leaf, fx.Node) else None for leaf in leaves)
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-element error bounds: how far a fused kernel may be from the eager reference
+
+BF16_UNIT_ROUNDOFF = 2.0**-8
+"""Largest relative error of one rounding to bf16 (8 significant bits, to nearest)."""
+FP32_COMPUTE_REL = 1e-5
+"""Float32 error of a conv/linear relative to ``sum |x| |w| + |b|`` of each element: the
+summation order (at most ``K`` roundings of ``2**-24``: 4.3e-6 for the largest fan-in drawn,
+72) and the kernel's scale and bias steps; also the post-ops' own approximation in oneDNN."""
+
+
+def rounding(value: Tensor, dtype: torch.dtype) -> Tensor:
+    """Per element: the largest change rounding ``value`` to ``dtype`` makes (0 for float32,
+    whose roundings :data:`FP32_COMPUTE_REL` covers)."""
+    magnitude = value.detach().to(torch.float64).abs()
+    if dtype == torch.bfloat16:
+        return BF16_UNIT_ROUNDOFF * magnitude
+    return torch.zeros_like(magnitude)
+
+
+def compute_error(
+    apply: Callable[[Tensor, Tensor], Tensor],
+    x: Tensor,
+    x_err: Tensor,
+    weight: Tensor,
+    bias: Tensor,
+    result: Tensor,
+    dtype: torch.dtype,
+) -> Tensor:
+    """Per output element: a bound of ``|fused - reference|`` for a conv or linear.
+
+    ``apply(x, w)`` is the op without bias (float64 in, float64 out), ``x`` the reference's
+    input and ``x_err`` how far the kernel's input may be from it (per element), ``weight`` the
+    dequantized fp32 weight, ``bias`` the fp32 bias broadcast to the result (zeros if none),
+    ``result`` the reference's output, ``dtype`` its compute dtype. The kernel multiplies exact
+    int8 levels; the reference multiplies its (bf16-rounded) inputs by the (bf16-rounded)
+    weight, adds the (rounded) bias and rounds the result::
+
+        |W| x_err  +  (u_w + FP32_COMPUTE_REL) |W||x|  +  (u + FP32_COMPUTE_REL) |b|  +  u |y|
+
+    with ``u`` the dtype's unit roundoff (0 for fp32) and ``u_w`` the weight's rounding.
+    """
+    w_abs = weight.detach().to(torch.float64).abs()
+    terms = apply(x.detach().to(torch.float64).abs(), w_abs)
+    u = BF16_UNIT_ROUNDOFF if dtype == torch.bfloat16 else 0.0
+    b_abs = bias.detach().to(torch.float64).abs()
+    moved = apply(x_err.to(torch.float64), w_abs)
+    return moved + (u + FP32_COMPUTE_REL) * (terms + b_abs) + rounding(result, dtype)
+
+
+def unary_error(
+    pre: Tensor,
+    err: Tensor,
+    out: Tensor,
+    dtype: torch.dtype,
+    fn: Callable[[Tensor], Tensor],
+    *,
+    valley: float | None = None,
+) -> Tensor:
+    """Per element: a bound of ``|f(fused pre) - reference f(pre)|`` given ``|pre| <= err``.
+
+    ``fn`` is ``f`` in float64, decreasing up to ``valley`` and increasing after it (None: it
+    is monotone), so the interval ``pre +- err`` maps to the interval between ``f`` at its ends
+    (and at ``valley`` inside it) exactly. Then the reference's rounding of ``out`` and both
+    sides' approximation of ``f`` (:data:`FP32_COMPUTE_REL` of ``|pre| + |out|``).
+    """
+    p = pre.detach().to(torch.float64)
+    low_end, high_end = fn(p - err), fn(p + err)
+    low, high = torch.minimum(low_end, high_end), torch.maximum(low_end, high_end)
+    if valley is not None:
+        inside = (p - err <= valley) & (valley <= p + err)
+        bottom = fn(torch.tensor(valley, dtype=torch.float64))
+        low = torch.where(inside, torch.minimum(low, bottom), low)
+    mid = fn(p)
+    moved = torch.maximum(high - mid, mid - low)
+    o = out.detach().to(torch.float64)
+    return moved + FP32_COMPUTE_REL * (p.abs() + o.abs()) + rounding(o, dtype)
+
+
+def quantize_levels(value: Tensor, scale: float, zero_point: int, low: int, high: int) -> Tensor:
+    """``quantize_per_tensor``'s levels of float64 ``value`` (round half to even, clamp)."""
+    return (torch.round(value / scale) + zero_point).clamp(low, high)
+
+
+def level_interval(
+    value: Tensor, err: Tensor, levels: Tensor, scale: float, zero_point: int, low: int, high: int
+) -> tuple[Tensor, Tensor]:
+    """The levels a fused quantize may produce when its input is within ``err`` of ``value``.
+
+    Quantizing is monotone: ``[q(value - err), q(value + err)]``, widened by ``2**-20`` of the
+    operands for the kernel's float32 division and containing the reference's ``levels``.
+    """
+    v = value.detach().to(torch.float64)
+    reach = err + 2.0**-20 * (v.abs() + scale)
+    ref = levels.to(torch.float64)
+    lo = torch.minimum(quantize_levels(v - reach, scale, zero_point, low, high), ref)
+    hi = torch.maximum(quantize_levels(v + reach, scale, zero_point, low, high), ref)
+    return lo, hi

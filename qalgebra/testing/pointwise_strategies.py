@@ -155,7 +155,7 @@ class PointwiseExample:
     def code(self) -> str:
         """How to rebuild the example, and the graph it is (for failure reports)."""
         return (
-            "from qalgebra.testing.pointwise_strategies import *\n"
+            f"from {type(self).__module__} import *\n"
             f"example = {self.recipe}\n"
             f"# expected: {self.expected!r}\n"
             + "\n".join(f"# {line}" for line in str(self.gm.graph).splitlines())

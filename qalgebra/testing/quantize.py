@@ -19,7 +19,8 @@ catalog must accept:
   no VNNI/AMX int8 dot product) limits activations to 7 bits (``quant_max=127``). Without
   VNNI, oneDNN's int8 kernels add ``u8 * s8`` pairs in saturating int16 and give results tens
   of percent off the reference (measured in ``docs/onednn_ops.md``); with 7-bit activations
-  they agree to float rounding.
+  they agree to float rounding on every CPU. Tests pass it explicitly (both ranges), so the
+  graphs they check do not depend on the CPU they run on.
 - ``dynamic=True``: ``get_default_x86_inductor_quantization_config(is_dynamic=True)``: each
   activation is quantized with qparams ``choose_qparams`` computes while the graph runs
   (``.tensor`` quantize/dequantize reading runtime scale and zero point).
@@ -170,6 +171,7 @@ def quantize_pt2e(
     dynamic: bool = False,
     weight_per_tensor: bool = False,
     act_dtype: torch.dtype = torch.uint8,
+    quantize_matmul: bool = False,
 ) -> fx.GraphModule:
     """Quantize ``model`` with torchao's X86InductorQuantizer and return the converted graph.
 
@@ -179,7 +181,10 @@ def quantize_pt2e(
     int8 products saturate (see the module docstring); pass a bool to force either.
     With ``dynamic_batch`` every input's dimension 0 is one symbolic ``batch`` (size >= 2 in the
     example inputs, or export specialises it). ``dynamic``, ``weight_per_tensor`` and
-    ``act_dtype`` choose the config's variant (:func:`quantization_config`).
+    ``act_dtype`` choose the config's variant (:func:`quantization_config`). ``quantize_matmul``
+    also quantizes the inputs of every ``torch.matmul`` (activation x activation, as in
+    attention): the quantizer's ``set_function_type_qconfig(torch.matmul, config)``, which its
+    default recipe leaves off.
     """
     from torchao.quantization.pt2e import move_exported_model_to_eval
     from torchao.quantization.pt2e.quantize_pt2e import (
@@ -193,15 +198,16 @@ def quantize_pt2e(
     if reduce_range is None:
         reduce_range = int8_pairs_saturate()
     quantizer = xiq.X86InductorQuantizer()
-    quantizer.set_global(
-        quantization_config(
-            is_qat=is_qat,
-            dynamic=dynamic,
-            reduce_range=reduce_range,
-            weight_per_tensor=weight_per_tensor,
-            act_dtype=act_dtype,
-        )
+    config = quantization_config(
+        is_qat=is_qat,
+        dynamic=dynamic,
+        reduce_range=reduce_range,
+        weight_per_tensor=weight_per_tensor,
+        act_dtype=act_dtype,
     )
+    quantizer.set_global(config)
+    if quantize_matmul:
+        quantizer.set_function_type_qconfig(torch.matmul, config)
     model = copy.deepcopy(model)
     model.train(is_qat)
     dynamic_shapes = _batch_dynamic_shapes(inputs) if dynamic_batch else None

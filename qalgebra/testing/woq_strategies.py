@@ -26,8 +26,9 @@ strategy                       graph                                            
 lowered (``refused`` is empty), so "no refusal" can be asserted. The ``_int_mm`` weights are
 7-bit (within [-64, 64]) so the fusion is exact and fires on every CPU (oneDNN saturates wider
 signed products without VNNI, see ``qalgebra.fusions.int_mm``). The WOQ cases are bf16 with a K
-the kernel takes here (``qalgebra.fusions.woq.bf16_k_multiple``): the default catalog refuses
-fp32 WOQ (a scalar kernel on x86), see :func:`woq_refusal_cases`.
+the kernel takes on every CPU (a multiple of 16, ``qalgebra.fusions.woq.bf16_k_multiple``): the
+default catalog refuses fp32 WOQ (a scalar kernel on x86) and a K no vector width takes, see
+:func:`woq_refusal_cases`.
 
 Numerics. ``FamilyCase.check`` compares the lowered module with the reference (the un-lowered
 graph run eagerly) elementwise: ``|lowered - reference| <= rel_bound * magnitude``, where
@@ -554,10 +555,16 @@ _ranks = st.sampled_from((2, 3))
 _dtypes = st.sampled_from((torch.float32, torch.bfloat16))
 
 
+#: A K every vector width of the bf16 kernel takes (AVX2: 8, AVX512: 16), so the same cases
+#: fuse and run on every CPU.
+_EVERY_WIDTH = 16
+#: A K no vector width takes: refused on every CPU.
+_ANY_WIDTH = 8
+
+
 def _lowerable_k() -> st.SearchStrategy[int]:
-    """A K the bf16 kernel takes on this CPU: a multiple of its vector width."""
-    step = bf16_k_multiple()
-    return st.integers(1, 4).map(lambda i: i * step)
+    """A K the bf16 kernel takes on every CPU: a multiple of 16."""
+    return st.integers(1, 4).map(lambda i: i * _EVERY_WIDTH)
 
 
 @st.composite
@@ -597,11 +604,11 @@ def woq_concat_cases(draw: st.DrawFn) -> FamilyCase:
 def woq_refusal_cases(draw: st.DrawFn) -> FamilyCase:
     """One or more WOQ linears the default catalog must refuse, each with a reason: fp32
     activations (the kernel's scalar fallback), or bf16 with a K the vectorized kernel cannot
-    take. ``case.refused`` counts them; nothing fires and the outputs are the reference's."""
-    step = bf16_k_multiple()
+    take on any CPU (not a multiple of 8). ``case.refused`` counts them; nothing fires and the
+    outputs are the reference's."""
     dtype = draw(st.sampled_from((torch.float32, torch.bfloat16)))
     any_k = st.integers(1, 48)
-    k = draw(any_k if dtype == torch.float32 else any_k.filter(lambda v: v % step != 0))
+    k = draw(any_k if dtype == torch.float32 else any_k.filter(lambda v: v % _ANY_WIDTH != 0))
     return woq_case(
         seed=draw(_seeds),
         dtype=dtype,

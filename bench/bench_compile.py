@@ -1,0 +1,443 @@
+"""qalgebra under torch.compile vs Inductor's own quantization path, side by side.
+
+    python bench/bench_compile.py [--quick] [--models a,b] [--batches 1,8] [--out FILE]
+
+Per model and batch, one child process quantizes the model (torchao's PT2E flow,
+X86InductorQuantizer) and measures, side by side:
+
+- compile time (wall time of the first call: dynamo, AOT autograd, the passes, code generation
+  and the C++ compiler, each compile in a fresh Inductor cache) of ``torch.compile(gm,
+  backend="qalgebra")`` and of ``torch.compile(gm)`` with freezing (Inductor's own
+  quantization patterns), after one untimed warm-up compile of a small model with each, so
+  that neither pays the process's one-time costs (pattern registration, pattern validation);
+- fused oneDNN conv/linear calls in the code each generated, and the quantization fusions
+  Inductor itself made under the qalgebra backend (0 when its patterns found nothing);
+- steady-state runtime (median of ``--runs`` calls after ``--warmup``, the modules taking
+  turns, order rotating; qalgebra-compiled / Inductor-compiled is the median of per-round
+  ratios) of the fp32 model, torchao's and qalgebra's eager lowerings and both compiled
+  modules;
+- numerics: max |output - reference| of each, the reference being the quantized module run
+  eagerly.
+
+``[decomposed]`` models are the same quantized graph with its per-tensor quantize/dequantize
+ops written as arithmetic, zero points 0 left out (``qalgebra.testing.forms.to_decomposed``):
+the form Inductor's patterns miss. ``--out`` writes the markdown with a header.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import json
+import os
+import re
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from unittest import mock
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:  # runnable from a checkout without `pip install -e .`
+    sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+from bench_lowering import cpu_model, fmt, git_revision, log  # noqa: E402
+from torch import Tensor, nn  # noqa: E402
+
+from qalgebra.cli import (  # noqa: E402
+    max_abs_diff,
+    mutates_inputs,
+    paired_ratio,
+    quiet_third_party,
+    timed_samples,
+)
+from qalgebra.testing.models import ffn_stack, resnet_like  # noqa: E402
+
+Factory = Callable[[int], tuple[nn.Module, tuple[Tensor, ...]]]
+
+#: Fused oneDNN conv/linear calls in Inductor's generated wrapper code.
+FUSED_CALL = re.compile(r"torch\.ops\.onednn\.(qconv\w*|qlinear\w*)\.\w+\(")
+
+
+def transformer_encoder(batch: int) -> tuple[nn.Module, tuple[Tensor, ...]]:
+    """A 4-layer ``nn.TransformerEncoder`` (d_model 256, 4 heads, ff 1024), sequence 64."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(300)
+        layer = nn.TransformerEncoderLayer(256, 4, 1024, batch_first=True)
+        model = nn.TransformerEncoder(layer, 4, enable_nested_tensor=False).eval()
+        return model, (torch.randn(batch, 64, 256),)
+
+
+MODELS: dict[str, Factory] = {
+    "resnet_like(8)": lambda b: resnet_like(8, batch=b, size=32)(),
+    "resnet_like(32)": lambda b: resnet_like(32, batch=b, size=32)(),
+    "ffn_stack(8,3d)": lambda b: ffn_stack(8, three_d=True, batch=b, seq=64)(),
+    "ffn_stack(8,2d)": lambda b: ffn_stack(8, three_d=False, batch=b, seq=64)(),
+    "transformer_encoder": transformer_encoder,
+}
+#: The public architectures of ``qalgebra.testing.zoo`` (full size) the issue names.
+ZOO_MODELS = (
+    "resnet18",
+    "resnet50",
+    "mobilenet_v2",
+    "mobilenet_v3_large",
+    "efficientnet_b0",
+    "googlenet",
+    "shufflenet_v2_x1_0",
+    "transformer_encoder",
+)
+DECOMPOSED = " [decomposed]"
+QUICK_MODELS = ("resnet_like(8)", "ffn_stack(8,3d)", "resnet_like(8)" + DECOMPOSED)
+
+
+def _zoo_factory(name: str) -> Factory:
+    def factory(batch: int) -> tuple[nn.Module, tuple[Tensor, ...]]:
+        from qalgebra.testing import zoo
+
+        model, inputs = zoo.build(name, size="full", batch=batch)
+        return model, tuple(inputs)
+
+    return factory
+
+
+def _zoo_models() -> dict[str, Factory]:
+    """``zoo:<name>`` for each of :data:`ZOO_MODELS` the zoo registry has (when it exists)."""
+    try:
+        from qalgebra.testing import zoo
+    except ImportError:
+        return {}
+    return {f"zoo:{name}": _zoo_factory(name) for name in ZOO_MODELS if name in zoo.ZOO}
+
+
+MODELS.update(_zoo_models())
+
+
+#: Models also measured in the decomposed form.
+DECOMPOSED_MODELS = ("resnet_like(8)", "resnet_like(32)", "ffn_stack(8,3d)", "transformer_encoder")
+
+
+def all_models() -> list[str]:
+    return list(MODELS) + [f"{n}{DECOMPOSED}" for n in DECOMPOSED_MODELS]
+
+
+# ---------------------------------------------------------------------------------------------
+# Child: one model, one batch
+
+
+@contextlib.contextmanager
+def generated_code() -> Iterator[list[str]]:
+    """The wrapper code Inductor generates inside the block."""
+    from torch._inductor.graph import GraphLowering
+
+    codes: list[str] = []
+    with mock.patch.object(GraphLowering, "save_output_code", codes.append):
+        yield codes
+
+
+def fresh(inputs: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+    """Copies: a module that writes into its inputs (Inductor's and torchao's in-place ``sum``
+    into a residual input do) must not change what the next call sees."""
+    return tuple(x.clone() for x in inputs)
+
+
+def compile_once(gm: nn.Module, inputs: tuple[Tensor, ...], backend: str) -> dict[str, Any]:
+    """Compile a copy of ``gm`` (freezing on, fresh cache), run it once; time and inspect."""
+    from torch._inductor import config
+    from torch._inductor.utils import fresh_cache
+
+    from qalgebra.compile import inductor_quant_fusions, recording
+
+    model = copy.deepcopy(gm)
+    before = inductor_quant_fusions()
+    with (
+        fresh_cache(),
+        config.patch(freezing=True),
+        torch.no_grad(),
+        generated_code() as codes,
+        recording() as reports,
+    ):
+        compiled = torch.compile(model, backend=backend)
+        args = fresh(inputs)
+        start = time.perf_counter()
+        out = compiled(*args)
+        seconds = time.perf_counter() - start
+    after = inductor_quant_fusions()
+    after.subtract(before)
+    return {
+        "module": compiled,
+        "out": out,
+        "seconds": seconds,
+        "fused": sum(len(FUSED_CALL.findall(code)) for code in codes),
+        "inductor_quant_fusions": sum(v for v in after.values() if v > 0),
+        "qalgebra_fired": sum(sum(r.lowering.fired.values()) for r in reports),
+        "pass_seconds": sum(r.pass_seconds for r in reports),
+        "graphs": len(codes),
+    }
+
+
+def warm_up() -> None:
+    """One compile of a small quantized model with each backend (process one-time costs)."""
+    from qalgebra.testing.quantize import quantize_pt2e
+
+    model, inputs = resnet_like(1)()
+    gm = quantize_pt2e(model, inputs)
+    for backend in ("inductor", "qalgebra"):
+        compile_once(gm, inputs, backend)
+
+
+def child(name: str, batch: int, runs: int, warmup: int) -> dict[str, Any]:
+    from qalgebra.lower import lower
+    from qalgebra.testing.forms import to_decomposed
+    from qalgebra.testing.quantize import quantize_pt2e, torchao_lower
+
+    quiet_third_party()
+    base = name.removesuffix(DECOMPOSED)
+    model, inputs = MODELS[base](batch)
+    gm = quantize_pt2e(model, inputs)
+    if name.endswith(DECOMPOSED):
+        gm = to_decomposed(gm)
+    result: dict[str, Any] = {"model": name, "batch": batch, "nodes": len(gm.graph.nodes)}
+    with torch.no_grad():
+        reference = gm(*fresh(inputs))
+    modules: dict[str, Callable[..., object]] = {"fp32 eager": model}
+    eager = {"torchao eager": torchao_lower, "qalgebra eager": lower}
+    for who, lowering in eager.items():
+        try:
+            modules[who] = lowering(gm, inputs)
+        except Exception as exc:  # a crash is a result, recorded
+            result[f"{who} error"] = f"{type(exc).__name__}: {exc}"[:300]
+    warm_up()
+    for who, backend in (("Inductor compiled", "inductor"), ("qalgebra compiled", "qalgebra")):
+        log(f"{name} batch {batch}: compiling with {backend}")
+        try:
+            done = compile_once(gm, inputs, backend)
+        except Exception as exc:
+            result[f"{who} error"] = f"{type(exc).__name__}: {exc}"[:300]
+            continue
+        modules[who] = done.pop("module")
+        result[who] = {k: v for k, v in done.items() if k != "out"}
+    diffs = {}
+    for who, module in modules.items():
+        with torch.no_grad():
+            diffs[who] = max_abs_diff(module(*fresh(inputs)), reference)
+    result["diff"] = diffs
+    result["writes its inputs"] = [who for who, m in modules.items() if mutates_inputs(m, inputs)]
+    result["reference abs max"] = float(reference.abs().max())
+    log(f"{name} batch {batch}: timing {runs} rounds")
+    samples = timed_samples(modules, inputs, runs=runs, warmup=warmup)
+    result["runtime ms"] = {k: statistics.median(v) * 1e3 for k, v in samples.items()}
+    result["qalgebra/Inductor compiled"] = paired_ratio(
+        samples, "qalgebra compiled", "Inductor compiled"
+    )
+    result["qalgebra compiled/eager"] = paired_ratio(samples, "qalgebra compiled", "qalgebra eager")
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# Parent: children, report
+
+
+@dataclass
+class Args:
+    models: list[str]
+    batches: list[int]
+    runs: int
+    warmup: int
+    threads: int
+    timeout: float
+    out: Path | None
+
+
+def run_child(args: Args, name: str, batch: int) -> dict[str, Any]:
+    cmd = [sys.executable, __file__, "--child", name, "--batches", str(batch)]
+    cmd += ["--runs", str(args.runs), "--warmup", str(args.warmup), "--threads", str(args.threads)]
+    try:
+        done = subprocess.run(
+            cmd, capture_output=True, text=True, timeout=args.timeout, check=False
+        )
+    except subprocess.TimeoutExpired:
+        return {"model": name, "batch": batch, "error": f"timed out after {args.timeout:.0f} s"}
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or ["?"])[-1]
+        return {"model": name, "batch": batch, "error": last[:300]}
+    data: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    return data
+
+
+def ratio(num: float | None, den: float | None) -> str:
+    return f"{num / den:.2f}x" if num and den else "n/a"
+
+
+def compile_table(results: list[dict[str, Any]]) -> list[str]:
+    lines = [
+        "| model | batch | Inductor compile | qalgebra compile (its pass) | qalgebra / Inductor "
+        "| fused oneDNN conv/linear: Inductor | qalgebra | Inductor's quant. fusions under "
+        "qalgebra |",
+        "|---|--:|--:|--:|--:|--:|--:|--:|",
+    ]
+    for r in results:
+        ind, qa = r.get("Inductor compiled", {}), r.get("qalgebra compiled", {})
+        lines.append(
+            f"| {r['model']} | {r['batch']} | {fmt(ind.get('seconds'), ' s')} "
+            f"| {fmt(qa.get('seconds'), ' s')} ({fmt(qa.get('pass_seconds'), ' s')}) "
+            f"| {ratio(qa.get('seconds'), ind.get('seconds'))} "
+            f"| {ind.get('fused', 'n/a')} | {qa.get('fused', 'n/a')} "
+            f"| {qa.get('inductor_quant_fusions', 'n/a')} |"
+        )
+    return lines
+
+
+RUNTIME_COLUMNS = (
+    "fp32 eager",
+    "torchao eager",
+    "qalgebra eager",
+    "Inductor compiled",
+    "qalgebra compiled",
+)
+
+
+def runtime_table(results: list[dict[str, Any]]) -> list[str]:
+    lines = [
+        "| model | batch | " + " | ".join(RUNTIME_COLUMNS) + " | qalgebra compiled / Inductor "
+        "compiled (per round) | qalgebra compiled / qalgebra eager (per round) |",
+        "|---|--:|" + "--:|" * (len(RUNTIME_COLUMNS) + 2),
+    ]
+    for r in results:
+        t = r.get("runtime ms", {})
+        cells = " | ".join(fmt(t.get(c), " ms") for c in RUNTIME_COLUMNS)
+        q_over_i = r.get("qalgebra/Inductor compiled")
+        q_over_e = r.get("qalgebra compiled/eager")
+        lines.append(
+            f"| {r['model']} | {r['batch']} | {cells} "
+            f"| {'n/a' if q_over_i is None else f'{q_over_i:.3f}x'} "
+            f"| {'n/a' if q_over_e is None else f'{q_over_e:.3f}x'} |"
+        )
+    return lines
+
+
+def numerics_table(results: list[dict[str, Any]]) -> list[str]:
+    lines = [
+        "| model | batch | max abs ref. | " + " | ".join(RUNTIME_COLUMNS) + " |",
+        "|---|--:|--:|" + "--:|" * len(RUNTIME_COLUMNS),
+    ]
+    for r in results:
+        d = r.get("diff", {})
+        cells = " | ".join(fmt(d.get(c)) for c in RUNTIME_COLUMNS)
+        ref = fmt(r.get("reference abs max"))
+        lines.append(f"| {r['model']} | {r['batch']} | {ref} | {cells} |")
+    return lines
+
+
+def problem_lines(results: list[dict[str, Any]]) -> list[str]:
+    lines = []
+    for r in results:
+        for key, value in r.items():
+            if key.endswith("error"):
+                lines.append(f"- {r['model']} batch {r['batch']}: {key}: {value}")
+        for who in r.get("writes its inputs", []):
+            lines.append(
+                f"- {r['model']} batch {r['batch']}: the {who} module writes into the caller's "
+                "input tensors (measured on copies)"
+            )
+    return lines or ["- none"]
+
+
+def header(command: str, args: Args, load: tuple[str, str]) -> list[str]:
+    import datetime
+    import platform
+
+    import torchao
+
+    now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    return [
+        "# torch.compile benchmark: qalgebra's catalog vs Inductor's quantization patterns",
+        "",
+        f"- date: {now}",
+        f"- command: `{command}`",
+        f"- CPU: {cpu_model()}; torch threads: {args.threads}",
+        f"- torch {torch.__version__}, torchao {torchao.__version__}, Python "
+        f"{platform.python_version()}, qalgebra at `{git_revision()}`",
+        f"- load average (1/5/15 min) at start: {load[0]}; at end: {load[1]}. A shared "
+        "machine: ratios measured side by side in one process mean more than absolutes.",
+        f"- method: one child process per model and batch; runtime = median of {args.runs} "
+        f"calls after {args.warmup} warm-up calls, the modules taking turns; compile time = "
+        "first call (dynamo + AOT + passes + codegen + C++ compiler), fresh Inductor cache, "
+        "after one warm-up compile of resnet_like(1) with each backend.",
+        "",
+    ]
+
+
+def parse_args(argv: list[str] | None) -> tuple[Args, str | None]:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help=f"{', '.join(QUICK_MODELS)}")
+    parser.add_argument("--models", help=f"comma-separated, from: {'; '.join(all_models())}")
+    parser.add_argument("--batches", default=None, help="comma-separated (default 1,8)")
+    parser.add_argument("--runs", type=int, default=None, help="timed rounds (default 30)")
+    parser.add_argument("--warmup", type=int, default=None, help="warm-up rounds (default 5)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    parser.add_argument("--timeout", type=float, default=1800, help="seconds per child")
+    parser.add_argument("--out", type=Path, help="also write the markdown report here")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    ns = parser.parse_args(argv)
+    if ns.models:
+        models = [m.strip() for m in re.split(r",(?![^(]*\))", ns.models)]  # not inside (...)
+    else:
+        models = list(QUICK_MODELS) if ns.quick else all_models()
+    unknown = [m for m in models if m not in all_models()]
+    if unknown and ns.child is None:
+        parser.error(f"unknown model(s) {unknown}; known: {all_models()}")
+    batches = [int(b) for b in (ns.batches or ("1" if ns.quick else "1,8")).split(",")]
+    runs = ns.runs if ns.runs is not None else (10 if ns.quick else 30)
+    warmup = ns.warmup if ns.warmup is not None else (2 if ns.quick else 5)
+    return Args(models, batches, runs, warmup, ns.threads, ns.timeout, ns.out), ns.child
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, child_model = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if child_model is not None:
+        print(json.dumps(child(child_model, args.batches[0], args.runs, args.warmup)))
+        return 0
+    command = "python bench/bench_compile.py " + shlex.join(sys.argv[1:] if argv is None else argv)
+    start_load = " / ".join(f"{x:.2f}" for x in os.getloadavg())
+    results = []
+    for name in args.models:
+        for batch in args.batches:
+            log(f"{name} batch {batch}: start")
+            results.append(run_child(args, name, batch))
+            log(f"{name} batch {batch}: {json.dumps(results[-1])[:400]}")
+    end_load = " / ".join(f"{x:.2f}" for x in os.getloadavg())
+    body = [
+        "## Compile time and fused oneDNN ops",
+        "",
+        *compile_table(results),
+        "",
+        "## Steady-state runtime (median)",
+        "",
+        *runtime_table(results),
+        "",
+        "## Numerics: max |output - reference|",
+        "",
+        *numerics_table(results),
+        "",
+        "## Problems",
+        "",
+        *problem_lines(results),
+        "",
+    ]
+    print("\n".join(body))
+    if args.out is not None:
+        args.out.write_text("\n".join(header(command, args, (start_load, end_load)) + body))
+        log(f"wrote {args.out}")
+    return 1 if any("error" in r for r in results) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,102 @@
+"""A family's property test: the one definition pytest, HypoFuzz and ``qalgebra fuzz`` run.
+
+:func:`family_test` returns a Hypothesis test ``test(family, data)`` that draws an example of
+``family`` (:func:`qalgebra.testing.strategies.examples`) and checks every lowering property on
+it (:func:`qalgebra.testing.properties.check_example`). ``tests/test_properties_lowering.py``
+parametrizes it by family as ``test_family``, which makes each family a pytest item that
+HypoFuzz collects and schedules separately (it gives effort to the families whose coverage
+still grows); ``qalgebra fuzz`` (:mod:`qalgebra.fuzz`) runs the same test, family by family, in
+worker processes with its own settings, under the database key pytest and HypoFuzz give it
+(:func:`use_pytest_key`), so that every driver replays every other's failures.
+
+>>> from hypothesis import settings
+>>> test = family_test()
+>>> settings(max_examples=2, database=None, deadline=None)(test)(family="qlinear")  # passes
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
+
+from hypothesis import given, note
+from hypothesis import strategies as st
+from hypothesis.internal.reflection import function_digest
+
+from qalgebra.lower import _single_thread as single_thread
+from qalgebra.testing.properties import Outcome, check_example
+from qalgebra.testing.strategies import ExampleLike, examples, families
+
+__all__ = [
+    "FAMILY_TEST_NODEID",
+    "Observer",
+    "database_key",
+    "family_test",
+    "use_pytest_key",
+]
+
+#: The pytest node id of a family's test: Hypothesis's pytest plugin and HypoFuzz both key a
+#: parametrized test's database entries by it.
+FAMILY_TEST_NODEID = "tests/test_properties_lowering.py::test_family[{family}]"
+
+
+class Observer(Protocol):
+    """Sees every example a family test checks (``qalgebra fuzz`` counts and records them)."""
+
+    def before(self, ex: ExampleLike) -> None:
+        """Called before checking ``ex``; may raise to end the run."""
+
+    def after(self, ex: ExampleLike, outcome: Outcome | None, error: BaseException | None) -> None:
+        """Called after checking ``ex``: its outcome, or the error it raised."""
+
+
+def family_test(
+    observer: Observer | None = None, *, forms: Sequence[str] | None = None
+) -> Callable[..., None]:
+    """A new Hypothesis test ``test(family, data)``: one example of ``family``, every property.
+
+    Each call returns a fresh test object, so a driver may apply its own ``settings`` and
+    ``seed`` to it. ``observer`` (None for pytest and HypoFuzz) sees each
+    example. ``forms`` restricts the forms drawn (see :func:`~.strategies.examples`).
+    """
+
+    @given(data=st.data())
+    def test_family(family: str, data: st.DataObject) -> None:
+        chosen = None if forms is None else tuple(forms)
+        ex = data.draw(_examples(family, chosen, families().get(family)), "example")
+        if observer is not None:
+            observer.before(ex)
+        try:
+            with single_thread():  # campaigns run a process per core
+                outcome = check_example(ex)
+        except BaseException as exc:
+            note(f"reproduction script:\n{ex.code()}")
+            if observer is not None:
+                observer.after(ex, None, exc)
+            raise
+        if observer is not None:
+            observer.after(ex, outcome, None)
+
+    return test_family
+
+
+@functools.cache
+def _examples(
+    family: str, forms: tuple[str, ...] | None, factory: object
+) -> st.SearchStrategy[Any]:
+    """The strategy of ``family`` (built once per registered ``factory``)."""
+    return examples([family], forms)
+
+
+def use_pytest_key(test: Any, family: str) -> None:
+    """Key ``test``'s database entries as pytest and HypoFuzz key ``test_family[family]``."""
+    inner = test.hypothesis.inner_test
+    inner._hypothesis_internal_add_digest = FAMILY_TEST_NODEID.format(family=family).encode()
+
+
+def database_key(family: str) -> bytes:
+    """The database key of ``family``'s failures (the same for every driver)."""
+    test: Any = family_test()
+    use_pytest_key(test, family)
+    return function_digest(test.hypothesis.inner_test)

@@ -1,0 +1,298 @@
+"""qalgebra inside torch.compile: the ``qalgebra`` backend and ``qalgebra.compile.compile``.
+
+Each compile costs seconds (5-30 s with a cold Inductor cache on a loaded 2-core machine), so CI
+compiles ten small registry models, one property per compile (about 2-5 minutes in all); the
+comparison with Inductor's own quantization path on the decomposed form is opt-in
+(``QALGEBRA_SLOW=1``), as are the larger comparisons of bench/bench_compile.py. Numerics are
+checked against the quantized module run eagerly, by the oracle's rules.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+from collections.abc import Iterator
+from importlib.metadata import entry_points
+
+import pytest
+import torch
+from torch import fx
+
+from qalgebra import isa
+from qalgebra.catalog_pass import CatalogPass
+from qalgebra.compile import CompileReport, backend, compile, inductor_quant_fusions, recording
+from qalgebra.errors import LoweringError
+from qalgebra.fusions.conv import QCONV
+from qalgebra.inductor_prep import decompose, functional_clamps, respell_unfused
+from qalgebra.lower import LoweringReport, lower_with_report
+from qalgebra.testing.forms import to_decomposed, to_tensor_qparams
+from qalgebra.testing.models import build
+from qalgebra.testing.oracle import BF16_RTOL, assert_outputs_close, output_quant_steps
+from qalgebra.testing.quantize import quantize_pt2e
+
+aten = torch.ops.aten
+FAMILIES = ("qconv", "qconv_binary", "qlinear", "qlinear_binary")
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo() -> Iterator[None]:
+    """Each test compiles its own module; drop what dynamo cached for the earlier ones."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def the_step(gm: fx.GraphModule) -> float | None:
+    """The quantization step of a one-output model's output (None: a compute op's output)."""
+    (step,) = output_quant_steps(gm)
+    return step
+
+
+def families(report: LoweringReport) -> dict[str, int]:
+    return {name: report.fired.get(name, 0) for name in FAMILIES}
+
+
+def only_report(reports: list[CompileReport]) -> CompileReport:
+    assert len(reports) == 1, [r.summary() for r in reports]
+    return reports[0]
+
+
+def run(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    with torch.no_grad():
+        out = module(*inputs)
+    assert isinstance(out, torch.Tensor)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Cheap: no compile
+
+
+def test_the_backend_is_registered_by_its_entry_point() -> None:
+    points = {ep.name: ep.value for ep in entry_points(group="torch_dynamo_backends")}
+    assert points.get("qalgebra") == "qalgebra.compile:backend"
+    assert "qalgebra" in torch._dynamo.list_backends()
+    assert torch._dynamo.lookup_backend("qalgebra") is backend
+
+
+@pytest.mark.parametrize("form", ["op", "tensor_qparams"])
+def test_respelled_quant_nodes_compute_the_same_values_with_no_quant_op_left(form: str) -> None:
+    model, inputs = build("conv_add_conv_rhs_relu")
+    gm = quantize_pt2e(model, inputs)
+    if form == "tensor_qparams":
+        gm = to_tensor_qparams(gm)
+    unlowered, _ = lower_with_report(gm, inputs, fusions=())  # every q/dq node left
+    respelled = copy.deepcopy(unlowered)
+    hidden = respell_unfused(respelled)
+    left = [
+        n.name
+        for n in respelled.graph.nodes
+        if getattr(n.target, "namespace", None) == "quantized_decomposed"
+    ]
+    assert hidden and not left, (hidden, left)
+    assert torch.equal(run(respelled, inputs), run(gm, inputs))  # bit-exact: same arithmetic
+
+
+def test_leftover_post_ops_are_decomposed_by_inductors_table() -> None:
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    def model(x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.gelu(torch.nn.functional.hardswish(x)) + 1
+
+    x = torch.randn(64)
+    gm = make_fx(model, tracing_mode="fake")(x)  # aten.gelu, aten.hardswish, fake meta vals
+    kept = {aten.gelu.default, aten.hardswish.default}
+    assert kept <= {n.target for n in gm.graph.nodes}
+    assert decompose(gm.graph) == 2
+    gm.recompile()
+    assert not kept & {n.target for n in gm.graph.nodes}
+    assert torch.allclose(gm(x), model(x), atol=1e-6)
+
+
+@pytest.mark.parametrize("padding,ceil_mode", [(0, False), (1, True)])
+def test_a_uint8_max_pool_becomes_inductors_own_with_the_same_values(
+    padding: int, ceil_mode: bool
+) -> None:
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    def pool(x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = torch.ops.quantized.max_pool2d(
+            x, [3, 3], [2, 2], [padding, padding], [1, 1], ceil_mode
+        )
+        return out
+
+    x = torch.randint(0, 256, (2, 8, 9, 9), dtype=torch.uint8)
+    x = x.contiguous(memory_format=torch.channels_last)
+    gm = make_fx(pool, tracing_mode="fake")(x)
+    assert decompose(gm.graph) == 1
+    gm.recompile()
+    assert not any("quantized" in str(n.target) for n in gm.graph.nodes)
+    assert torch.equal(gm(x), pool(x))
+
+
+def test_in_place_clamps_of_an_owned_tensor_become_functional() -> None:
+    graph = fx.Graph()
+    x = graph.placeholder("x")
+    owned = graph.call_function(aten.mul.Tensor, (x, 2.0))
+    clamped = graph.call_function(aten.clamp_max_.default, (owned, 3.0))
+    shared = graph.call_function(aten.mul.Tensor, (x, 3.0))
+    in_place = graph.call_function(aten.clamp_min_.default, (shared, 0.0))
+    graph.output((clamped, in_place, shared))  # `shared` is read after its clamp: stays
+    assert functional_clamps(graph) == 1
+    assert clamped.target is aten.clamp_max.default
+    assert in_place.target is aten.clamp_min_.default
+
+
+def test_the_catalog_pass_refuses_to_run_outside_a_freezing_compile() -> None:
+    graph = fx.symbolic_trace(torch.nn.ReLU()).graph
+    with pytest.raises(LoweringError, match="freezing compile"):
+        CatalogPass(())(graph)
+
+
+def test_compile_keeps_its_own_backend() -> None:
+    with pytest.raises(TypeError, match="backend"):
+        compile(torch.nn.ReLU(), (torch.randn(2),), backend="inductor")
+
+
+# ---------------------------------------------------------------------------------------------
+# One compile each
+
+
+@pytest.mark.parametrize("name", ["resnet_like_2", "ffn_stack_2_3d"])
+def test_compiled_model_fuses_what_the_eager_lowering_fuses(name: str) -> None:
+    model, inputs = build(name)
+    gm = quantize_pt2e(model, inputs)
+    _, eager = lower_with_report(gm, inputs)
+    compiled = compile(gm, inputs)
+    report = only_report(compiled.reports)
+    assert families(report.lowering) == families(eager) and sum(families(eager).values()) > 0
+    assert report.inductor_quant_fusions == {}  # Inductor's own patterns found nothing
+    assert_outputs_close(run(gm, inputs), run(compiled, inputs), quant_step=the_step(gm))
+
+
+def test_a_users_catalog_replaces_inductors_patterns() -> None:
+    mine = dataclasses.replace(QCONV, name="my_qconv")
+    model, inputs = build("conv2d_relu")
+    gm = quantize_pt2e(model, inputs)
+    compiled = compile(gm, inputs, fusions=(mine,))
+    report = only_report(compiled.reports)
+    assert dict(report.lowering.fired) == {"my_qconv": 2}
+    assert report.inductor_quant_fusions == {}
+    assert_outputs_close(run(gm, inputs), run(compiled, inputs), quant_step=the_step(gm))
+
+
+class DropoutFFN(torch.nn.Module):
+    """``x + dropout(fc2(relu(fc1(x))))``: in eval mode AOT autograd traces the dropout as a
+    clone, between the linear and the residual add."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = torch.nn.Linear(16, 32), torch.nn.Linear(32, 16)
+        self.dropout = torch.nn.Dropout(0.1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        update: torch.Tensor = self.dropout(self.fc2(torch.relu(self.fc1(x))))
+        return x + update
+
+
+def test_an_eval_dropout_does_not_keep_a_linear_from_its_residual_add() -> None:
+    torch.manual_seed(0)
+    model, inputs = DropoutFFN().eval(), (torch.randn(2, 4, 16),)
+    gm = quantize_pt2e(model, inputs)
+    compiled = compile(gm, inputs)
+    fired = only_report(compiled.reports).lowering.fired
+    assert (fired["qlinear"], fired["qlinear_binary"]) == (1, 1), fired
+    assert_outputs_close(run(gm, inputs), run(compiled, inputs), quant_step=the_step(gm))
+
+
+def test_backend_by_name_inlines_module_tensors_and_refuses_stale_ones() -> None:
+    # Traced without Inductor's freezing: dynamo passes the module's tensors as inputs.
+    model, inputs = build("conv2d_relu")
+    gm = quantize_pt2e(model, inputs)
+    with recording() as reports, torch.no_grad():
+        compiled = torch.compile(gm, backend="qalgebra")
+        out = compiled(*inputs)
+    report = only_report(reports)
+    assert report.frozen_inputs > 0 and report.lowering.fired["qconv"] == 2
+    assert_outputs_close(run(gm, inputs), out, quant_step=the_step(gm))
+    weight = next(b for name, b in gm.named_buffers() if "frozen_param" in name)
+    weight.mul_(1)  # written in place: the compiled weights may be stale
+    with pytest.raises(LoweringError, match="changed after compiling"), torch.no_grad():
+        compiled(*inputs)
+
+
+def test_a_conv_qalgebra_refuses_is_not_fused_by_inductor_either() -> None:
+    # Full-range uint8 activations on a CPU whose int8 pair sums saturate: qalgebra refuses the
+    # convs; Inductor's prepack pattern would fuse them (and compute wrong values there).
+    model, inputs = build("conv2d_relu")
+    with isa.forced(int8_pairs_saturate=True):
+        gm = quantize_pt2e(model, inputs, reduce_range=False)
+        compiled = compile(gm, inputs)
+    report = only_report(compiled.reports)
+    assert report.lowering.fired["qconv"] == 0
+    assert any("saturat" in r.reason for r in report.lowering.refused), report.summary()
+    assert report.inductor_quant_fusions == {}
+    assert report.hidden_quant_nodes
+    assert_outputs_close(run(gm, inputs), run(compiled, inputs), quant_step=the_step(gm))
+
+
+def test_every_conv_and_linear_of_the_decomposed_form_fuses() -> None:
+    model, inputs = build("resnet_like_2")
+    gm = to_decomposed(quantize_pt2e(model, inputs))
+    convs = len(gm.graph.find_nodes(op="call_function", target=aten.conv2d.default))
+    linears = len(gm.graph.find_nodes(op="call_function", target=aten.linear.default))
+    compiled = compile(gm, inputs)
+    fired = only_report(compiled.reports).lowering.fired
+    assert (fired["qconv"] + fired["qconv_binary"], fired["qlinear"]) == (convs, linears)
+    assert convs > 0 and linears > 0
+    assert_outputs_close(run(gm, inputs), run(compiled, inputs), quant_step=the_step(gm))
+
+
+def test_a_symbolic_batch_compiles_once_for_every_batch_size() -> None:
+    model, inputs = build("linear3d_gelu")
+    gm = quantize_pt2e(model, inputs, dynamic_batch=True)
+    example = inputs[0].clone()
+    torch._dynamo.mark_dynamic(example, 0)
+    compiled = compile(gm, (example,))
+    for batch in (3, 7):
+        x = torch.randn(batch, *example.shape[1:])
+        assert_outputs_close(run(gm, (x,)), run(compiled, (x,)), quant_step=the_step(gm))
+    report = only_report(compiled.reports)  # no recompile for the new batch sizes
+    assert report.lowering.fired["qlinear"] == 2
+
+
+def test_under_bf16_autocast_the_int8_mixed_bf16_form_fuses() -> None:
+    model, inputs = build("conv2d_relu")
+    gm = quantize_pt2e(model, inputs)
+    _, eager_bf16 = lower_with_report(quantize_pt2e(model, inputs, bf16=True), inputs)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        compiled = compile(gm, inputs)
+        reference, out = run(gm, inputs), run(compiled, inputs)
+    assert families(only_report(compiled.reports).lowering) == families(eager_bf16)
+    assert eager_bf16.fired["qconv"] == 2
+    assert out.dtype == reference.dtype == torch.bfloat16
+    assert_outputs_close(reference, out, quant_step=the_step(gm), rtol=BF16_RTOL)
+
+
+# ---------------------------------------------------------------------------------------------
+# Opt-in: Inductor's own path on the decomposed form
+
+
+@pytest.mark.skipif(not os.environ.get("QALGEBRA_SLOW"), reason="set QALGEBRA_SLOW=1 (minutes)")
+def test_inductor_alone_fuses_no_conv_or_linear_of_the_decomposed_form() -> None:
+    from torch._inductor import config
+
+    model, inputs = build("resnet_like_2")
+    gm = to_decomposed(quantize_pt2e(model, inputs))
+    before = inductor_quant_fusions()
+    with config.patch(freezing=True), torch.no_grad():
+        torch.compile(copy.deepcopy(gm))(*inputs)
+    after = inductor_quant_fusions()
+    after.subtract(before)
+    prepacked = [k for k, v in after.items() if v > 0 and "weight_prepack" in k]
+    assert prepacked == [], dict(after)
+    fired = only_report(compile(gm, inputs).reports).lowering.fired
+    assert fired["qconv"] + fired["qconv_binary"] > 0 and fired["qlinear"] > 0

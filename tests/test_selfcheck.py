@@ -1,0 +1,273 @@
+"""The lowering-time self-check (qalgebra.selfcheck): wrong kernels are refused, right ones fuse.
+
+A deliberately wrong kernel is a test-only fusion: the catalog's qconv/qlinear rewrite, whose
+kernel call then gets a wrong argument (an output scale doubled, a float output's scale that
+oneDNN rejects). Verdicts are cached per process: every test starts from an empty cache.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from torch import fx
+from typer.testing import CliRunner
+
+from qalgebra import isa, selfcheck
+from qalgebra.cli import app
+from qalgebra.errors import LoweringError
+from qalgebra.fusions import Fusion, Rewriter
+from qalgebra.fusions.conv import QCONV
+from qalgebra.fusions.linear import QLINEAR
+from qalgebra.lower import lower_with_report
+from qalgebra.pattern import Match
+from qalgebra.selfcheck import MIN_AGREEMENT, agreement, emits_kernel
+from qalgebra.testing.models import build
+from qalgebra.testing.properties import check_example, check_numerics, flat_outputs
+from qalgebra.testing.quantize import quantize_pt2e
+from qalgebra.testing.strategies import (
+    ConvSpec,
+    GraphSpec,
+    Layer,
+    QuantSpec,
+    Returns,
+    build_example,
+)
+
+onednn = torch.ops.onednn
+Q = QuantSpec(scale=0.03, zero_point=2, quant_min=0, quant_max=127, dtype=torch.uint8)
+OUT_Q = QuantSpec(scale=0.05, zero_point=5, quant_min=0, quant_max=255, dtype=torch.uint8)
+#: The catalog's fusions whose replacement calls a kernel (the ones the self-check runs).
+KERNEL_FUSIONS = (
+    "qconv",
+    "qconv_binary",
+    "qlinear",
+    "qlinear_binary",
+    "qmaxpool2d",
+    "quant_lift_up_max_pool",  # lifts a quantize above max_pool2d: quantized.max_pool2d
+)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(autouse=True)
+def empty_cache() -> Iterator[None]:
+    selfcheck.clear_cache()
+    yield
+    selfcheck.clear_cache()
+
+
+def _with_wrong_scale(fusion: Fusion, factor: float) -> Fusion:
+    """``fusion`` whose kernel call gets its output scale multiplied by ``factor``."""
+
+    def rewrite(m: Match, rw: Rewriter) -> fx.Node:
+        new = fusion.rewrite(m, rw)
+        kernel = next(n for n in rw.created if emits_kernel([n]))
+        index = 11 if fusion is QCONV else 7  # output_scale in qconv / qlinear_pointwise
+        scale = kernel.args[index]
+        assert isinstance(scale, float)
+        kernel.update_arg(index, scale * factor)
+        return new
+
+    return Fusion(f"wrong_{fusion.name}", fusion.family, fusion.pattern, rewrite)
+
+
+def _conv_example(
+    returns: Returns = "quantized",
+) -> tuple[fx.GraphModule, tuple[torch.Tensor, ...]]:
+    conv = ConvSpec(8, 8, (3, 3), padding=(1, 1))
+    out_q = OUT_Q if returns == "quantized" else None
+    spec = GraphSpec(
+        "qconv", (2, 8, 6, 6), Q, Layer(conv, seed=4), output_quant=out_q, returns=returns
+    )
+    example = build_example(spec)
+    return example.gm, example.inputs
+
+
+def test_kernels_are_not_run_while_probes_decide_for_another_cpu() -> None:
+    # the lowering then emits another CPU's kernels (on an AVX2 CPU, 8-bit activations that
+    # saturate; on AVX512, a bf16 WOQ K read past its rows): this CPU must not judge or run them
+    gm, inputs = _conv_example()
+    other = not isa.measured("int8_pairs_saturate")
+    with isa.forced(int8_pairs_saturate=other):
+        _, report = lower_with_report(gm, inputs)
+    assert report.selfcheck.ran == 0 and report.selfcheck.cached == 0, report.summary()
+    (reason,) = report.selfcheck.skipped
+    assert "another CPU's answers (int8_pairs_saturate)" in reason
+    with isa.forced(int8_pairs_saturate=not other):  # this CPU's own answer: checked
+        _, report = lower_with_report(gm, inputs)
+    assert not report.selfcheck.skipped and report.selfcheck.ran + report.selfcheck.cached >= 1
+
+
+def test_a_wrong_kernel_is_refused_and_the_model_still_runs_right() -> None:
+    gm, inputs = _conv_example()
+    reference = gm(*inputs)
+    wrong = _with_wrong_scale(QCONV, 2.0)
+    lowered, report = lower_with_report(gm, inputs, fusions=(wrong,))
+    (refusal,) = report.refused
+    assert refusal.fusion == "wrong_qconv" and refusal.cause == "selfcheck"
+    assert refusal.reason.startswith("self-check: MISMATCH") and "quantized uint8" in refusal.reason
+    assert report.fired["wrong_qconv"] == 0
+    assert (report.selfcheck.ran, report.selfcheck.refused) == (1, 1)
+    assert torch.equal(lowered(*inputs), reference)  # left unfused: the same eager ops
+    # The same fusion trusted blindly computes something else: the check is what caught it.
+    blind, report = lower_with_report(gm, inputs, fusions=(wrong,), selfcheck="off")
+    assert report.fired["wrong_qconv"] == 1
+    assert (blind(*inputs).int() - reference.int()).abs().max() > 1
+
+
+def test_a_kernel_that_rejects_its_arguments_is_refused() -> None:
+    gm, inputs = _conv_example(returns="float")  # float output: oneDNN wants output_scale 1.0
+    lowered, report = lower_with_report(gm, inputs, fusions=(_with_wrong_scale(QCONV, 2.0),))
+    (refusal,) = report.refused
+    assert refusal.cause == "selfcheck" and "the fused op raised RuntimeError" in refusal.reason
+    assert torch.equal(lowered(*inputs), gm(*inputs))
+
+
+def test_a_wrong_linear_kernel_is_refused() -> None:
+    model, inputs = build("linear_relu")  # int8 output, then float output
+    gm = quantize_pt2e(model, inputs)
+    lowered, report = lower_with_report(gm, inputs, fusions=(_with_wrong_scale(QLINEAR, 0.5),))
+    assert report.fired["wrong_qlinear"] == 0 and report.selfcheck.refused == 2
+    assert [r.cause for r in report.refused] == ["selfcheck", "selfcheck"]
+    assert any("MISMATCH: output 0: quantized" in r.reason for r in report.refused)
+    assert any("raised RuntimeError" in r.reason for r in report.refused)
+    assert torch.equal(lowered(*inputs), gm(*inputs))
+
+
+def test_right_kernels_pass_and_are_counted() -> None:
+    gm, inputs = _conv_example()
+    _, report = lower_with_report(gm, inputs)
+    assert report.fired["qconv"] == 1 and not report.refused
+    assert (report.selfcheck.ran, report.selfcheck.cached, report.selfcheck.refused) == (1, 0, 0)
+    assert "self-check (on): 1 signature(s) run" in report.summary()
+
+
+def test_a_repeated_signature_is_served_from_the_cache() -> None:
+    model, inputs = build("resnet_like_2")
+    gm = quantize_pt2e(model, inputs)
+    _, first = lower_with_report(gm, inputs)
+    checked = first.selfcheck.ran + first.selfcheck.cached
+    assert first.selfcheck.ran >= 1 and first.selfcheck.cached >= 1  # its blocks repeat shapes
+    assert checked == sum(first.fired[name] for name in KERNEL_FUSIONS)  # every kernel call
+    _, second = lower_with_report(gm, inputs)
+    assert (second.selfcheck.ran, second.selfcheck.cached) == (0, checked)
+
+
+def test_weights_and_scales_are_not_part_of_the_signature() -> None:
+    # Two convs of one geometry whose weights, scales and zero points differ: one run.
+    def example(seed: int, zero_point: int) -> tuple[fx.GraphModule, tuple[torch.Tensor, ...]]:
+        q = QuantSpec(0.02 + seed / 100, zero_point, 0, 127, torch.uint8)
+        ex = build_example(
+            GraphSpec("qconv", (1, 4, 5, 5), q, Layer(ConvSpec(4, 4, (3, 3)), seed=seed))
+        )
+        return ex.gm, ex.inputs
+
+    _, first = lower_with_report(*example(1, 3))
+    _, second = lower_with_report(*example(2, 9))
+    _, third = lower_with_report(*example(3, 0))  # zero point 0: another kernel path
+    assert (first.selfcheck.ran, second.selfcheck.cached, third.selfcheck.ran) == (1, 1, 1)
+
+
+def test_a_graph_without_shapes_is_fused_unchecked_and_counted() -> None:
+    conv = ConvSpec(4, 4, (3, 3), padding=(1, 1))
+    example = build_example(GraphSpec("qconv", (1, 4, 5, 5), Q, Layer(conv), meta="none"))
+    outcome = check_example(example)
+    assert outcome.report.fired["qconv"] == 1
+    assert outcome.report.selfcheck.skipped == {"an input's shape is unknown": 1}
+
+
+def test_bf16_graphs_pass_against_the_float32_reference() -> None:
+    conv = ConvSpec(8, 8, (3, 3), padding=(1, 1))
+    spec = GraphSpec(
+        "qconv", (2, 8, 6, 6), Q, Layer(conv, seed=2), output_quant=OUT_Q, dtype="bf16"
+    )
+    outcome = check_example(build_example(spec))
+    assert outcome.report.selfcheck.ran == 1 and not outcome.report.refused
+
+
+def test_the_check_alone_catches_the_one_column_conv_where_this_cpu_has_it() -> None:
+    conv = ConvSpec(8, 2, (2, 2), stride=(1, 2), groups=2)  # the issue's conv
+    example = build_example(GraphSpec("qconv", (1, 8, 6, 2), Q, Layer(conv, seed=5)))
+    # with a trusted static shape the lowering cuts the one column out (exact, no kernel at
+    # fault); a result shape that contradicts the conv makes the shapes untrusted, so the conv
+    # is emitted strided as written, the kernel this CPU may get wrong
+    (root,) = next(n for n in example.gm.graph.nodes if n.op == "output").all_input_nodes
+    root.meta["val"] = torch.empty(1, 2, 6, 7, device="meta")
+    with isa.forced():
+        wrong_here = isa.qconv_single_column_stride_wrong()
+    with isa.forced(qconv_single_column_stride_wrong=False):  # no probe refusal
+        lowered, report = lower_with_report(example.gm, example.inputs)
+    assert report.selfcheck.refused == int(wrong_here), report.summary()
+    assert report.fired["qconv"] == int(not wrong_here)
+    reference = flat_outputs(example.gm(*example.inputs))
+    check_numerics(example.expected.outputs, reference, flat_outputs(lowered(*example.inputs)))
+
+
+def test_an_unknown_mode_is_a_lowering_error() -> None:
+    gm, inputs = _conv_example()
+    with pytest.raises(LoweringError, match="selfcheck must be one of"):
+        lower_with_report(gm, inputs, selfcheck="sometimes")  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------------------------
+# The bound
+
+
+def _u8(values: list[int]) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.uint8)
+
+
+def test_agreement_allows_one_step_on_few_elements() -> None:
+    ref = _u8(list(range(20)))
+    one_off = ref.clone()
+    one_off[0] += 1
+    assert agreement(ref, one_off).ok
+    two_off = ref.clone()
+    two_off[0] += 2
+    verdict = agreement(ref, two_off)
+    assert not verdict.ok and "2 step(s)" in verdict.message
+
+
+def test_agreement_needs_most_quantized_elements_equal() -> None:
+    ref = _u8([10] * 10)
+    shifted = ref.clone()
+    moved = 10 - int(MIN_AGREEMENT * 10) + 1  # one more than allowed
+    shifted[:moved] += 1
+    verdict = agreement(ref, shifted)
+    assert not verdict.ok and "of the quantized elements equal" in verdict.message
+    shifted[0] -= 1
+    assert agreement(ref, shifted).ok
+
+
+def test_agreement_on_float_outputs_is_relative_to_the_magnitude() -> None:
+    ref = torch.tensor([1000.0, -3.0, 0.5])
+    assert agreement(ref, ref + torch.tensor([0.005, 0.0, 0.0])).ok  # 5e-6 of 1000
+    assert not agreement(ref, ref + torch.tensor([0.0, 0.0, 0.1])).ok  # 1e-4 of 1000
+    bf16 = ref.to(torch.bfloat16)
+    near = torch.tensor([1000.0, -3.0, 4.0]).to(torch.bfloat16)  # 3.5 of 1000: 0.35 %
+    assert agreement(ref, near, bf16=True).ok and not agreement(bf16.float(), near.float()).ok
+
+
+def test_agreement_rejects_other_dtypes_and_shapes() -> None:
+    ref = torch.zeros(2, 3)
+    assert not agreement(ref, torch.zeros(3, 2)).ok
+    assert not agreement(ref, torch.zeros(2, 3), dtype=torch.bfloat16).ok
+    assert not agreement(ref, torch.zeros(2, 3, dtype=torch.uint8)).ok
+    assert not agreement(ref, (ref, ref)).ok
+
+
+def test_the_cli_takes_the_mode(tmp_path: Path) -> None:
+    model, inputs = build("conv2d_relu")
+    path = tmp_path / "conv2d_relu.pt2"
+    torch.export.save(torch.export.export(quantize_pt2e(model, inputs), inputs), str(path))
+    env = {"COLUMNS": "240", "NO_COLOR": "1", "TERM": "dumb"}
+    on = CliRunner().invoke(app, ["lower", str(path)], env=env)
+    assert on.exit_code == 0 and "self-check (on): 2 signature(s) run" in on.output, on.output
+    off = CliRunner().invoke(app, ["lower", str(path), "--selfcheck", "off"], env=env)
+    assert off.exit_code == 0 and "qconv: fired 2x" in off.output, off.output
+    assert "self-check" not in off.output
+    bad = CliRunner().invoke(app, ["lower", str(path), "--selfcheck", "maybe"], env=env)
+    assert bad.exit_code == 2 and "--selfcheck must be one of off, on" in bad.output
