@@ -28,8 +28,9 @@ A :class:`Fusion` pairs a pattern (:mod:`qalgebra.pattern`, :mod:`qalgebra.combi
 ...         return aten.relu.default(aten.relu.default(t))
 >>> lowered, report = lower_with_report(fx.symbolic_trace(Twice()), (torch.randn(4),),
 ...                                     fusions=(RELU_RELU,))
->>> report.fired["relu_relu"], [n.name for n in lowered.graph.nodes]
-(1, ['t', 'relu', 'output'])
+>>> calls = [str(n.target) for n in lowered.graph.nodes if n.op == "call_function"]
+>>> report.fired["relu_relu"], calls
+(1, ['aten.relu.default'])
 
 **Where a fusion goes** in the order ``lower(gm, inputs, fusions=...)`` applies them: each
 fusion runs over the whole graph before the next, and a match is tried at every root from the
