@@ -225,7 +225,7 @@ def test_the_default_activation_range_follows_the_probe(
 ) -> None:
     # Where int8 products saturate, 7-bit activations (reduce_range), else 8-bit ones: the
     # quantizer's default, and the CLI's demo flow.
-    from qalgebra.cli import no_steps, quantize_in_steps
+    from qalgebra.measure import no_steps, quantize_in_steps
 
     model, inputs = MODELS["conv2d_relu"]()
     if quantize == "cli":
