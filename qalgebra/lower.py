@@ -75,7 +75,7 @@ class RefusedMatch:
     fusion: str
     root: str
     reason: str
-    #: What decided (:class:`~qalgebra.fusions.base.Refusal`): ``"rule"``, ``"probe:<name>"``
+    #: What decided (:class:`~qalgebra.errors.Refusal`): ``"rule"``, ``"probe:<name>"``
     #: (this CPU's kernels were found wrong by an ISA probe) or ``"selfcheck"``.
     cause: str = "rule"
 

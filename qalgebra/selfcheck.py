@@ -6,7 +6,7 @@ reading the same outside nodes: both compute one function. When the new nodes ca
 both on the same random inputs -- shapes from ``meta['val']`` or :func:`~qalgebra.shapes.
 known_shape` (symbolic sizes at their hints), dtypes from :func:`~qalgebra.match.node_dtype`,
 integer values within the tensor's recorded quantization range -- and refuses the match
-(:class:`~qalgebra.fusions.base.Refusal`, cause ``"selfcheck"``) when the kernel's result is
+(:class:`~qalgebra.errors.Refusal`, cause ``"selfcheck"``) when the kernel's result is
 outside :func:`agreement`'s bound. The check only reads the graph: it needs nothing from the
 fusion, so it covers user-written fusions too.
 

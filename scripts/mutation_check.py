@@ -51,7 +51,7 @@ def _patch_fused_calls(
     ``then(call, target, args, node)`` may replace the node built (``call`` builds more)."""
     import torch
 
-    from qalgebra.fusions.base import Rewriter
+    from qalgebra.rewriter import Rewriter
 
     onednn = torch.ops.onednn
     fused = {
@@ -187,7 +187,7 @@ def _mean_truncated() -> None:
     """The int8 mean (``qmean``) converted to int8 without its ``round``: truncated."""
     import torch
 
-    from qalgebra.fusions.base import Rewriter
+    from qalgebra.rewriter import Rewriter
 
     original = Rewriter.call
 

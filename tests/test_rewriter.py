@@ -15,8 +15,8 @@ import torch
 from torch import fx
 
 from qalgebra import emit
-from qalgebra.fusions.base import Rewriter
 from qalgebra.match import DTYPE_KEY
+from qalgebra.rewriter import Rewriter
 from qalgebra.shapes import SHAPE_KEY
 
 aten = torch.ops.aten
