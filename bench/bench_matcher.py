@@ -34,7 +34,8 @@ import torch.ao.quantization.fx._decomposed  # registers torch.ops.quantized_dec
 from torch import fx
 
 from qalgebra import Pattern, Var, call, optional
-from qalgebra.combinators import dequantize_per_tensor, qparams, quantize_per_tensor
+from qalgebra.combinators import dequantize_per_tensor, quantize_per_tensor
+from qalgebra.qparams import qparams
 from qalgebra.fusions import DEFAULT_FUSIONS
 from qalgebra.match import Matcher, find_matches, match_node
 from qalgebra.pattern import walk
