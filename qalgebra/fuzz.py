@@ -41,9 +41,9 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
 from pathlib import Path
-from queue import Empty
 from typing import Any
 
 from rich.console import Console
@@ -202,11 +202,18 @@ def _progress(console: Console, total: int | None, quiet: bool) -> Progress:
 
 @dataclass
 class _Worker:
-    """A worker process, its task queue, and the job it is running."""
+    """A worker process, its task queue, its own results pipe, and the job it is running.
+
+    Results come back on a pipe per worker, written from the worker's main thread: a worker
+    killed mid-message (a crash is what campaigns look for) then loses only its own pipe. A
+    queue shared by all workers has a lock each writer's feeder thread holds while sending;
+    a worker dying while holding it stalled every other worker forever.
+    """
 
     ident: int
     process: BaseProcess
     tasks: Any
+    results: Connection
     job: Job | None = None
     done: int = 0  # examples of ``job`` checked, as last reported
 
@@ -229,7 +236,6 @@ class _Supervisor:
 
     def run(self) -> CampaignSummary:
         self._context = multiprocessing.get_context("fork")
-        self._results: Any = self._context.Queue()
         self._flights = Path(tempfile.mkdtemp(prefix="qalgebra-fuzz-"))
         running: dict[int, _Worker] = {}
         try:
@@ -244,6 +250,7 @@ class _Supervisor:
                         self._receive(running, timeout=0.0, drain=True)
                     if worker.job is not None and not worker.process.is_alive():
                         del running[worker.ident]
+                        worker.results.close()
                         self._crashed(worker)
                         replacement = self._spawn()
                         running[replacement.ident] = replacement
@@ -256,6 +263,7 @@ class _Supervisor:
                 worker.process.join(timeout=10)
                 if worker.process.is_alive():
                     worker.process.kill()
+                worker.results.close()
             shutil.rmtree(self._flights, ignore_errors=True)
         if self._errors:
             raise RuntimeError("fuzz worker failed: " + "; ".join(self._errors))
@@ -265,16 +273,18 @@ class _Supervisor:
         ident = self._spawned
         self._spawned += 1
         tasks = self._context.Queue()
+        results, writer = self._context.Pipe(duplex=False)
         process = self._context.Process(
             target=serve,
             args=(
-                ident, tasks, self._results, self.out_dir, self._flights / f"{ident}.json",
+                ident, tasks, writer, self.out_dir, self._flights / f"{ident}.json",
                 self.database, self.forms, self.deadline,
             ),
             daemon=True,
         )  # fmt: skip
         process.start()
-        return _Worker(ident, process, tasks)
+        writer.close()  # the worker's copy is the only one: its death ends the pipe
+        return _Worker(ident, process, tasks, results)
 
     def _next_job(self) -> Job | None:
         if self.deadline is not None and time.time() >= self.deadline:
@@ -288,31 +298,40 @@ class _Supervisor:
         worker.tasks.put(worker.job)  # None: the worker stops
 
     def _receive(self, running: dict[int, _Worker], timeout: float, drain: bool = False) -> None:
+        """Handle one message (``drain``: every message waiting), waiting up to ``timeout``."""
         while True:
-            try:
-                ident, kind, payload = (
-                    self._results.get_nowait() if drain else self._results.get(timeout=timeout)
-                )
-            except Empty:
+            ready = wait([w.results for w in running.values()], 0.0 if drain else timeout)
+            message = None
+            for conn in ready:
+                assert isinstance(conn, Connection)
+                try:
+                    message = conn.recv()
+                    break
+                except (EOFError, OSError):  # the worker died: the supervisor sees it exit
+                    continue
+            if message is None:
                 return
-            worker = running.get(ident)
-            if kind == "error":
-                self._errors.append(str(payload))
-            elif worker is not None and kind == "progress":
-                worker.done = int(payload[0])
-                self.show(self._done(running), len(self.summary.failures), str(payload[1]))
-            elif worker is not None and kind == "done":
-                part, checked = payload
-                self.summary.merge(part)
-                job = worker.job
-                if job is not None and checked < job.examples and part.failures:
-                    # a failure ended the run early: the rest of its examples, from a new seed
-                    rest = Job(job.family, job.examples - checked, job.seed + _RESEED)
-                    self._retry.append(rest)
-                self._assign(worker)
-                self.show(self._done(running), len(self.summary.failures), "")
+            self._handle(running, *message)
             if not drain:
                 return
+
+    def _handle(self, running: dict[int, _Worker], ident: int, kind: str, payload: Any) -> None:
+        worker = running.get(ident)
+        if kind == "error":
+            self._errors.append(str(payload))
+        elif worker is not None and kind == "progress":
+            worker.done = int(payload[0])
+            self.show(self._done(running), len(self.summary.failures), str(payload[1]))
+        elif worker is not None and kind == "done":
+            part, checked = payload
+            self.summary.merge(part)
+            job = worker.job
+            if job is not None and checked < job.examples and part.failures:
+                # a failure ended the run early: the rest of its examples, from a new seed
+                rest = Job(job.family, job.examples - checked, job.seed + _RESEED)
+                self._retry.append(rest)
+            self._assign(worker)
+            self.show(self._done(running), len(self.summary.failures), "")
 
     def _done(self, running: dict[int, _Worker]) -> int:
         return self.summary.examples + sum(w.done for w in running.values() if w.job)

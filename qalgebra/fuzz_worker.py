@@ -237,7 +237,7 @@ def serve(
         now = time.monotonic()
         if now - last[0] > 0.2:
             last[0] = now
-            results.put((index, "progress", (done, what)))
+            results.send((index, "progress", (done, what)))
 
     torch.set_num_threads(1)  # one process per core; and no oneDNN thread pool after a fork
     try:
@@ -249,6 +249,6 @@ def serve(
                 forms=forms, deadline=deadline, show=show,
             )  # fmt: skip
             number += len(part.failures)
-            results.put((index, "done", (part, checked)))
+            results.send((index, "done", (part, checked)))
     except BaseException as exc:
-        results.put((index, "error", f"worker {index}: {type(exc).__name__}: {exc}"))
+        results.send((index, "error", f"worker {index}: {type(exc).__name__}: {exc}"))
