@@ -51,7 +51,7 @@ import torch  # noqa: E402
 from bench_lowering import cpu_model, fmt, git_revision, log  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
-from qalgebra.cli import (  # noqa: E402
+from qalgebra.measure import (  # noqa: E402
     max_abs_diff,
     mutates_inputs,
     paired_ratio,

@@ -9,7 +9,7 @@ with torchao's PT2E flow (7-bit activations: exact on every CPU), one process me
 - qalgebra's lowering time (median of 5) and the fusions that fired;
 - runtime, the modules taking turns round by round: the qalgebra-lowered module over the
   un-lowered reference run eagerly, and over torchao's lowering of the same graph (the median of
-  per-round ratios, :func:`qalgebra.cli.paired_ratio`); torchao's oneDNN op count says whether
+  per-round ratios, :func:`qalgebra.measure.paired_ratio`); torchao's oneDNN op count says whether
   it fused anything at all;
 - numerics: max |qalgebra - reference|.
 
@@ -32,8 +32,8 @@ if str(REPO) not in sys.path:  # runnable from a checkout without `pip install -
 
 import torch  # noqa: E402
 
-from qalgebra.cli import onednn_op_count, paired_ratio, quiet_third_party, timed_samples  # noqa: E402
 from qalgebra.lower import lower_with_report  # noqa: E402
+from qalgebra.measure import onednn_op_count, paired_ratio, quiet_third_party, timed_samples  # noqa: E402
 from qalgebra.testing.models import ffn_stack, resnet_like  # noqa: E402
 from qalgebra.testing.quantize import quantize_pt2e, torchao_lower  # noqa: E402
 

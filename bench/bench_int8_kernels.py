@@ -50,11 +50,11 @@ import torch  # noqa: E402
 import torch.ao.quantization.fx._decomposed  # noqa: E402  registers quantized_decomposed
 from torch import fx  # noqa: E402
 
-from qalgebra.cli import paired_ratio, quiet_third_party, timed_samples  # noqa: E402
 from qalgebra.fusions import DEFAULT_FUSIONS  # noqa: E402
 from qalgebra.fusions.reduce import QMEAN  # noqa: E402
 from qalgebra.isa import cpu_description  # noqa: E402
 from qalgebra.lower import lower, lower_with_report  # noqa: E402
+from qalgebra.measure import paired_ratio, quiet_third_party, timed_samples  # noqa: E402
 
 aten = torch.ops.aten
 qd = torch.ops.quantized_decomposed

@@ -44,7 +44,7 @@ if str(REPO) not in sys.path:  # runnable from a checkout without `pip install -
 import torch  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
-from qalgebra.cli import Comparison, compare, median_ms, quiet_third_party  # noqa: E402
+from qalgebra.measure import Comparison, compare, median_ms, quiet_third_party  # noqa: E402
 from qalgebra.testing.models import ffn_stack, resnet_like  # noqa: E402
 
 SIZES = (2, 8, 32)

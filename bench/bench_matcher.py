@@ -34,10 +34,11 @@ import torch.ao.quantization.fx._decomposed  # registers torch.ops.quantized_dec
 from torch import fx
 
 from qalgebra import Pattern, Var, call, optional
-from qalgebra.combinators import dequantize_per_tensor, qparams, quantize_per_tensor
+from qalgebra.combinators import dequantize_per_tensor, quantize_per_tensor
 from qalgebra.fusions import DEFAULT_FUSIONS
 from qalgebra.match import Matcher, find_matches, match_node
 from qalgebra.pattern import walk
+from qalgebra.qparams import qparams
 
 aten = torch.ops.aten
 prims = torch.ops.prims

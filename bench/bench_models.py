@@ -38,7 +38,7 @@ import bench_lowering as bl  # noqa: E402
 import torch  # noqa: E402
 from torch import fx  # noqa: E402
 
-from qalgebra.cli import Comparison, compare, quiet_third_party  # noqa: E402
+from qalgebra.measure import Comparison, compare, quiet_third_party  # noqa: E402
 from qalgebra.testing.zoo import ZOO, Size, build  # noqa: E402
 
 #: Ops a quantized conv / linear is spelled with before lowering (left in float if still there).

@@ -36,8 +36,8 @@ import torch  # noqa: E402
 from torch import fx  # noqa: E402
 
 from qalgebra import isa, selfcheck  # noqa: E402
-from qalgebra.cli import quiet_third_party  # noqa: E402
 from qalgebra.lower import LoweringReport, lower_with_report  # noqa: E402
+from qalgebra.measure import quiet_third_party  # noqa: E402
 from qalgebra.testing.models import ffn_stack, resnet_like  # noqa: E402
 from qalgebra.testing.quantize import quantize_pt2e  # noqa: E402
 

@@ -35,7 +35,7 @@ from pathlib import Path
 from torch import fx
 
 from qalgebra.errors import CatalogError
-from qalgebra.fusions.base import Fusion
+from qalgebra.fusion import Fusion
 
 __all__ = ["PREPARING", "Placed", "contains", "load", "placement", "with_fusions"]
 

@@ -11,7 +11,15 @@ and the reason of a failing check shows up in ``explain``.
 - ``same_shape(a, b)``: two nodes have equal known shapes;
 - ``made_by_graph(var)``: a node is computed by the graph (not an input, not a constant);
 - ``only_used_by(var, consumer)``: nothing but ``consumer`` reads ``var``'s node (in-place safety);
-- ``satisfies(fn, text)``: any typed predicate with an English description.
+- ``constant_node(var)``: a node computed from module constants only (:mod:`qalgebra.constants`);
+- ``has_rank(var, n)``: a node's known shape has ``n`` dimensions;
+- ``expand_keeps_shape(x, expanded)``: an ``expand`` of ``x`` broadcasts nothing;
+- ``closed()``: the match's inner nodes are read only inside it (see ``Fusion.exclusive``);
+- ``satisfies(fn, text)``: any typed predicate with an English description;
+  ``reason(fn, text)``: a predicate that returns why it fails (or None).
+
+Replacement code turns a failing check into a :class:`~qalgebra.errors.Refusal` with
+``require(check, m)``: the lowering reports the reason and leaves the match unlowered.
 
 >>> import torch
 >>> from qalgebra import Var
@@ -19,6 +27,9 @@ and the reason of a failing check shows up in ``explain``.
 >>> check = dtype_in(dt, (torch.uint8, torch.int8)) | ~dtype_in(dt, (torch.float32,))
 >>> check.describe()
 '(out_dtype in (torch.uint8, torch.int8) or not (out_dtype in (torch.float32,)))'
+>>> positive = reason(lambda m: None if m[Var("k", int)] > 0 else "k is not positive", "k > 0")
+>>> positive.describe()
+'k > 0'
 """
 
 from __future__ import annotations
@@ -26,27 +37,33 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from pyrsistent import PVector, pvector
 from torch import fx
 
-from qalgebra.errors import PatternError
+from qalgebra.constants import is_constant, node_shape
+from qalgebra.errors import PatternError, Refusal
+from qalgebra.match import outside_reader
 from qalgebra.pattern import Match, Var
-from qalgebra.shapes import known_shape
-
-if TYPE_CHECKING:  # combinators uses checks: importing it here at run time would be circular
-    from qalgebra.combinators import QParams
+from qalgebra.qparams import QParams
+from qalgebra.shapes import known_shape, same_dims
 
 __all__ = [
     "AllOf",
     "AnyCheck",
     "Check",
     "Not",
+    "closed",
+    "constant_node",
     "dtype_in",
+    "expand_keeps_shape",
+    "has_rank",
     "made_by_graph",
     "only_used_by",
+    "reason",
+    "require",
     "same_qparams",
     "same_shape",
     "satisfies",
@@ -377,3 +394,149 @@ def satisfies(fn: Callable[[Match], bool], text: str) -> Check:
     if not callable(fn):
         raise PatternError(f"satisfies: expected a callable, got {fn!r}")
     return _Satisfies(fn, text)
+
+
+@dataclass(frozen=True, slots=True)
+class _Reason(Check):
+    fn: Callable[[Match], str | None]
+    text: str
+
+    def failure(self, m: Match) -> str | None:
+        return self.fn(m)
+
+    def describe(self) -> str:
+        return self.text
+
+
+def reason(fn: Callable[[Match], str | None], text: str) -> Check:
+    """A custom predicate that says why it fails: ``fn(m)`` is None when ``m`` passes, else the
+    reason (which reaches ``explain`` and the lowering report); ``text`` is the requirement."""
+    if not callable(fn):
+        raise PatternError(f"reason: expected a callable, got {fn!r}")
+    return _Reason(fn, text)
+
+
+def require(check: Check, m: Match, what: str = "") -> None:
+    """Raise :class:`~qalgebra.errors.Refusal` with the check's reason (after ``what``) when it
+    fails: how replacement code refuses a match, the reason going to the lowering report."""
+    why = check.failure(m)
+    if why is not None:
+        raise Refusal(f"{what}: {why}" if what else why)
+
+
+@dataclass(frozen=True, slots=True)
+class _IsConstant(Check):
+    var: Var[fx.Node]
+
+    def failure(self, m: Match) -> str | None:
+        node = _node(m, self.var)
+        if isinstance(node, str):
+            return node
+        if is_constant(node):
+            return None
+        return f"{self.var.name} ({node.name}) is not computed from get_attr tensors only"
+
+    def describe(self) -> str:
+        return f"{self.var.name} is a constant"
+
+    def __repr__(self) -> str:
+        return f"constant_node({self.var!r})"
+
+
+def constant_node(var: Var[fx.Node]) -> Check:
+    """The node bound to ``var`` is a constant (:func:`qalgebra.constants.is_constant`)."""
+    return _IsConstant(var)
+
+
+@dataclass(frozen=True, slots=True)
+class _HasRank(Check):
+    var: Var[fx.Node]
+    rank: int
+
+    def failure(self, m: Match) -> str | None:
+        node = _node(m, self.var)
+        if isinstance(node, str):
+            return node
+        shape = node_shape(node)
+        if shape is None:
+            return f"the shape of {self.var.name} ({node.name}) is unknown"
+        if len(shape) != self.rank:
+            return f"{self.var.name} ({node.name}) has rank {len(shape)}, expected {self.rank}"
+        return None
+
+    def describe(self) -> str:
+        return f"{self.var.name} has rank {self.rank}"
+
+    def __repr__(self) -> str:
+        return f"has_rank({self.var!r}, {self.rank})"
+
+
+def has_rank(var: Var[fx.Node], rank: int) -> Check:
+    """The node bound to ``var`` has a known shape (metadata, or folded) of ``rank`` dims."""
+    return _HasRank(var, rank)
+
+
+@dataclass(frozen=True, slots=True)
+class _ExpandKeepsShape(Check):
+    x: Var[fx.Node]
+    expanded: Var[fx.Node]
+    sizes: Var[list[Any]]
+
+    def failure(self, m: Match) -> str | None:
+        x, expanded = _node(m, self.x), _node(m, self.expanded)
+        if isinstance(x, str):
+            return x
+        if isinstance(expanded, str):
+            return expanded
+        x_shape = known_shape(x)
+        target = known_shape(expanded)
+        if target is None and self.sizes in m and x_shape is not None:
+            sizes = m[self.sizes]  # -1 keeps a dimension
+            if len(sizes) == len(x_shape):
+                target = tuple(d if s == -1 else s for s, d in zip(sizes, x_shape, strict=True))
+        if x_shape is not None and target is not None and same_dims(x_shape, target):
+            return None
+        return (
+            f"{self.x.name} of shape {_dims(x_shape)} is expanded to {_dims(target)}: "
+            "the batch would be broadcast"
+        )
+
+    def describe(self) -> str:
+        return f"the expand of {self.x.name} broadcasts nothing"
+
+    def __repr__(self) -> str:
+        return f"expand_keeps_shape({self.x!r}, {self.expanded!r}, {self.sizes!r})"
+
+
+def _dims(shape: tuple[object, ...] | None) -> str:
+    return "unknown" if shape is None else str(list(shape))
+
+
+def expand_keeps_shape(x: Var[fx.Node], expanded: Var[fx.Node], sizes: Var[list[Any]]) -> Check:
+    """The ``expand`` bound to ``expanded`` (of sizes ``sizes``) gives ``x``'s own shape: a
+    matmul decomposed through ``expand -> bmm`` then computes what the fused op computes."""
+    return _ExpandKeepsShape(x, expanded, sizes)
+
+
+@dataclass(frozen=True, slots=True)
+class _Closed(Check):
+    def failure(self, m: Match) -> str | None:
+        found = outside_reader(m.nodes, m.root)
+        if found is None:
+            return None
+        inner, reader = found
+        return f"{inner.name} is also read by {reader.name}, outside the match"
+
+    def describe(self) -> str:
+        return "every inner node is read only inside the match (metadata asserts aside)"
+
+    def __repr__(self) -> str:
+        return "closed()"
+
+
+def closed() -> Check:
+    """Inner nodes of the match are read only by matched nodes or by export's
+    ``_assert_tensor_metadata`` checks (``Tensor.to`` asserts its input's dtype; the fusion
+    drops those asserts with the value). Replacing a match that is not closed would leave its
+    inner nodes computed twice: the check a non-``exclusive`` fusion adds where it needs it."""
+    return _Closed()

@@ -1,19 +1,23 @@
 """Combinators: build every quantized-fusion variant from one definition.
 
 Building blocks that match **every form** a quantize/dequantize takes in a graph and bind the same
-typed Vars in each (op form ``.default`` and ``.tensor``; aten-decomposed with or without the
-zero-point add/sub; a single ``clamp`` or ``clamp_min`` + ``clamp_max``):
+typed Vars (:mod:`qalgebra.qparams`) in each (op form ``.default`` and ``.tensor``; aten-decomposed
+with or without the zero-point add/sub; a single ``clamp`` or ``clamp_min`` + ``clamp_max``):
 
 - ``quantize_per_tensor(x, qp)``, ``dequantize_per_tensor(x, qp)`` with ``qp = qparams("x")``;
   with ``qparams("x", runtime=True)`` also the ``.tensor`` op form whose scale and zero point
   are computed while the graph runs (``choose_qparams`` outputs, graph inputs);
-  ``qp.read(m)`` gives replacement code a :class:`ConstantQParams` or a
-  :class:`RuntimeQParams` to narrow;
+  ``qp.read(m)`` gives replacement code a ``ConstantQParams`` or a ``RuntimeQParams`` to narrow;
 - ``dequantize_per_channel(w, cp)`` and ``weight_dequant(w, cp, ...)`` for weights (optional
   ``clone(channels_last)``, bf16 convert, ``permute``; ``per_tensor=qp`` also takes a weight
   dequantized per tensor);
 - ``dtype_convert(x, dtype)``: ``prims.convert_element_type``, ``aten._to_copy(dtype=)`` or
-  ``aten.to.dtype``; ``reshape(x, shape)``: ``view``, ``reshape`` or ``_unsafe_view``.
+  ``aten.to.dtype``; ``reshape(x, shape)``: ``view``, ``reshape`` or ``_unsafe_view``;
+  ``transposed(w)``: ``permute(w, [1, 0])`` or ``t(w)``;
+- ``linear(x, lv, w=..., bias=...)``: ``x @ w.T (+ bias)`` in every spelling export and the
+  decompositions leave (``linear``; ``[view] addmm/mm [view]``; ``expand -> bmm [-> add]``),
+  ``lv = linear_vars("...")`` binding the reshapes and which spelling matched;
+- ``constant(var)``: a node computed from module constants only (:mod:`qalgebra.constants`).
 
 Combinators that wrap a pattern:
 
@@ -26,15 +30,12 @@ Combinators that wrap a pattern:
 - ``with_output_quant(p, qp)``: ``p`` quantized per tensor (through a conversion back to float32
   in the int8-mixed-bf16 form).
 
+>>> from qalgebra.qparams import qparams
 >>> qp = qparams("x")
->>> qp.scale
-Var('x_scale', float)
 >>> p = dequantize_per_tensor(Var("x", torch.fx.Node), qp)
 >>> len(p.alternatives)
 2
 >>> runtime = qparams("x", runtime=True)
->>> runtime.scale_node
-Var('x_scale_node', torch.fx.node.Node)
 >>> len(dequantize_per_tensor(Var("x", torch.fx.Node), runtime).alternatives)
 3
 """
@@ -44,16 +45,16 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, TypeAlias
+from typing import Any
 
 import torch
 import torch.ao.quantization.fx._decomposed
+from torch._ops import OpOverload
 from torch.fx import Node
 
-from qalgebra.checks import dtype_in
+from qalgebra.checks import constant_node, dtype_in
 from qalgebra.errors import PatternError
 from qalgebra.pattern import (
-    Match,
     Pattern,
     PatternLike,
     Var,
@@ -68,22 +69,22 @@ from qalgebra.pattern import (
     tag,
     where,
 )
+from qalgebra.qparams import ChannelQParams, QParams
 
 __all__ = [
-    "ChannelQParams",
-    "ConstantQParams",
-    "QParamValues",
-    "QParams",
-    "RuntimeQParams",
+    "LinearForm",
+    "LinearVars",
     "Unary",
-    "channel_qparams",
     "clamp",
+    "constant",
     "dequantize_per_channel",
     "dequantize_per_tensor",
     "dtype_convert",
-    "qparams",
+    "linear",
+    "linear_vars",
     "quantize_per_tensor",
     "reshape",
+    "transposed",
     "weight_dequant",
     "with_binary",
     "with_dtype_convert",
@@ -95,97 +96,6 @@ __all__ = [
 aten = torch.ops.aten
 prims = torch.ops.prims
 qd = torch.ops.quantized_decomposed
-
-
-# --------------------------------------------------------------------------------------------
-# Typed quantization parameters
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class ConstantQParams:
-    """A scale and zero point known when lowering (literals, or one-element constants)."""
-
-    scale: float
-    zero_point: int
-
-
-@dataclass(frozen=True, slots=True)
-class RuntimeQParams:
-    """A scale and zero point computed while the graph runs: the nodes holding them.
-
-    oneDNN's ``.tensor`` overloads take them as they are (one-element tensors).
-    """
-
-    scale: Node
-    zero_point: Node
-
-
-#: What :meth:`QParams.read` gives: replacement code narrows it with ``isinstance``.
-QParamValues: TypeAlias = ConstantQParams | RuntimeQParams
-
-
-@dataclass(frozen=True, slots=True)
-class QParams:
-    """The Vars of one per-tensor (de)quantization: what replacement code reads back.
-
-    ``scale`` / ``zero_point`` bind constants. With ``scale_node`` / ``zero_point_node`` (made
-    by ``qparams(..., runtime=True)``) the patterns also match qparams that are runtime
-    tensors, binding those Vars instead; :meth:`read` tells the two apart for replacement code,
-    typed, so that code handling only constants cannot read a runtime scale by mistake.
-    """
-
-    scale: Var[float]
-    zero_point: Var[int]
-    dtype: Var[torch.dtype]
-    quant_min: Var[int]
-    quant_max: Var[int]
-    scale_node: Var[Node] | None = None
-    zero_point_node: Var[Node] | None = None
-
-    def read(self, m: Match) -> QParamValues:
-        """The scale and zero point ``m`` bound: constants, or the nodes computing them."""
-        node, zp_node = self.scale_node, self.zero_point_node
-        if node is not None and zp_node is not None and node in m:
-            return RuntimeQParams(m[node], m[zp_node])
-        return ConstantQParams(m[self.scale], m[self.zero_point])
-
-
-def qparams(prefix: str, *, runtime: bool = False) -> QParams:
-    """``QParams`` named ``{prefix}_scale``, ``{prefix}_zp``, ``{prefix}_dtype``, ...
-
-    ``runtime``: also match scale and zero point computed in the graph (``{prefix}_scale_node``,
-    ``{prefix}_zp_node``); the replacement then reads them through :meth:`QParams.read`.
-    """
-    return QParams(
-        Var(f"{prefix}_scale", float),
-        Var(f"{prefix}_zp", int),
-        Var(f"{prefix}_dtype", torch.dtype),
-        Var(f"{prefix}_qmin", int),
-        Var(f"{prefix}_qmax", int),
-        Var(f"{prefix}_scale_node", Node) if runtime else None,
-        Var(f"{prefix}_zp_node", Node) if runtime else None,
-    )
-
-
-@dataclass(frozen=True, slots=True)
-class ChannelQParams:
-    """The Vars of a per-channel weight dequantization."""
-
-    scales: Var[torch.Tensor]
-    zero_points: Var[torch.Tensor]
-    axis: Var[int]
-    dtype: Var[torch.dtype]
-
-
-def channel_qparams(prefix: str) -> ChannelQParams:
-    """``ChannelQParams`` named ``{prefix}_scales``, ``{prefix}_zps``, ..."""
-    return ChannelQParams(
-        Var(f"{prefix}_scales", torch.Tensor),
-        Var(f"{prefix}_zps", torch.Tensor),
-        Var(f"{prefix}_axis", int),
-        Var(f"{prefix}_dtype", torch.dtype),
-    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -213,6 +123,17 @@ def dtype_convert(x: PatternLike, dtype: PatternLike) -> Pattern:
 def reshape(x: PatternLike, shape: PatternLike) -> Pattern:
     """A reshape in any spelling: view, reshape or _unsafe_view."""
     return call((aten.view.default, aten.reshape.default, aten._unsafe_view.default), x, shape)
+
+
+def transposed(p: PatternLike) -> Pattern:
+    """A 2-D transpose in either spelling: ``permute(p, [1, 0])`` or ``t(p)``."""
+    return any_of(call(aten.permute.default, p, [1, 0]), call(aten.t.default, p))
+
+
+def constant(var: Var[Node]) -> Pattern:
+    """Any node computed from module constants only (a ``get_attr`` tensor, possibly viewed or
+    converted: :func:`qalgebra.constants.is_constant`), bound to ``var``."""
+    return where(var, constant_node(var))
 
 
 def clamp(x: PatternLike, low: PatternLike, high: PatternLike) -> Pattern:
@@ -473,3 +394,114 @@ def with_binary(
 def with_output_quant(p: PatternLike, qp: QParams) -> Pattern:
     """``p`` quantized per tensor, through an optional conversion back to float32 (bf16 form)."""
     return quantize_per_tensor(with_dtype_convert(p, torch.float32), qp)
+
+
+# --------------------------------------------------------------------------------------------
+# A linear in every spelling
+# --------------------------------------------------------------------------------------------
+
+
+class LinearForm(enum.Enum):
+    """Which spelling of a linear matched (see :func:`linear`)."""
+
+    LINEAR = "linear"
+    MM = "mm"
+    BMM = "bmm"
+
+    def __repr__(self) -> str:
+        return f"LinearForm.{self.name}"
+
+
+@dataclass(frozen=True, slots=True)
+class LinearVars:
+    """The Vars a :func:`linear` binds besides its operands' own.
+
+    ``x_2d_shape``: the reshape of ``x`` to 2-D before ``mm`` (``[]`` when absent);
+    ``out_shape``: the reshape of the result back to N-D (``[]`` when absent);
+    ``x_expanded`` / ``x_expand``: the ``expand`` of ``x`` before a ``bmm`` and its sizes (check
+    with :func:`qalgebra.checks.expand_keeps_shape` that it does not broadcast the batch);
+    ``form``: which spelling matched.
+    """
+
+    x_2d_shape: Var[list[Any]]
+    out_shape: Var[list[Any]]
+    x_expanded: Var[Node]
+    x_expand: Var[list[Any]]
+    form: Var[LinearForm]
+
+
+def linear_vars(prefix: str = "") -> LinearVars:
+    """``LinearVars`` named ``{prefix}_x_2d_shape``, ``{prefix}_out_shape``, ... (no prefix:
+    ``x_2d_shape``, ...)."""
+    p = f"{prefix}_" if prefix else ""
+    return LinearVars(
+        Var(f"{p}x_2d_shape", list),
+        Var(f"{p}out_shape", list),
+        Var(f"{p}x_expanded", Node),
+        Var(f"{p}x_expand", list),
+        Var(f"{p}linear_form", LinearForm),
+    )
+
+
+def linear(
+    x: PatternLike,
+    lv: LinearVars,
+    *,
+    w: PatternLike | None = None,
+    w_t: PatternLike | None = None,
+    bias: PatternLike | None = None,
+    forms: tuple[LinearForm, ...] = tuple(LinearForm),
+    matmul: OpOverload[..., Any] = aten.mm.default,
+    reshape_out: bool = True,
+) -> Pattern:
+    """``x @ w.T (+ bias)`` in every spelling ``torch.export`` and its decompositions leave.
+
+    - ``LinearForm.LINEAR``: ``aten.linear(x, w, bias)`` (``bias`` or None);
+    - ``LinearForm.MM``: ``[view] addmm(bias, [view] x, w_t) | mm([view] x, w_t) [view]`` -- the
+      views around an N-D ``x``, through ``view``, ``reshape`` or ``_unsafe_view``;
+    - ``LinearForm.BMM``: ``[view] bmm([view] expand(x), [view] expand(w_t)) [view] [+ bias]``,
+      what the decomposition gives for a non-contiguous N-D ``x``.
+
+    ``w`` is the ``[N, K]`` weight, ``w_t`` the ``[K, N]`` operand of the matmul (by default
+    ``w`` transposed, as ``permute`` or ``t``); ``bias`` None matches the unbiased spellings only;
+    ``matmul`` is the 2-D product (``aten._int_mm`` for int8 operands: no ``addmm`` then);
+    ``reshape_out=False`` leaves the reshape after it to the caller (``lv.out_shape`` unbound).
+    """
+    if LinearForm.LINEAR in forms and w is None:
+        raise PatternError("linear: LinearForm.LINEAR needs the weight w")
+    if w_t is None:
+        if w is None:
+            raise PatternError("linear: expected the weight w or its transpose w_t")
+        w_t = transposed(w)
+    if not forms:
+        raise PatternError("linear: expected at least one LinearForm")
+    spelled: list[Pattern] = []
+    if LinearForm.LINEAR in forms:
+        direct = (
+            call(aten.linear.default, x, w)
+            if bias is None
+            else call(aten.linear.default, x, w, any_of(literal(None), bias))
+        )
+        spelled.append(tag(direct, lv.form, LinearForm.LINEAR))
+    if LinearForm.MM in forms:
+        x2d = with_reshape(x, lv.x_2d_shape)
+        product: Pattern = call(matmul, x2d, w_t)
+        if bias is not None and matmul is aten.mm.default:
+            product = any_of(call(aten.addmm.default, bias, x2d, w_t), product)
+        spelled.append(tag(_reshaped(product, lv, reshape_out), lv.form, LinearForm.MM))
+    if LinearForm.BMM in forms:
+        x_expanded = capture(lv.x_expanded, call(aten.expand.default, x, lv.x_expand))
+        w_expanded = call(aten.expand.default, w_t, ignored())
+        batched = _reshaped(
+            call(aten.bmm.default, with_reshape(x_expanded), with_reshape(w_expanded)),
+            lv,
+            reshape_out,
+        )
+        if bias is not None:
+            spelled.append(tag(call(aten.add.Tensor, batched, bias), lv.form, LinearForm.BMM))
+        spelled.append(tag(batched, lv.form, LinearForm.BMM))
+    return any_of(*spelled)
+
+
+def _reshaped(p: Pattern, lv: LinearVars, reshape_out: bool) -> Pattern:
+    return with_reshape(p, lv.out_shape) if reshape_out else p

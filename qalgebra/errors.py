@@ -1,18 +1,22 @@
 """The qalgebra exception hierarchy.
 
 Everything qalgebra raises on purpose derives from :class:`QAlgebraError`, so callers can catch one
-type. Subclasses say which phase refused: building a pattern, matching, or lowering a graph.
+type. Subclasses say which phase refused: building a pattern, matching, lowering a graph, or
+one rewrite (:class:`Refusal`, raised by a fusion's replacement code and reported, not raised,
+by the lowering).
 """
 
 from __future__ import annotations
 
 __all__ = [
+    "EmitError",
     "ExampleDatabaseError",
     "InvalidQParamsError",
     "LoweringError",
     "MatchError",
     "PatternError",
     "QAlgebraError",
+    "Refusal",
     "RewriteError",
     "UnsupportedGraphError",
 ]
@@ -28,6 +32,28 @@ class PatternError(QAlgebraError, TypeError):
 
 class MatchError(QAlgebraError, LookupError):
     """A match result was used wrongly (reading a Var the match did not bind, ...)."""
+
+
+class EmitError(QAlgebraError, TypeError):
+    """Replacement code called an op with arguments its schema does not take (an unknown or a
+    missing argument, a constant where the op takes a graph node, a node where it takes a
+    constant); raised before anything is built, so the rewrite rolls back."""
+
+
+class Refusal(QAlgebraError):
+    """Raised by replacement code that will not lower this match; the reason is reported.
+
+    The lowering rolls the rewrite back and lists the reason in ``report.refused``; the rest of
+    the graph still lowers. :func:`qalgebra.checks.require` raises it from a check's failure.
+
+    ``cause`` says what decided, for the report: ``"rule"`` (the fusion's own checks),
+    ``"probe:<name>"`` (a :mod:`qalgebra.isa` probe found this CPU computes it wrongly) or
+    ``"selfcheck"`` (the fused op disagreed with its reference, :mod:`qalgebra.selfcheck`).
+    """
+
+    def __init__(self, reason: str, *, cause: str = "rule") -> None:
+        super().__init__(reason)
+        self.cause = cause
 
 
 class LoweringError(QAlgebraError):

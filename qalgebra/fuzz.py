@@ -56,7 +56,7 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 
-from qalgebra.fusions.base import Fusion
+from qalgebra.fusion import Fusion
 from qalgebra.fuzz_summary import CampaignSummary, Failure
 from qalgebra.fuzz_worker import InFlight, Job, read_in_flight, serve, write_failure
 from qalgebra.lower import DEFAULT_FUSIONS

@@ -29,7 +29,7 @@ import torch
 from hypothesis import HealthCheck, Phase, Verbosity, settings
 from hypothesis import seed as hypothesis_seed
 
-from qalgebra.fusions.base import Fusion
+from qalgebra.fusion import Fusion
 from qalgebra.fuzz_summary import CampaignSummary, Failure
 from qalgebra.lower import DEFAULT_FUSIONS
 from qalgebra.testing.campaign import (

@@ -4,7 +4,7 @@
 (each one ``find_matches`` of its compiled matcher + typed replacement code), prepacks weights at
 lowering time, removes dead nodes, lints and recompiles. The input module is never mutated: the
 rewrite works on a copy.
-Each rewrite is a transaction (:class:`~qalgebra.fusions.base.Rewriter`): one that refuses or
+Each rewrite is a transaction (:class:`~qalgebra.rewriter.Rewriter`): one that refuses or
 fails is rolled back exactly, leaving that subgraph as it was, and the rest still lowers
 (``strict=True`` raises on a failure instead). Arguments are checked first
 (:mod:`qalgebra.validate`). ``lower_with_report`` also returns what fired, what each fusion
@@ -39,12 +39,14 @@ from typing import Any, cast
 import torch
 from torch import fx
 
-from qalgebra.combinators import dequantize_per_tensor, qparams, quantize_per_tensor
-from qalgebra.errors import LoweringError, RewriteError, UnsupportedGraphError
+from qalgebra.combinators import dequantize_per_tensor, quantize_per_tensor
+from qalgebra.errors import LoweringError, Refusal, RewriteError, UnsupportedGraphError
+from qalgebra.fusion import Fusion
 from qalgebra.fusions import DEFAULT_FUSIONS
-from qalgebra.fusions.base import Fusion, Refusal, Rewriter
 from qalgebra.match import METADATA_ASSERTS, Matcher
 from qalgebra.pattern import Var, any_of
+from qalgebra.qparams import qparams
+from qalgebra.rewriter import Rewriter
 from qalgebra.selfcheck import SelfCheck, SelfCheckMode, SelfCheckStats
 from qalgebra.validate import check_arguments
 
@@ -79,7 +81,7 @@ class RefusedMatch:
     fusion: str
     root: str
     reason: str
-    #: What decided (:class:`~qalgebra.fusions.base.Refusal`): ``"rule"``, ``"probe:<name>"``
+    #: What decided (:class:`~qalgebra.errors.Refusal`): ``"rule"``, ``"probe:<name>"``
     #: (this CPU's kernels were found wrong by an ISA probe) or ``"selfcheck"``.
     cause: str = "rule"
 

@@ -61,9 +61,18 @@ from qalgebra.pattern import (
     Where,
     _target_name,
 )
+from qalgebra.schemas import arguments as schema_arguments
 from qalgebra.sharing import Dag
 
-__all__ = ["Matcher", "explain", "find_matches", "iter_matches", "match_node"]
+__all__ = [
+    "Matcher",
+    "explain",
+    "find_matches",
+    "iter_matches",
+    "match_node",
+    "node_dtype",
+    "outside_reader",
+]
 
 Path: TypeAlias = tuple[str, ...]
 _MISSING = object()
@@ -72,24 +81,6 @@ _MISSING = object()
 # --------------------------------------------------------------------------------------------
 # Graph facts
 # --------------------------------------------------------------------------------------------
-
-
-class _Arg(NamedTuple):
-    name: str
-    kwarg_only: bool
-    has_default: bool
-    default: object
-
-
-@functools.cache
-def _schema_args(op: OpOverload[..., Any]) -> tuple[_Arg, ...]:
-    out: list[_Arg] = []
-    for a in op._schema.arguments:
-        has_default = a.has_default_value()
-        out.append(
-            _Arg(a.name, a.kwarg_only, has_default, a.default_value if has_default else None)
-        )
-    return tuple(out)
 
 
 #: Ops whose output dtype is one of their arguments (read by ``dtype_of``).
@@ -209,7 +200,7 @@ class _Context:
         result: dict[str, object] | None = None
         target = node.target
         if isinstance(target, OpOverload):
-            schema = _schema_args(target)
+            schema = schema_arguments(target)
             positional = [a for a in schema if not a.kwarg_only]
             if len(node.args) <= len(positional):
                 result = {a.name: v for a, v in zip(positional, node.args, strict=False)}
@@ -510,7 +501,7 @@ class _CallNode(_Node):
             return False
         if not isinstance(target, OpOverload):
             return True
-        schema = _schema_args(target)
+        schema = schema_arguments(target)
         positional = [a.name for a in schema if not a.kwarg_only]
         if len(self.args) > len(positional):
             return _Unfit(
@@ -926,7 +917,7 @@ class Matcher:
 
     Compiling merges the pattern's equal sub-patterns, works out which targets a root may have
     and which a graph must hold, and checks the pattern's Vars; each call pattern then plans
-    how it reads a node once per target it meets. A :class:`~qalgebra.fusions.base.Fusion`
+    how it reads a node once per target it meets. A :class:`~qalgebra.fusion.Fusion`
     holds the matcher of its pattern. The module functions take a pattern or a matcher.
 
     >>> import torch
@@ -1092,15 +1083,27 @@ def node_dtype(node: fx.Node) -> torch.dtype | None:
 METADATA_ASSERTS = frozenset({torch.ops.aten._assert_tensor_metadata.default})
 
 
+def outside_reader(nodes: Collection[fx.Node], root: fx.Node) -> tuple[fx.Node, fx.Node] | None:
+    """An inner node of a match (any of ``nodes`` but ``root``) read outside it, with its reader;
+    None when the match is closed. Metadata asserts do not count as readers.
+
+    Replacing a match that is not closed would leave that inner node computed twice: the
+    lowering passes such matches over for ``exclusive`` fusions, and the check
+    :func:`qalgebra.checks.closed` refuses them where a pattern asks.
+    """
+    inside = nodes if isinstance(nodes, set | frozenset) else set(nodes)
+    for n in nodes:
+        if n is root:
+            continue
+        for u in n.users:
+            if u not in inside and u.target not in METADATA_ASSERTS:
+                return n, u
+    return None
+
+
 def _closed(st: _State, root: fx.Node) -> bool:
     """Every matched node but the root is read only by matched nodes (or metadata asserts)."""
-    inside = set(st.nodes)
-    return all(
-        u in inside or u.target in METADATA_ASSERTS
-        for n in st.nodes
-        if n is not root
-        for u in n.users
-    )
+    return outside_reader(st.nodes, root) is None
 
 
 def find_matches(

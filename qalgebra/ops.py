@@ -8,14 +8,16 @@ At runtime each name is the ``torch.ops`` namespace itself::
     >>> quantized_decomposed.dequantize_per_tensor.tensor
     <OpOverload(op='quantized_decomposed.dequantize_per_tensor', overload='tensor')>
 
-For mypy each name is typed by the generated stub package ``qalgebra_opstubs`` (``stubs/``, found
-through ``mypy_path``; regenerate it with ``python scripts/gen_stubs.py``): every overload is an
-``OpOverload`` subclass whose ``__call__`` mirrors its schema, every packet an ``OpOverloadPacket``
-subclass with one attribute per overload, and a misspelt op or overload name is a type error::
+For mypy each name is typed by the generated stubs shipped with the package (``qalgebra/opstubs/``;
+regenerate them with ``python -m qalgebra.stubgen``): every overload is an ``OpOverload`` subclass
+whose ``__call__`` mirrors its schema, every packet an ``OpOverloadPacket`` subclass with one
+attribute per overload, and a misspelt op or overload name is a type error::
 
     onednn.qconv_prepack.default(w, w_scales, x_scale, x_zp, stride, padding, dilation, groups)
     # -> torch.Tensor; ``x_scale`` must be a float, ``stride`` a sequence of ints, ...
 
+Patterns name their targets through these (so mypy knows every op the catalog matches);
+replacement code builds nodes through :mod:`qalgebra.emit`, the graph-side counterpart.
 Importing this module registers ``quantized_decomposed`` (a library torch defines in Python, which
 ``torch.ops`` does not know until ``torch.ao.quantization.fx._decomposed`` is imported).
 """
@@ -30,11 +32,11 @@ import torch
 import torch.ao.quantization.fx._decomposed
 
 if TYPE_CHECKING:
-    from qalgebra_opstubs import aten as _aten
-    from qalgebra_opstubs import onednn as _onednn
-    from qalgebra_opstubs import prims as _prims
-    from qalgebra_opstubs import quantized as _quantized
-    from qalgebra_opstubs import quantized_decomposed as _quantized_decomposed
+    from qalgebra.opstubs import aten as _aten
+    from qalgebra.opstubs import onednn as _onednn
+    from qalgebra.opstubs import prims as _prims
+    from qalgebra.opstubs import quantized as _quantized
+    from qalgebra.opstubs import quantized_decomposed as _quantized_decomposed
 
 __all__ = ["aten", "onednn", "prims", "quantized", "quantized_decomposed"]
 

@@ -11,6 +11,7 @@ Factories (the public way to build patterns):
 - ``call(target, *args, users=None, **kwargs)``: a call of an op overload, of any overload of a
   packet, of one of several targets (a tuple), or of a Python callable. Arguments the pattern
   leaves out must hold the schema default in the graph; plain values become ``literal``\\s.
+  ``any_call(overload, *args, **kwargs)``: the same, the arguments left out being anything.
 - ``ignored()`` matches anything, ``literal(v)`` matches an equal constant.
 - ``any_of(a, b, ...)`` / ``a | b``: ordered alternatives, nested ones flattened.
 - ``optional(call, through=i, defaults={var: value})``: the call, or its argument ``i`` when the
@@ -51,6 +52,7 @@ from torch import fx
 from torch._ops import OpOverload, OpOverloadPacket
 
 from qalgebra.errors import MatchError, PatternError
+from qalgebra.schemas import argument_problems, arguments
 
 __all__ = [
     "COMMUTATIVE_TARGETS",
@@ -72,6 +74,7 @@ __all__ = [
     "Target",
     "Var",
     "Where",
+    "any_call",
     "any_of",
     "call",
     "capture",
@@ -410,25 +413,6 @@ def _is_target(target: object) -> bool:
     )
 
 
-def _schema_problems(target: object, n_args: int, kwarg_names: Iterable[str]) -> str | None:
-    """Why these arguments do not fit an overload's schema, or None."""
-    if not isinstance(target, OpOverload):
-        return None
-    arguments = target._schema.arguments
-    positional = [a for a in arguments if not a.kwarg_only]
-    if n_args > len(positional):
-        return f"takes {len(positional)} positional arguments, pattern gives {n_args}"
-    names = {a.name for a in arguments}
-    for name in kwarg_names:
-        if name not in names:
-            return f"has no argument named {name!r}"
-    given = {a.name for a in positional[:n_args]} | set(kwarg_names)
-    for a in arguments:
-        if a.name not in given and not a.has_default_value():
-            return f"argument {a.name!r} has no default; pass it (ignored() accepts any value)"
-    return None
-
-
 @dataclass(frozen=True, slots=True, repr=False, weakref_slot=True)
 class Call(_Composite):
     """A ``call_function`` node of one of ``targets`` whose arguments match ``args``/``kwargs``."""
@@ -451,7 +435,7 @@ class Call(_Composite):
                     f"call: expected an OpOverload, OpOverloadPacket or Python callable as "
                     f"target, got {t!r} ({type(t).__name__})"
                 )
-            problem = _schema_problems(t, len(self.args), self.kwargs.keys())
+            problem = argument_problems(t, len(self.args), self.kwargs.keys())
             if problem is not None:
                 raise PatternError(f"call({_target_name(t)}): {problem}")
         if self.users is not None and (
@@ -518,6 +502,44 @@ def call(
     arg_patterns = pvector(_as_pattern(a, f"call({name}).args[{i}]") for i, a in enumerate(args))
     kwarg_patterns = pmap({k: _as_pattern(v, f"call({name}).{k}") for k, v in kwargs.items()})
     return Call(unique, arg_patterns, kwarg_patterns, users)
+
+
+def any_call(
+    target: OpOverload[..., Any] | tuple[OpOverload[..., Any], ...],
+    /,
+    *args: PatternLike,
+    users: int | None = None,
+    **kwargs: PatternLike,
+) -> Pattern:
+    """A call of ``target`` whose arguments not given here may be anything.
+
+    The overload's schema says what the others are (each is ``ignored()``), so a pattern over
+    an op of 22 arguments does not count them; a tuple of overloads gives one alternative each.
+
+    >>> import torch
+    >>> any_call(torch.ops.aten.clamp.default, Var("x", torch.fx.Node)).describe()
+    'aten.clamp.default(x, _, _)'
+    """
+    targets = target if isinstance(target, tuple) else (target,)
+    alternatives: list[Pattern] = []
+    for t in targets:
+        if not isinstance(t, OpOverload):
+            raise PatternError(
+                f"any_call: expected an OpOverload (its schema lists the other arguments), "
+                f"got {t!r}"
+            )
+        schema = arguments(t)
+        positional = [a.name for a in schema if not a.kwarg_only]
+        named = [i for i, name in enumerate(positional) if name in kwargs]
+        stop = min(named, default=len(positional))
+        filled: list[PatternLike] = [*args, *(ignored() for _ in range(len(args), stop))]
+        rest = {
+            a.name: ignored()
+            for a in schema
+            if a.name not in kwargs and (a.kwarg_only or positional.index(a.name) >= stop)
+        }
+        alternatives.append(call(t, *filled, users=users, **rest, **kwargs))
+    return any_of(*alternatives)
 
 
 # --------------------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ reading the same outside nodes: both compute one function. When the new nodes ca
 both on the same random inputs -- shapes from ``meta['val']`` or :func:`~qalgebra.shapes.
 known_shape` (symbolic sizes at their hints), dtypes from :func:`~qalgebra.match.node_dtype`,
 integer values within the tensor's recorded quantization range -- and refuses the match
-(:class:`~qalgebra.fusions.base.Refusal`, cause ``"selfcheck"``) when the kernel's result is
+(:class:`~qalgebra.errors.Refusal`, cause ``"selfcheck"``) when the kernel's result is
 outside :func:`agreement`'s bound. The check only reads the graph: it needs nothing from the
 fusion, so it covers user-written fusions too.
 
@@ -38,13 +38,14 @@ import torch
 from torch import fx
 from torch.fx.experimental.symbolic_shapes import optimization_hint
 
-from qalgebra.combinators import qparams, quantize_per_tensor
-from qalgebra.errors import LoweringError
-from qalgebra.fusions.base import Refusal, Rewriter
+from qalgebra.combinators import quantize_per_tensor
+from qalgebra.errors import LoweringError, Refusal
 from qalgebra.fusions.common import QUANT_RANGE_KEY
 from qalgebra.isa import foreign_answers
 from qalgebra.match import match_node, node_dtype
 from qalgebra.pattern import Match, ignored
+from qalgebra.qparams import qparams
+from qalgebra.rewriter import Rewriter
 from qalgebra.shapes import known_shape
 from qalgebra.testing.oracle import BF16_RTOL, FLOAT_ATOL, FP32_RTOL, compare_outputs
 

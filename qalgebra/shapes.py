@@ -1,15 +1,17 @@
-"""Shapes of graph values when ``meta['val']`` is missing (``convert_pt2e`` adds q/dq nodes
+"""Shapes of graph values, also when ``meta['val']`` is missing (``convert_pt2e`` adds q/dq nodes
 without it): read upstream through shape-preserving ops, or from what the lowering recorded on a
-replacement node (``meta['qalgebra_shape']``).
+replacement node (``meta['qalgebra_shape']``); symbolic dimensions compare by expression.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 import torch.ao.quantization.fx._decomposed  # registers quantized_decomposed ops
 from torch import fx
 
-__all__ = ["SHAPE_KEY", "known_shape"]
+__all__ = ["SHAPE_KEY", "known_shape", "same_dims", "tensor_meta"]
 
 SHAPE_KEY = "qalgebra_shape"
 aten = torch.ops.aten
@@ -58,3 +60,14 @@ def known_shape(node: fx.Node) -> tuple[object, ...] | None:
             return None
         node = first
     return None
+
+
+def tensor_meta(node: fx.Node) -> torch.Tensor | None:
+    """The node's ``meta['val']`` tensor (a FakeTensor from export), if any."""
+    val = node.meta.get("val")
+    return val if isinstance(val, torch.Tensor) else None
+
+
+def same_dims(a: Sequence[object], b: Sequence[object]) -> bool:
+    """Shapes equal, symbolic dimensions compared by their expressions."""
+    return len(a) == len(b) and all(str(x) == str(y) for x, y in zip(a, b, strict=True))

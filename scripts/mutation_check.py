@@ -51,7 +51,7 @@ def _patch_fused_calls(
     ``then(call, target, args, node)`` may replace the node built (``call`` builds more)."""
     import torch
 
-    from qalgebra.fusions.base import Rewriter
+    from qalgebra.rewriter import Rewriter
 
     onednn = torch.ops.onednn
     fused = {
@@ -187,7 +187,7 @@ def _mean_truncated() -> None:
     """The int8 mean (``qmean``) converted to int8 without its ``round``: truncated."""
     import torch
 
-    from qalgebra.fusions.base import Rewriter
+    from qalgebra.rewriter import Rewriter
 
     original = Rewriter.call
 
@@ -239,10 +239,11 @@ def _dequant_sub_swapped() -> None:
         optional,
         where,
     )
+    from qalgebra.qparams import QParams
 
     aten, qd = c.aten, c.qd
 
-    def dequantize_per_tensor(x: PatternLike, qp: c.QParams) -> Pattern:
+    def dequantize_per_tensor(x: PatternLike, qp: QParams) -> Pattern:
         op_form = call(
             (qd.dequantize_per_tensor.default, qd.dequantize_per_tensor.tensor),
             x, qp.scale, qp.zero_point, qp.quant_min, qp.quant_max, qp.dtype,

@@ -32,8 +32,8 @@ from qalgebra.checks import (
     users_at_most,
     valid_qparams,
 )
-from qalgebra.combinators import qparams
 from qalgebra.match import explain, match_node
+from qalgebra.qparams import qparams
 
 aten = torch.ops.aten
 

@@ -177,8 +177,9 @@ def test_fuzz_workers_report_every_failure_and_exit_1(
 def test_the_refusals_table_lists_failed_rewrites_too() -> None:
     from rich.console import Console
 
-    from qalgebra.cli import Comparison, _refusals_table
+    from qalgebra.cli import _refusals_table
     from qalgebra.lower import FailedRewrite, LoweringReport, RefusedMatch
+    from qalgebra.measure import Comparison
 
     report = LoweringReport(
         refused=[RefusedMatch("qlinear", "linear", "weight dtype torch.float32 is not int8")],

@@ -36,16 +36,11 @@ from qalgebra.combinators import (
     HARDTANH_MAX,
     HARDTANH_MIN,
     LEAKY_SLOPE,
-    ConstantQParams,
-    QParams,
-    RuntimeQParams,
     Unary,
-    channel_qparams,
     clamp,
     dequantize_per_channel,
     dequantize_per_tensor,
     dtype_convert,
-    qparams,
     quantize_per_tensor,
     weight_dequant,
     with_binary,
@@ -56,6 +51,7 @@ from qalgebra.combinators import (
 )
 from qalgebra.combinators import reshape as reshape_pattern
 from qalgebra.match import find_matches, match_node
+from qalgebra.qparams import ConstantQParams, QParams, RuntimeQParams, channel_qparams, qparams
 
 aten = torch.ops.aten
 

@@ -21,8 +21,8 @@ from graphs import QP, GraphBuilder, convert, dequantize, dequantize_weight, qua
 from torch import fx
 
 from qalgebra import PatternError, Var, call, list_of
+from qalgebra.fusion import DOC_WIDTH
 from qalgebra.fusions import DEFAULT_FUSIONS, Fusion, Rewriter
-from qalgebra.fusions.base import DOC_WIDTH
 from qalgebra.lower import lower_with_report
 from qalgebra.match import Matcher, explain
 from qalgebra.pattern import Match

@@ -32,7 +32,7 @@ import pytest
 import torch
 from torch import fx
 
-from qalgebra import isa
+from qalgebra import emit, isa
 from qalgebra.errors import LoweringError, RewriteError, UnsupportedGraphError
 from qalgebra.fusions import DEFAULT_FUSIONS, Fusion, Refusal, Rewriter
 from qalgebra.lower import FailedRewrite, LoweringReport, lower, lower_with_report
@@ -225,7 +225,7 @@ def test_the_default_activation_range_follows_the_probe(
 ) -> None:
     # Where int8 products saturate, 7-bit activations (reduce_range), else 8-bit ones: the
     # quantizer's default, and the CLI's demo flow.
-    from qalgebra.cli import no_steps, quantize_in_steps
+    from qalgebra.measure import no_steps, quantize_in_steps
 
     model, inputs = MODELS["conv2d_relu"]()
     if quantize == "cli":
@@ -588,7 +588,7 @@ def test_saturating_cpu_refuses_full_range_activations(pairs_saturate: bool) -> 
 def _failing_fusion() -> Fusion:
     def explode(m: Match, rw: Rewriter) -> fx.Node:
         rw.constant("half_built", torch.zeros(1))
-        rw.call(torch.ops.aten.relu.default, m.root)
+        emit.aten.relu.default(rw, self=m.root)
         raise RuntimeError("replacement bug")
 
     conv = DEFAULT_FUSIONS[[f.name for f in DEFAULT_FUSIONS].index("qconv")]
@@ -867,7 +867,7 @@ def test_qat_batchnorm_conv_batchnorm_lowers() -> None:
 
 def test_an_edit_behind_the_rewriters_back_that_defeats_rollback_stops_the_lowering() -> None:
     def sneaky(m: Match, rw: Rewriter) -> fx.Node:
-        built = rw.call(torch.ops.aten.relu.default, m.root)
+        built = emit.aten.relu.default(rw, self=m.root)
         rw.graph.call_function(torch.ops.aten.neg.default, (built,))  # not through rw
         raise RuntimeError("replacement bug")
 

@@ -354,6 +354,7 @@ def test_dynamic_patterns_rebuild_from_their_repr() -> None:
         "torch": torch,
         "qalgebra": qalgebra,
         "Unary": qalgebra.combinators.Unary,
+        "LinearForm": qalgebra.combinators.LinearForm,
         **{name: getattr(woq, name) for name in woq.__all__},
     }
     for fusion in (LINEAR_DYNAMIC_FP16, INT_MM):

@@ -31,6 +31,7 @@ from hypothesis import given, note
 from test_lower import assert_close_to_reference
 from torch import fx, nn
 
+from qalgebra import isa
 from qalgebra.fusions import DEFAULT_FUSIONS
 from qalgebra.fusions.reduce import QMEAN
 from qalgebra.lower import LoweringReport, lower, lower_with_report
@@ -225,23 +226,40 @@ def test_squeeze_excitation_in_inductors_spelling_pools_with_mean_dim() -> None:
     assert_close_to_reference(graph(*inputs), lowered(*inputs), gm)
 
 
-@pytest.mark.parametrize("variant", ["dynamic_batch", "bf16", "int8_activations"])
-def test_squeeze_excitation_symbolic_batch_bf16_and_signed_activations(variant: str) -> None:
+@pytest.mark.parametrize("variant", ["dynamic_batch", "bf16"])
+def test_squeeze_excitation_symbolic_batch_and_bf16(variant: str) -> None:
     act, gate = SE_VARIANTS["relu_sigmoid"]
     inputs = (_image((2, 8, 7, 7)),)
     model = _seeded(lambda: SEBlock(act, gate))
     if variant == "bf16":
         gm = quantize_pt2e(model, inputs, bf16=True)
-    elif variant == "int8_activations":  # the pools average int8 levels
-        gm = quantize_pt2e(model, inputs, act_dtype=torch.int8)
     else:
         gm = quantize_pt2e(model, inputs, dynamic_batch=True)
     lowered, report = lower_with_report(gm, inputs)
     assert report.fired["qmean"] == 2 and not report.refused, report.summary()
-    if variant == "int8_activations":
-        assert _mean_input_dtypes(lowered, inputs) == [torch.int8, torch.int8]
     runs = (inputs[0].repeat(2, 1, 1, 1),) if variant == "dynamic_batch" else inputs
     assert_close_to_reference(gm(*runs), lowered(*runs), gm)
+
+
+@pytest.mark.parametrize("saturating", [False, True], ids=["vnni", "saturating"])
+def test_squeeze_excitation_with_signed_activations(saturating: bool) -> None:
+    # the pools average int8 levels whatever the CPU; the convs take the activations shifted
+    # by +128 to uint8, which a CPU with saturating int8 pairs refuses
+    act, gate = SE_VARIANTS["relu_sigmoid"]
+    inputs = (_image((2, 8, 7, 7)),)
+    model = _seeded(lambda: SEBlock(act, gate))
+    gm = quantize_pt2e(model, inputs, act_dtype=torch.int8, reduce_range=False)
+    with isa.forced(int8_pairs_saturate=saturating):
+        lowered, report = lower_with_report(gm, inputs)
+    assert report.fired["qmean"] == 2, report.summary()
+    assert _mean_input_dtypes(lowered, inputs) == [torch.int8, torch.int8]
+    if saturating:
+        assert report.refused and report.fired["qconv"] == 0, report.summary()
+        assert {r.cause for r in report.refused} == {"probe:int8_pairs_saturate"}
+    else:
+        assert report.fired["qconv"] >= 1 and not report.refused, report.summary()
+    if saturating or not isa.measured("int8_pairs_saturate"):  # this CPU computes it alike
+        assert_close_to_reference(gm(*inputs), lowered(*inputs), gm)
 
 
 def test_lowering_twice_fires_nothing_more() -> None:

@@ -31,11 +31,11 @@ from hypothesis import strategies as st
 from torch import fx, nn
 
 from qalgebra import isa
+from qalgebra.combinators import LinearForm
 from qalgebra.fusions import DEFAULT_FUSIONS, Fusion
 from qalgebra.fusions.woq import (
-    FORM,
+    LV,
     WOQ_PATTERN,
-    WoqForm,
     X,
     bf16_k_multiple,
     make_woq,
@@ -130,22 +130,22 @@ def test_woq_lowers_to_weight_int8pack_mm(
 
 def test_the_one_definition_covers_inductors_four_shapes() -> None:
     """Inductor registers _register_woq_mm_int8_pattern1..4; one pattern matches all of them."""
-    seen: set[tuple[WoqForm, bool, bool]] = set()
+    seen: set[tuple[LinearForm, bool, bool]] = set()
     for shape in sorted(SHAPES):
         rank, transpose = SHAPES[shape]
         case = woq_case(seed=0, dtype=BF16, rank=rank, transpose_input=transpose, form="compute")
         (m,) = find_matches(WOQ_PATTERN, case.graph)
         reshaped_x = any(n.target is aten.view.default and n.args[0] is m[X] for n in m.nodes)
-        seen.add((m[FORM], reshaped_x, _converted_after_transpose(m.nodes)))
+        seen.add((m[LV.form], reshaped_x, _converted_after_transpose(m.nodes)))
     graph, _ = _torchao_woq(BF16, (4, 32), unwrap=True)
     matches = find_matches(WOQ_PATTERN, graph)
     assert matches
-    seen.update((m[FORM], True, _converted_after_transpose(m.nodes)) for m in matches)
+    seen.update((m[LV.form], True, _converted_after_transpose(m.nodes)) for m in matches)
     assert seen == {
-        (WoqForm.MM, False, False),  # pattern 2: mm(x, permute(convert(w)))
-        (WoqForm.MM, True, False),  # pattern 1: mm(view(x), permute(convert(w))) + view
-        (WoqForm.BMM, False, False),  # pattern 3: bmm(expand(x), expand(permute(convert(w))))
-        (WoqForm.MM, True, True),  # pattern 4: mm(.., convert(t(w))), torchao's spelling
+        (LinearForm.MM, False, False),  # pattern 2: mm(x, permute(convert(w)))
+        (LinearForm.MM, True, False),  # pattern 1: mm(view(x), permute(convert(w))) + view
+        (LinearForm.BMM, False, False),  # pattern 3: bmm(expand(x), expand(permute(convert(w))))
+        (LinearForm.MM, True, True),  # pattern 4: mm(.., convert(t(w))), torchao's spelling
     }
 
 
@@ -514,6 +514,7 @@ def _namespace() -> dict[str, object]:
         **vars(qalgebra.pattern),
         **vars(qalgebra.checks),
         "torch": torch,
+        "LinearForm": LinearForm,
         "qalgebra": qalgebra,
         **{name: getattr(woq, name) for name in woq.__all__},
     }

@@ -32,8 +32,9 @@ from qalgebra import (
     where,
 )
 from qalgebra.checks import satisfies, single_user
-from qalgebra.combinators import dequantize_per_tensor, qparams
+from qalgebra.combinators import dequantize_per_tensor
 from qalgebra.match import Matcher, explain, find_matches, iter_matches, match_node
+from qalgebra.qparams import qparams
 
 aten = torch.ops.aten
 prims = torch.ops.prims

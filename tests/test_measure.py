@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 import torch
 
-from qalgebra.cli import paired_ratio, timed_samples
+from qalgebra.measure import paired_ratio, timed_samples
 
 
 def test_paired_ratio_is_the_median_of_per_round_ratios() -> None:

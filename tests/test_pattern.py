@@ -38,9 +38,7 @@ from qalgebra import (
 from qalgebra.checks import dtype_in, single_user
 from qalgebra.combinators import (
     Unary,
-    channel_qparams,
     dequantize_per_tensor,
-    qparams,
     quantize_per_tensor,
     weight_dequant,
     with_binary,
@@ -49,6 +47,7 @@ from qalgebra.combinators import (
     with_unary,
 )
 from qalgebra.pattern import AnyOf, Call, Literal, Optional
+from qalgebra.qparams import channel_qparams, qparams
 
 aten = torch.ops.aten
 

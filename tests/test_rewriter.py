@@ -14,8 +14,9 @@ import pytest
 import torch
 from torch import fx
 
-from qalgebra.fusions.base import Rewriter
+from qalgebra import emit
 from qalgebra.match import DTYPE_KEY
+from qalgebra.rewriter import Rewriter
 from qalgebra.shapes import SHAPE_KEY
 
 aten = torch.ops.aten
@@ -88,7 +89,7 @@ def test_every_operation_is_undone_exactly() -> None:
     rw = _rewriter(gm, n["neg"], replaced)
     c = rw.constant("k", torch.ones(3))
     rw.anchor = n["sigmoid"]
-    new = rw.call(aten.mul.Tensor, n["x"], c)
+    new = emit.aten.mul.Tensor(rw, self=n["x"], other=c)
     copy = rw.duplicate([n["relu"]])
     rw.redirect(n["neg"], n["relu"], copy)
     rw.replace(n["relu"], new, consumed=[n["relu"]])
@@ -116,11 +117,11 @@ def test_rollback_after_any_prefix_of_operations(stop: int) -> None:
     steps: list[Any] = [
         lambda: rw.constant("k", torch.ones(3)),
         lambda: setattr(rw, "anchor", n["sigmoid"]),
-        lambda: rw.call(aten.sigmoid.default, n["x"]),
+        lambda: emit.aten.sigmoid.default(rw, self=n["x"]),
         lambda: rw.duplicate([n["relu"], n["neg"]]),
-        lambda: rw.redirect(n["sigmoid"], n["relu"], rw.call(aten.relu.default, n["x"])),
+        lambda: rw.redirect(n["sigmoid"], n["relu"], emit.aten.relu.default(rw, self=n["x"])),
         lambda: rw.set_meta(n["relu"], "val", None),
-        lambda: rw.replace(n["neg"], rw.call(aten.neg.default, n["x"])),
+        lambda: rw.replace(n["neg"], emit.aten.sigmoid.default(rw, self=n["x"])),
         lambda: rw.erase(n["add"]),
         lambda: rw.set_meta(n["add"], DTYPE_KEY, torch.int8),
     ]
@@ -135,7 +136,7 @@ def test_users_keep_their_order_after_a_rollback() -> None:
     gm, n, _ = _setup()
     order = list(n["relu"].users)
     rw = _rewriter(gm, n["neg"], {})
-    rw.redirect(n["neg"], n["relu"], rw.call(aten.relu.default, n["x"]))
+    rw.redirect(n["neg"], n["relu"], emit.aten.relu.default(rw, self=n["x"]))
     assert list(n["relu"].users) != order
     rw.rollback()
     assert list(n["relu"].users) == order  # promotion keeps the first user: order matters
@@ -144,7 +145,7 @@ def test_users_keep_their_order_after_a_rollback() -> None:
 def test_commit_erases_marked_nodes_and_ends_the_transaction() -> None:
     gm, n, _ = _setup()
     rw = _rewriter(gm, n["output"], {})
-    new = rw.call(aten.add.Tensor, n["relu"], n["relu"])
+    new = emit.aten.add.Tensor(rw, self=n["relu"], other=n["relu"])
     rw.replace(n["add"], new, consumed=[n["add"]])
     rw.erase(n["add"])
     rw.commit()
@@ -154,7 +155,7 @@ def test_commit_erases_marked_nodes_and_ends_the_transaction() -> None:
     with pytest.raises(RuntimeError, match="committed"):
         rw.rollback()
     with pytest.raises(RuntimeError, match="committed"):
-        rw.call(aten.relu.default, n["x"])
+        emit.aten.relu.default(rw, self=n["x"])
 
 
 def test_commit_refuses_to_erase_a_node_still_read_and_erases_nothing() -> None:
@@ -183,7 +184,7 @@ def test_edits_of_nodes_outside_the_graph_are_refused() -> None:
 def test_a_replace_failing_midway_is_undone(monkeypatch: pytest.MonkeyPatch) -> None:
     gm, n, before = _setup()
     rw = _rewriter(gm, n["neg"], {})
-    new = rw.call(aten.relu.default, n["x"])
+    new = emit.aten.relu.default(rw, self=n["x"])
     calls = 0
     original = fx.Node._replace_input_with
 

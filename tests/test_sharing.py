@@ -11,10 +11,11 @@ from test_pattern import NS
 from torch import fx
 
 from qalgebra import Pattern, PatternError, Var, any_of, call, let, optional, tag
-from qalgebra.combinators import Unary, dequantize_per_tensor, qparams
+from qalgebra.combinators import Unary, dequantize_per_tensor
 from qalgebra.fusions.conv import QCONV
 from qalgebra.fusions.linear import QLINEAR
 from qalgebra.pattern import walk
+from qalgebra.qparams import qparams
 from qalgebra.sharing import NAMED_FROM, Dag
 
 aten = torch.ops.aten

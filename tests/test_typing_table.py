@@ -80,7 +80,7 @@ BAD = textwrap.dedent(
     """\
     import torch
     from qalgebra import Match, Var, call, dtype_of, tag
-    from qalgebra.combinators import qparams
+    from qalgebra.qparams import qparams
 
 
     def needs_node(n: torch.fx.Node) -> None: ...
@@ -105,7 +105,7 @@ GOOD = textwrap.dedent(
     """\
     import torch
     from qalgebra import Match, Var, call, dtype_of, tag
-    from qalgebra.combinators import qparams
+    from qalgebra.qparams import qparams
 
 
     def needs_node(n: torch.fx.Node) -> None: ...

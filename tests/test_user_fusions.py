@@ -15,13 +15,14 @@ from hypothesis import HealthCheck, Phase, settings
 from torch import fx
 from typer.testing import CliRunner, Result
 
-from qalgebra import call
+from qalgebra import call, emit
 from qalgebra.catalog import PREPARING, Placed, contains, load, placement, with_fusions
 from qalgebra.cli import app
-from qalgebra.combinators import dequantize_per_tensor, qparams
+from qalgebra.combinators import dequantize_per_tensor
 from qalgebra.errors import CatalogError
 from qalgebra.fusions import DEFAULT_FUSIONS, Fusion, Rewriter
 from qalgebra.pattern import Match, Var
+from qalgebra.qparams import qparams
 from qalgebra.testing.campaign import family_test
 from qalgebra.testing.families import FusionFamily, catalog_with, draw, witnesses
 from qalgebra.testing.properties import PropertyFailure, check_example
@@ -109,7 +110,8 @@ def test_user_examples_hold_with_the_user_fusion_and_fail_without(
 
 
 def _wrong_levels(m: Match, rw: Rewriter) -> fx.Node:
-    return rw.call(aten.clamp.default, m[Var("x", fx.Node)], 0, 255)  # forgets the zero point
+    x = m[Var("x", fx.Node)]
+    return emit.aten.clamp.default(rw, self=x, min=0, max=255)  # forgets the zero point
 
 
 def test_a_wrong_user_rewrite_fails_the_numerics(family: FusionFamily) -> None:
@@ -144,14 +146,13 @@ def test_families_hold_with_the_user_fusion_in_place(
     run(family=name)
 
 
-def my_dequantize(x: torch.Tensor, scale: float, zero_point: int) -> torch.Tensor:
-    """A user's own dequantize kernel: the same numbers, an op the catalog does not know."""
-    return (x.to(torch.float32) - zero_point) * scale
-
-
 def _own_dequantize(m: Match, rw: Rewriter) -> fx.Node:
+    """The same numbers, spelled as the catalog does not read a dequantize: the levels made
+    float by ``x * 1.0`` (exact), not by a dtype conversion."""
     qp = qparams("d")
-    return rw.call(my_dequantize, m[Var("x", fx.Node)], m[qp.scale], m[qp.zero_point])
+    as_float = emit.aten.mul.Scalar(rw, self=m[Var("x", fx.Node)], other=1.0)
+    shifted = emit.aten.sub.Scalar(rw, self=as_float, other=m[qp.zero_point])
+    return emit.aten.mul.Scalar(rw, self=shifted, other=m[qp.scale])
 
 
 #: Takes every dequantize into the user's kernel: tried before qconv, it takes qconv's input.

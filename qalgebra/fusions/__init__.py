@@ -2,10 +2,13 @@
 
 Within one family the larger variant comes first inside its pattern (int8 output before float
 output, binary + unary before binary), and ``find_matches`` tries roots from the end of the graph
-backwards, so a match is always preferred over the matches it contains.
+backwards, so a match is always preferred over the matches it contains. (How to write a fusion of
+one's own, and where it goes in this order: :mod:`qalgebra.fusion`. ``Fusion``, ``Refusal`` and
+``Rewriter`` are also importable from here, as they were before they moved to their own modules.)
 """
 
-from qalgebra.fusions.base import Fusion, Refusal, Rewriter
+from qalgebra.errors import Refusal
+from qalgebra.fusion import Fusion
 from qalgebra.fusions.binary import ACCUM_CLONE_ELISION, QCONV_BINARY, QLINEAR_BINARY
 from qalgebra.fusions.conv import QCONV
 from qalgebra.fusions.dynamic_fp16 import LINEAR_DYNAMIC_FP16
@@ -23,6 +26,7 @@ from qalgebra.fusions.pointwise import QCAT, QMAXPOOL2D, QRESHAPE
 from qalgebra.fusions.promotion import DEQUANT_PROMOTION
 from qalgebra.fusions.reduce import QMEAN
 from qalgebra.fusions.woq import WOQ, WOQ_CONCAT_LINEAR
+from qalgebra.rewriter import Rewriter
 
 __all__ = ["DEFAULT_FUSIONS", "Fusion", "Refusal", "Rewriter"]
 

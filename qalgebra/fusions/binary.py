@@ -3,7 +3,7 @@
 ``[quant] <- [relu] <- add(compute, other)`` with ``other`` in either operand order. With an int8
 output, ``other`` must be a dequantized tensor; with a float output it may be any tensor.
 
-What oneDNN does, checked against the ops (see tests/test_lower_binary.py):
+What oneDNN does, checked against the ops (see tests/test_lower.py):
 
 - ``qconv2d_pointwise.binary`` accepts only ``sum``, which writes the result **into** the
   accumulator, requires it channels_last-contiguous and of the output dtype. qalgebra therefore
@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 from torch import fx
 
+from qalgebra import emit
 from qalgebra.checks import satisfies
 from qalgebra.combinators import (
     Unary,
@@ -29,7 +30,8 @@ from qalgebra.combinators import (
     with_output_quant,
     with_unary,
 )
-from qalgebra.fusions.base import Fusion, Refusal, Rewriter
+from qalgebra.errors import Refusal
+from qalgebra.fusion import Fusion
 from qalgebra.fusions.common import (
     ACT_DTYPE,
     OQ,
@@ -41,7 +43,6 @@ from qalgebra.fusions.common import (
     check_common,
     clamp_to_quant_range,
     output_qparams,
-    overload_for,
     range_clamped,
     reshaped_output,
     unary_args,
@@ -58,21 +59,19 @@ from qalgebra.fusions.conv import (
 )
 from qalgebra.fusions.linear import (
     LINEAR_ACTIVATIONS,
-    OUT_SHAPE,
-    X_SHAPE,
+    LV,
     check_batched_input,
-    linear,
+    dequant_linear,
     prepack_linear,
     shape_or_empty,
 )
 from qalgebra.isa import qconv_binary_emits_bf16, qlinear_binary_emits_bf16
-from qalgebra.pattern import Match, Pattern, Var, any_of, call, capture, dtype_of, ignored, where
+from qalgebra.ops import aten, onednn
+from qalgebra.pattern import Match, Pattern, Var, any_call, any_of, call, capture, dtype_of, where
+from qalgebra.rewriter import Rewriter
 from qalgebra.shapes import known_shape
 
 __all__ = ["ACCUM_CLONE_ELISION", "QCONV_BINARY", "QLINEAR_BINARY"]
-
-aten = torch.ops.aten
-onednn = torch.ops.onednn
 
 OTHER_X = Var("other_x", fx.Node)
 OTHER_DTYPE = Var("other_compute_dtype", torch.dtype)
@@ -146,30 +145,47 @@ def _rewrite_qconv_binary(m: Match, rw: Rewriter) -> fx.Node:
         accum_dtype = out_dtype
         if out_dtype == torch.bfloat16 and not qconv_binary_emits_bf16():
             out_dtype = accum_dtype = torch.float32
-    packed, w_scales, w_zps, bias = weight_constants(m, rw, prepack_conv(m), "qconv_binary")
+    w = weight_constants(m, rw, prepack_conv(m), "qconv_binary")
     # The sum is written into the accumulator: always a fresh channels_last tensor the graph
     # owns (ACCUM_CLONE_ELISION drops the copy when that is provably unobservable).
     if OQ.scale in m or m[OTHER_DTYPE] == accum_dtype:
-        accum = rw.call(aten.clone.default, accum_source, memory_format=torch.channels_last)
+        accum = emit.aten.clone.default(
+            rw, self=accum_source, memory_format=torch.channels_last
+        )
     else:
-        accum = rw.call(
-            aten._to_copy.default,
-            accum_source,
-            dtype=accum_dtype,
-            memory_format=torch.channels_last,
+        accum = emit.aten._to_copy.default(
+            rw, self=accum_source, dtype=accum_dtype, memory_format=torch.channels_last
         )
     rw.set_meta(accum, "qalgebra_accumulator", True)
     unary, scalars, algorithm = unary_args(m)
     x, xq = activation_input(m, rw, allowed_act=CONV_ACTIVATIONS)
-    fused = rw.call(
-        overload_for(xq, onednn.qconv2d_pointwise.binary, onednn.qconv2d_pointwise.binary_tensor),
-        conv_activation(m, rw, x, xq), xq.scale, xq.zero_point, packed, w_scales, w_zps, accum,
-        bias,
-        stride, padding, dilation, groups, out_scale, out_zp, out_dtype,
-        accum_scale, accum_zp, "sum", 1.0, unary, scalars, algorithm,
-    )  # fmt: skip
+    fused = emit.onednn.qconv2d_pointwise(  # .binary, or .binary_tensor for runtime qparams
+        rw,
+        qx=conv_activation(m, rw, x, xq),
+        x_scale=xq.scale,
+        x_zero_point=xq.zero_point,
+        qw=w.packed,
+        w_scale=w.scales,
+        w_zero_point=w.zero_points,
+        qaccum=accum,
+        bias=w.bias,
+        stride=stride,
+        padding=padding,
+        dilation=dilation,
+        groups=groups,
+        output_scale=out_scale,
+        output_zero_point=out_zp,
+        output_dtype=out_dtype,
+        accum_scale=accum_scale,
+        accum_zero_point=accum_zp,
+        binary_attr="sum",
+        alpha=1.0,
+        unary_attr=unary,
+        unary_scalars=scalars,
+        unary_algorithm=algorithm,
+    )
     if OQ.scale not in m and out_dtype != _sum_dtype(m):
-        fused = rw.call(aten._to_copy.default, fused, dtype=_sum_dtype(m))
+        fused = emit.aten._to_copy.default(rw, self=fused, dtype=_sum_dtype(m))
     return clamp_to_quant_range(m, rw, fused, owned=True)  # the accumulator, or a new tensor
 
 
@@ -185,26 +201,44 @@ def _rewrite_qlinear_binary(m: Match, rw: Rewriter) -> fx.Node:
     )
     if float32_fallback:
         if m[OTHER_DTYPE] != torch.float32:
-            other = rw.call(aten._to_copy.default, other, dtype=torch.float32)
+            other = emit.aten._to_copy.default(rw, self=other, dtype=torch.float32)
         if out_dtype == torch.bfloat16:
             out_dtype = torch.float32
     elif OQ.scale not in m and m[OTHER_DTYPE] != out_dtype:
-        other = rw.call(aten._to_copy.default, other, dtype=out_dtype)
-    packed, w_scales, w_zps, bias = weight_constants(m, rw, prepack_linear(m), "qlinear_binary")
+        other = emit.aten._to_copy.default(rw, self=other, dtype=out_dtype)
+    w = weight_constants(m, rw, prepack_linear(m), "qlinear_binary")
     unary, scalars, algorithm = unary_args(m)
     x, xq = activation_input(m, rw, allowed_act=LINEAR_ACTIVATIONS)
-    if shape_or_empty(m, X_SHAPE):
-        x = rw.call(aten.reshape.default, x, m[X_SHAPE])
-        other = rw.call(aten.reshape.default, other, [-1, weight_quant(m).scales.shape[0]])
-    y = rw.call(
-        overload_for(xq, onednn.qlinear_pointwise.binary, onednn.qlinear_pointwise.binary_tensor),
-        x, xq.scale, xq.zero_point, packed, w_scales, w_zps, other, bias,
-        out_scale, out_zp, out_dtype, 1.0, 0, "add", 1.0, unary, scalars, algorithm,
-    )  # fmt: skip
+    x_2d_shape = shape_or_empty(m, LV.x_2d_shape)
+    if x_2d_shape:
+        x = emit.aten.reshape.default(rw, self=x, shape=x_2d_shape)
+        n = int(weight_quant(m).scales.shape[0])
+        other = emit.aten.reshape.default(rw, self=other, shape=[-1, n])
+    y = emit.onednn.qlinear_pointwise(  # .binary, or .binary_tensor for runtime qparams
+        rw,
+        qx=x,
+        x_scale=xq.scale,
+        x_zero_point=xq.zero_point,
+        qw=w.packed,
+        w_scale=w.scales,
+        w_zero_point=w.zero_points,
+        other=other,
+        bias=w.bias,
+        output_scale=out_scale,
+        output_zero_point=out_zp,
+        output_dtype=out_dtype,
+        other_scale=1.0,
+        other_zp=0,
+        binary_post_op="add",
+        binary_alpha=1.0,
+        unary_post_op=unary,
+        unary_post_op_args=scalars,
+        unary_post_op_algorithm=algorithm,
+    )
     if OQ.scale not in m and out_dtype != _sum_dtype(m):
-        y = rw.call(aten._to_copy.default, y, dtype=_sum_dtype(m))
+        y = emit.aten._to_copy.default(rw, self=y, dtype=_sum_dtype(m))
     y = clamp_to_quant_range(m, rw, y, owned=True)
-    return reshaped_output(m, rw, y, shape_or_empty(m, OUT_SHAPE))
+    return reshaped_output(m, rw, y, shape_or_empty(m, LV.out_shape))
 
 
 QCONV_BINARY = Fusion(
@@ -220,7 +254,7 @@ QCONV_BINARY = Fusion(
 QLINEAR_BINARY = Fusion(
     name="qlinear_binary",
     family="qlinear binary",
-    pattern=with_residual(linear(), int8_output_needs_quantized_other=False),
+    pattern=with_residual(dequant_linear(), int8_output_needs_quantized_other=False),
     rewrite=_rewrite_qlinear_binary,
     doc="dequant -> linear -> add(., other) -> [relu] -> [quant]  =>  "
     "onednn.qlinear_pointwise.binary[_tensor] (add, out of place; beyond Inductor/torchao: "
@@ -234,10 +268,8 @@ QLINEAR_BINARY = Fusion(
 
 _CLONE = Var("accum_clone", fx.Node)
 _SOURCE = Var("accum_source", fx.Node)
-#: oneDNN conv outputs are channels_last; argument counts of the two overloads' schemas.
-_FUSED_CONV = call(onednn.qconv_pointwise.default, *([ignored()] * 17)) | call(
-    onednn.qconv2d_pointwise.binary, *([ignored()] * 22)
-)
+#: oneDNN conv outputs are channels_last.
+_FUSED_CONV = any_call((onednn.qconv_pointwise.default, onednn.qconv2d_pointwise.binary))
 #: A fused conv's output, or the range clamp after it (elementwise: a fresh channels_last tensor).
 _CONV_OUTPUT = range_clamped(_FUSED_CONV)
 #: Ops whose output may share storage with their input: a reader through one of them could

@@ -7,7 +7,8 @@ Beyond the graphs Inductor's and torchao's lowerings take, one definition also c
 
 - **runtime activation qparams** (dynamic quantization: ``choose_qparams`` -> ``.tensor``
   quantize/dequantize): :func:`activation_input` hands the rewrite a ``RuntimeQParams`` and the
-  fused op is called through its ``.tensor`` overload (:func:`overload_for`);
+  fused op is emitted by its packet, which picks the ``.tensor`` overload for a node's scale
+  (:mod:`qalgebra.emit`);
 - **per-tensor weights** (a per-tensor weight observer): :func:`weight_quant` expands the one
   scale per output channel, which is what oneDNN's per-channel weight scales then compute;
 - **signed int8 activations into ops that take uint8 only** (conv): ``dequant(x_s8, s, zp) ==
@@ -20,30 +21,35 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 import torch
 from torch import fx
 
+from qalgebra import emit
 from qalgebra.combinators import (
-    ChannelQParams,
-    ConstantQParams,
-    QParams,
-    QParamValues,
-    RuntimeQParams,
     Unary,
-    channel_qparams,
     dequantize_per_tensor,
-    qparams,
     quantize_per_tensor,
     weight_dequant,
     with_dtype_convert,
     with_output_quant,
 )
-from qalgebra.fusions.base import Refusal, Rewriter
+from qalgebra.errors import Refusal
 from qalgebra.isa import pair_sum_may_saturate
 from qalgebra.match import match_node
+from qalgebra.ops import aten
 from qalgebra.pattern import Match, Pattern, Var, any_of, call, capture, ignored, literal
+from qalgebra.qparams import (
+    ChannelQParams,
+    ConstantQParams,
+    QParams,
+    QParamValues,
+    RuntimeQParams,
+    channel_qparams,
+    qparams,
+)
+from qalgebra.rewriter import Rewriter
 
 X = Var("x", fx.Node)
 #: The activation's qparams: constants, or runtime tensors (read them with ``XQ.read(m)``).
@@ -184,14 +190,14 @@ def clamp_to_quant_range(
 def output_quantize(m: Match, rw: Rewriter, x: fx.Node, scale: float | None = None) -> fx.Node:
     """``x`` quantized with the matched output quant (op form), ``scale`` in place of its scale
     when given; its range is recorded for later fusions."""
-    out = rw.call(
-        torch.ops.quantized_decomposed.quantize_per_tensor.default,
-        x,
-        m[OQ.scale] if scale is None else scale,
-        m[OQ.zero_point],
-        m[OQ.quant_min],
-        m[OQ.quant_max],
-        m[OQ.dtype],
+    out = emit.quantized_decomposed.quantize_per_tensor.default(
+        rw,
+        input=x,
+        scale=m[OQ.scale] if scale is None else scale,
+        zero_point=m[OQ.zero_point],
+        quant_min=m[OQ.quant_min],
+        quant_max=m[OQ.quant_max],
+        dtype=m[OQ.dtype],
     )
     rw.set_meta(out, QUANT_RANGE_KEY, (m[OQ.quant_min], m[OQ.quant_max]))
     return out
@@ -206,17 +212,22 @@ def range_clamp(
     6.8 us, ``clamp_max`` 3.3 us and ``clamp_max_`` 2.3 us.
     """
     low, high = bounds
-    aten = torch.ops.aten
+    ops = emit.aten
     if low <= info.min:
-        return rw.call(aten.clamp_max_.default if in_place else aten.clamp_max.default, node, high)
+        if in_place:
+            return ops.clamp_max_.default(rw, self=node, max=high)
+        return ops.clamp_max.default(rw, self=node, max=high)
     if high >= info.max:
-        return rw.call(aten.clamp_min_.default if in_place else aten.clamp_min.default, node, low)
-    return rw.call(aten.clamp_.default if in_place else aten.clamp.default, node, low, high)
+        if in_place:
+            return ops.clamp_min_.default(rw, self=node, min=low)
+        return ops.clamp_min.default(rw, self=node, min=low)
+    if in_place:
+        return ops.clamp_.default(rw, self=node, min=low, max=high)
+    return ops.clamp.default(rw, self=node, min=low, max=high)
 
 
 def range_clamped(p: Pattern) -> Pattern:
     """``p`` or any range clamp :func:`range_clamp` puts after it (same tensor layout as ``p``)."""
-    aten = torch.ops.aten
     one_bound = (
         aten.clamp_max_.default,
         aten.clamp_max.default,
@@ -231,7 +242,7 @@ def reshaped_output(m: Match, rw: Rewriter, node: fx.Node, shape: list[Any]) -> 
     """``node`` reshaped to ``shape`` (when given), keeping its recorded int8 output range."""
     if not shape:
         return node
-    out = rw.call(torch.ops.aten.reshape.default, node, shape)
+    out = emit.aten.reshape.default(rw, self=node, shape=shape)
     if QUANT_RANGE_KEY in node.meta:
         rw.set_meta(out, QUANT_RANGE_KEY, node.meta[QUANT_RANGE_KEY])
     return out
@@ -339,11 +350,21 @@ def unary_args(m: Match) -> tuple[str, list[float], str]:
     return u.onednn_name, u.scalars(m.__getitem__), u.algorithm
 
 
-def weight_constants(m: Match, rw: Rewriter, packed: torch.Tensor, hint: str) -> tuple[Any, ...]:
+@dataclass(frozen=True, slots=True)
+class WeightNodes:
+    """The get_attr nodes a fused op reads its weight from."""
+
+    packed: fx.Node
+    scales: fx.Node
+    zero_points: fx.Node
+    bias: fx.Node | None
+
+
+def weight_constants(m: Match, rw: Rewriter, packed: torch.Tensor, hint: str) -> WeightNodes:
     """get_attr nodes for the packed weight, its scales and zero points, and the bias (or None)."""
     bias = rw.constant(f"{hint}_bias", m[BIAS]) if BIAS in m else None
     wq = weight_quant(m)
-    return (
+    return WeightNodes(
         rw.constant(f"{hint}_packed_weight", packed),
         rw.constant(f"{hint}_w_scales", wq.scales),
         rw.constant(f"{hint}_w_zps", wq.zero_points),
@@ -354,13 +375,6 @@ def weight_constants(m: Match, rw: Rewriter, packed: torch.Tensor, hint: str) ->
 # --------------------------------------------------------------------------------------------
 # The activation as the fused op takes it
 # --------------------------------------------------------------------------------------------
-
-_Op = TypeVar("_Op")
-
-
-def overload_for(q: QParamValues, constant: _Op, runtime: _Op) -> _Op:
-    """The fused op's overload for these activation qparams (``.default`` / ``.tensor`` style)."""
-    return runtime if isinstance(q, RuntimeQParams) else constant
 
 
 def prepack_hint(m: Match) -> tuple[float, int]:
@@ -384,15 +398,15 @@ def activation_input(
     shifted_q = _plus_128(q, rw)
     shifted = _folded_shift(m, rw, q, shifted_q)
     if shifted is None:
-        as_bytes = rw.call(torch.ops.aten.view.dtype, x, torch.uint8)
-        shifted = rw.call(torch.ops.aten.bitwise_xor.Scalar, as_bytes, 128)  # the sign bit
+        as_bytes = emit.aten.view.dtype(rw, self=x, dtype=torch.uint8)
+        shifted = emit.aten.bitwise_xor.Scalar(rw, self=as_bytes, other=128)  # the sign bit
     return shifted, shifted_q
 
 
 def _plus_128(q: QParamValues, rw: Rewriter) -> QParamValues:
     """``q`` with its zero point moved by 128 (a node adding it, for a runtime zero point)."""
     if isinstance(q, RuntimeQParams):
-        return RuntimeQParams(q.scale, rw.call(torch.ops.aten.add.Tensor, q.zero_point, 128))
+        return RuntimeQParams(q.scale, emit.aten.add.Scalar(rw, self=q.zero_point, other=128))
     return ConstantQParams(q.scale, q.zero_point + 128)
 
 
@@ -417,14 +431,15 @@ def _folded_shift(
         return None
     produced = _PRODUCER_Q.read(producer)
     folded_q = shifted_q if produced == q else _plus_128(produced, rw)
-    op = (
-        torch.ops.quantized_decomposed.quantize_per_tensor.tensor
-        if isinstance(folded_q, RuntimeQParams)
-        else torch.ops.quantized_decomposed.quantize_per_tensor.default
-    )
     low, high = producer[_PRODUCER_Q.quant_min] + 128, producer[_PRODUCER_Q.quant_max] + 128
-    folded = rw.call(
-        op, producer[_PRODUCER_INPUT], folded_q.scale, folded_q.zero_point, low, high, torch.uint8
+    folded = emit.quantized_decomposed.quantize_per_tensor(  # .default, or .tensor for nodes
+        rw,
+        input=producer[_PRODUCER_INPUT],
+        scale=folded_q.scale,
+        zero_point=folded_q.zero_point,
+        quant_min=low,
+        quant_max=high,
+        dtype=torch.uint8,
     )
     rw.set_meta(folded, QUANT_RANGE_KEY, (low, high))
     return folded

@@ -8,7 +8,7 @@ weight prepacked by ``onednn.qconv_prepack`` at lowering time. Beyond Inductor a
 runtime activation qparams (``.tensor``), per-tensor weights, and int8 activations shifted to
 the uint8 the op takes (:mod:`qalgebra.fusions.common`).
 
-The binary (residual add) variant lives in :mod:`qalgebra.fusions.conv_binary`.
+The binary (residual add) variant lives in :mod:`qalgebra.fusions.binary`.
 """
 
 from __future__ import annotations
@@ -18,8 +18,10 @@ from typing import Any
 import torch
 from torch import fx
 
-from qalgebra.combinators import ConstantQParams, QParamValues, Unary, with_unary
-from qalgebra.fusions.base import Fusion, Refusal, Rewriter
+from qalgebra import emit
+from qalgebra.combinators import Unary, with_unary
+from qalgebra.errors import Refusal
+from qalgebra.fusion import Fusion
 from qalgebra.fusions.common import (
     UNARY,
     W,
@@ -31,7 +33,6 @@ from qalgebra.fusions.common import (
     clamp_to_quant_range,
     maybe_output_quant,
     output_qparams,
-    overload_for,
     prepack_hint,
     unary_args_enforcing_range,
     weight,
@@ -39,7 +40,10 @@ from qalgebra.fusions.common import (
     weight_quant,
 )
 from qalgebra.fusions.conv_guard import check_conv_kernel, trusted_input_shape
+from qalgebra.ops import aten, onednn
 from qalgebra.pattern import Match, Pattern, Var, any_of, call, ignored
+from qalgebra.qparams import ConstantQParams, QParamValues
+from qalgebra.rewriter import Rewriter
 from qalgebra.shapes import known_shape
 
 __all__ = [
@@ -52,9 +56,6 @@ __all__ = [
     "conv_geometry",
     "input_shape_hint",
 ]
-
-aten = torch.ops.aten
-onednn = torch.ops.onednn
 
 STRIDE = Var("stride", list)
 PADDING = Var("padding", list)
@@ -176,7 +177,7 @@ def conv_activation(m: Match, rw: Rewriter, x: fx.Node, xq: QParamValues) -> fx.
             "of padding only wrongly), which needs a zero point known when lowering"
         )
     flat = [side for pair in reversed(pads) for side in pair]  # last dimension first
-    return rw.call(aten.constant_pad_nd.default, x, flat, xq.zero_point)
+    return emit.aten.constant_pad_nd.default(rw, self=x, pad=flat, value=xq.zero_point)
 
 
 def check_emitted_kernel(m: Match) -> None:
@@ -256,39 +257,38 @@ def prepack_conv(m: Match) -> torch.Tensor:
         for dim, (before, after) in enumerate(pads):
             shape[dim + 2] += before + after
     x_scale, x_zp = prepack_hint(m)
-    packed: torch.Tensor = onednn.qconv_prepack(
+    return onednn.qconv_prepack.default(
         m[W], weight_quant(m).scales, x_scale, x_zp, stride, padding, dilation, groups, shape,
     )  # fmt: skip
-    return packed
 
 
 def _rewrite_qconv(m: Match, rw: Rewriter) -> fx.Node:
     check_common(m, allowed_act=CONV_ACTIVATIONS)
     stride, padding, dilation, groups = conv_geometry(m)
     check_emitted_kernel(m)
-    packed, w_scales, w_zps, bias = weight_constants(m, rw, prepack_conv(m), "qconv")
+    w = weight_constants(m, rw, prepack_conv(m), "qconv")
     out_scale, out_zp, out_dtype = output_qparams(m)
     attr, scalars, algorithm, enforced = unary_args_enforcing_range(m)
     x, xq = activation_input(m, rw, allowed_act=CONV_ACTIVATIONS)
-    fused = rw.call(
-        overload_for(xq, onednn.qconv_pointwise.default, onednn.qconv_pointwise.tensor),
-        conv_activation(m, rw, x, xq),
-        xq.scale,
-        xq.zero_point,
-        packed,
-        w_scales,
-        w_zps,
-        bias,
-        stride,
-        padding,
-        dilation,
-        groups,
-        out_scale,
-        out_zp,
-        out_dtype,
-        attr,
-        scalars,
-        algorithm,
+    fused = emit.onednn.qconv_pointwise(  # .default, or .tensor for runtime qparams
+        rw,
+        qx=conv_activation(m, rw, x, xq),
+        x_scale=xq.scale,
+        x_zero_point=xq.zero_point,
+        qw=w.packed,
+        w_scale=w.scales,
+        w_zero_point=w.zero_points,
+        bias=w.bias,
+        stride=stride,
+        padding=padding,
+        dilation=dilation,
+        groups=groups,
+        output_scale=out_scale,
+        output_zero_point=out_zp,
+        output_dtype=out_dtype,
+        attr=attr,
+        scalars=scalars,
+        algorithm=algorithm,
     )
     return clamp_to_quant_range(m, rw, fused, enforced=enforced, owned=True)
 

@@ -35,7 +35,7 @@ from collections.abc import Sequence
 import torch
 from torch import fx
 
-from qalgebra.fusions.base import Refusal
+from qalgebra.errors import Refusal
 from qalgebra.isa import qconv_single_column_stride_wrong
 from qalgebra.shapes import known_shape
 

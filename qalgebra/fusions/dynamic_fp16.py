@@ -34,18 +34,21 @@ from typing import Any
 import torch
 from torch import fx
 
-from qalgebra.checks import dtype_in
-from qalgebra.combinators import Unary, dtype_convert, with_reshape, with_unary
-from qalgebra.fusions.base import Fusion, Refusal, Rewriter
-from qalgebra.fusions.woq import (
+from qalgebra import emit
+from qalgebra.checks import dtype_in, expand_keeps_shape, has_rank, require
+from qalgebra.combinators import (
+    LinearVars,
+    Unary,
     constant,
-    fold_constant,
-    has_rank,
-    node_shape,
-    same_dims,
-    tensor_meta,
-    transposed,
+    dtype_convert,
+    linear,
+    linear_vars,
+    with_unary,
 )
+from qalgebra.constants import fold_constant, node_shape
+from qalgebra.errors import Refusal
+from qalgebra.fusion import Fusion
+from qalgebra.ops import onednn, quantized_decomposed
 from qalgebra.pattern import (
     Match,
     Pattern,
@@ -55,32 +58,29 @@ from qalgebra.pattern import (
     call,
     capture,
     dtype_of,
-    ignored,
     literal,
     where,
 )
-from qalgebra.shapes import known_shape
+from qalgebra.rewriter import Rewriter
+from qalgebra.shapes import tensor_meta
 
 __all__ = ["LINEAR_DYNAMIC_FP16", "any_dtype_convert", "dynamic_fp16_linear"]
-
-aten = torch.ops.aten
-onednn = torch.ops.onednn
-qd = torch.ops.quantized_decomposed
 
 X = Var("fp16_x", fx.Node)
 W = Var("fp16_w", fx.Node)
 W_HALF = Var("fp16_w_half", fx.Node)
 W_DTYPE = Var("fp16_w_dtype", torch.dtype)
 BIAS = Var("fp16_bias", fx.Node)
-X_SHAPE = Var("fp16_x_2d_shape", list)
-OUT_SHAPE = Var("fp16_out_shape", list)
-X_EXPANDED = Var("fp16_x_expanded", fx.Node)
+#: The reshapes around a 2-D matmul, the expand before a bmm, which spelling matched.
+LV: LinearVars = linear_vars("fp16")
 UNARY = Var("fp16_unary", Unary)
 
 
 def any_dtype_convert(x: PatternLike, dtype: PatternLike) -> Pattern:
     """A conversion in any spelling, ``quantized_decomposed.convert_element_type.no_fuse`` too."""
-    return any_of(dtype_convert(x, dtype), call(qd.convert_element_type.no_fuse, x, dtype))
+    return any_of(
+        dtype_convert(x, dtype), call(quantized_decomposed.convert_element_type.no_fuse, x, dtype)
+    )
 
 
 def _fp32_weight() -> Pattern:
@@ -94,25 +94,12 @@ def _fp32_weight() -> Pattern:
 def dynamic_fp16_linear() -> Pattern:
     """The fp32 linear with an fp16-rounded weight in every spelling, then an optional relu."""
     bias = where(BIAS, has_rank(BIAS, 1))
-    w = _fp32_weight()
-    direct = call(aten.linear.default, X, w, any_of(literal(None), bias))
-    x2d = with_reshape(X, X_SHAPE)
-    matmul = any_of(
-        call(aten.addmm.default, bias, x2d, transposed(w)),
-        call(aten.mm.default, x2d, transposed(w)),
-    )
-    x_expanded = capture(X_EXPANDED, call(aten.expand.default, X, ignored()))
-    w_expanded = call(aten.expand.default, transposed(w), ignored())
-    bmm = with_reshape(
-        call(aten.bmm.default, with_reshape(x_expanded), with_reshape(w_expanded)), OUT_SHAPE
-    )
-    core = any_of(
-        direct,
-        with_reshape(matmul, OUT_SHAPE),
-        call(aten.add.Tensor, bmm, bias),
-        bmm,
-    )
+    core = linear(X, LV, w=_fp32_weight(), bias=bias)
     return with_unary(core, UNARY, Unary.NONE, Unary.RELU)
+
+
+#: The expand before a bmm must not broadcast the batch.
+_BATCH_KEPT = expand_keeps_shape(X, LV.x_expanded, LV.x_expand)
 
 
 def _rewrite(m: Match, rw: Rewriter) -> fx.Node:
@@ -135,24 +122,21 @@ def _rewrite(m: Match, rw: Rewriter) -> fx.Node:
         dtype = val.dtype if val is not None else (folded.dtype if folded is not None else None)
         if shape is None or list(shape) != [n] or dtype != torch.float32:
             raise Refusal(f"bias {bias.name} is not an fp32 [{n}] tensor (shape {shape}, {dtype})")
-    if X_EXPANDED in m:
-        x_shape, expanded = known_shape(x), known_shape(m[X_EXPANDED])
-        if x_shape is None or expanded is None or not same_dims(x_shape, expanded):
-            raise Refusal(f"bmm input expand {expanded} is not the identity on x {x_shape}")
-    packed = onednn.linear_prepack_fp16(half.contiguous(), None)
-    x_in: Any = x
-    x_2d_shape: list[Any] = m.get(X_SHAPE, [])
+    if LV.x_expanded in m:
+        require(_BATCH_KEPT, m, "onednn.linear_dynamic_fp16 does not broadcast")
+    packed = onednn.linear_prepack_fp16.default(half.contiguous(), None)
+    x_in = x
+    x_2d_shape: list[Any] = m.get(LV.x_2d_shape, [])
     if x_2d_shape:
-        x_in = rw.call(aten.reshape.default, x, x_2d_shape)
-    op = (
-        onednn.linear_relu_dynamic_fp16.default
-        if m[UNARY] is Unary.RELU
-        else onednn.linear_dynamic_fp16.default
-    )
-    y = rw.call(op, x_in, rw.constant("fp16_packed_weight", packed), bias)
-    out_shape: list[Any] = m.get(OUT_SHAPE, [])
+        x_in = emit.aten.reshape.default(rw, self=x, shape=x_2d_shape)
+    w = rw.constant("fp16_packed_weight", packed)
+    if m[UNARY] is Unary.RELU:
+        y = emit.onednn.linear_relu_dynamic_fp16.default(rw, x=x_in, w=w, bias=bias)
+    else:
+        y = emit.onednn.linear_dynamic_fp16.default(rw, x=x_in, w=w, bias=bias)
+    out_shape: list[Any] = m.get(LV.out_shape, [])
     if out_shape:
-        y = rw.call(aten.reshape.default, y, out_shape)
+        y = emit.aten.reshape.default(rw, self=y, shape=out_shape)
     return y
 
 

@@ -44,9 +44,12 @@ from torch._ops import OpOverload
 
 from qalgebra.aliasing import observable_write
 from qalgebra.checks import satisfies
-from qalgebra.fusions.base import Fusion, Refusal, Rewriter
+from qalgebra.errors import Refusal
+from qalgebra.fusion import Fusion
 from qalgebra.match import node_dtype
-from qalgebra.pattern import Match, Pattern, Var, any_of, call, ignored, literal, where
+from qalgebra.pattern import Match, Var, any_call, call, ignored, literal, where
+from qalgebra.rewriter import Rewriter
+from qalgebra.schemas import given_arguments
 from qalgebra.shapes import known_shape
 
 __all__ = ["EVAL_DROPOUT", "FUNCTIONAL", "FUNCTIONALIZE", "INPLACE_BINARY"]
@@ -109,14 +112,6 @@ INPLACE_BINARY = frozenset(op for op in FUNCTIONAL if op.overloadpacket.__name__
 _WRITTEN = Var("written", fx.Node)
 
 
-def _any_call(op: OpOverload[..., Any], first: Pattern) -> Pattern:
-    """A call of ``op`` with ``first`` as its first argument and anything as the others."""
-    args = op._schema.arguments
-    positional = [ignored() for a in args[1:] if not a.kwarg_only]
-    keywords: dict[str, Any] = {a.name: ignored() for a in args if a.kwarg_only}
-    return call(op, first, *positional, **keywords)
-
-
 def _keeps_dtype(node: fx.Node) -> str | None:
     """Why the functional twin of binary ``node`` could return another dtype, or None."""
     written, other = node.args[0], node.args[1] if len(node.args) > 1 else None
@@ -148,7 +143,7 @@ def _functionalize(m: Match, rw: Rewriter) -> fx.Node:
         raise Refusal(f"kept in place: {why}")
     target = node.target
     assert isinstance(target, OpOverload)
-    return rw.call(FUNCTIONAL[target], *node.args, **node.kwargs)
+    return rw.call(FUNCTIONAL[target], **given_arguments(node))
 
 
 #: Namespaces of the ops a lowering emits: an in-place op writing their output is int8 code
@@ -173,7 +168,7 @@ _FLOAT_WRITE = satisfies(
 FUNCTIONALIZE = Fusion(
     name="functionalize",
     family="functionalize",
-    pattern=where(any_of(*(_any_call(op, _WRITTEN) for op in FUNCTIONAL)), _FLOAT_WRITE),
+    pattern=where(any_call(tuple(FUNCTIONAL), _WRITTEN), _FLOAT_WRITE),
     rewrite=_functionalize,
     exclusive=False,
     doc="relu_ / add_ / hardswish_ / ... whose write nothing else reads  =>  relu / add / ...",

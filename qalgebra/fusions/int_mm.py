@@ -42,16 +42,22 @@ from typing import Any
 import torch
 from torch import fx
 
-from qalgebra.combinators import dtype_convert, with_reshape
-from qalgebra.fusions.base import Fusion, Refusal, Rewriter
-from qalgebra.fusions.woq import (
+from qalgebra import emit
+from qalgebra.checks import has_rank
+from qalgebra.combinators import (
+    LinearForm,
+    LinearVars,
     constant,
-    fold_constant,
-    has_rank,
-    node_shape,
-    tensor_meta,
+    dtype_convert,
+    linear,
+    linear_vars,
+    with_reshape,
 )
+from qalgebra.constants import fold_constant, node_shape
+from qalgebra.errors import Refusal
+from qalgebra.fusion import Fusion
 from qalgebra.isa import pair_sum_may_saturate
+from qalgebra.ops import aten, onednn
 from qalgebra.pattern import (
     Match,
     Pattern,
@@ -63,20 +69,19 @@ from qalgebra.pattern import (
     optional,
     where,
 )
-from qalgebra.shapes import known_shape
+from qalgebra.rewriter import Rewriter
+from qalgebra.shapes import known_shape, tensor_meta
 
 __all__ = ["INT_MM", "int_mm_linear"]
 
-aten = torch.ops.aten
-onednn = torch.ops.onednn
-
 A = Var("int_mm_a", fx.Node)
 B = Var("int_mm_b", fx.Node)
+#: The reshape of the activation to 2-D (the output reshapes come after the scaling).
+LV: LinearVars = linear_vars("int_mm")
 ACC_DTYPE = Var("int_mm_acc_dtype", torch.dtype)
 SCALE_1 = Var("int_mm_scale_1", fx.Node)
 SCALE_2 = Var("int_mm_scale_2", fx.Node)
 BIAS = Var("int_mm_bias", fx.Node)
-A_SHAPE = Var("int_mm_a_2d_shape", list)
 SHAPE_1 = Var("int_mm_shape_1", list)
 SHAPE_2 = Var("int_mm_shape_2", list)
 SHAPE_3 = Var("int_mm_shape_3", list)
@@ -93,7 +98,14 @@ def _maybe_expanded(s: PatternLike) -> Pattern:
 
 def int_mm_linear() -> Pattern:
     """``_int_mm`` -> convert -> mul(scale) -> [convert] -> mul(scale) -> [+ bias], reshapes."""
-    mm = call(aten._int_mm.default, with_reshape(A, A_SHAPE), constant(B))
+    mm = linear(
+        A,
+        LV,
+        w_t=constant(B),
+        forms=(LinearForm.MM,),
+        matmul=aten._int_mm.default,
+        reshape_out=False,
+    )
     first = call(aten.mul.Tensor, dtype_convert(mm, ACC_DTYPE), _maybe_expanded(SCALE_1))
     second = call(
         aten.mul.Tensor,
@@ -184,11 +196,11 @@ def _rewrite(m: Match, rw: Rewriter) -> fx.Node:
         shape = node_shape(bias)
         if shape is None or list(shape) != [n]:
             raise Refusal(f"bias {bias.name} of shape {shape} is not [{n}]")
-    packed = onednn.qlinear_prepack(weight, None)
+    packed = onednn.qlinear_prepack.default(weight, None)
     a_shape = known_shape(a)
-    a2d: Any = a
+    a2d = a
     if a_shape is None or len(a_shape) != 2:
-        a2d = rw.call(aten.reshape.default, a, [-1, k])
+        a2d = emit.aten.reshape.default(rw, self=a, shape=[-1, k])
     packed_node = rw.constant("int_mm_packed_weight", packed)
     w_scale = rw.constant("int_mm_w_scale", scales.w_scale)
     w_zp = rw.constant("int_mm_w_zp", torch.zeros(n, dtype=torch.int64))
@@ -196,54 +208,54 @@ def _rewrite(m: Match, rw: Rewriter) -> fx.Node:
     if scales.per_tensor:
         fuse_bias = bias is not None and bias_dtype == out_dtype
         x_zp = rw.constant("int_mm_x_zp", torch.zeros((), dtype=torch.int64))
-        y = rw.call(
-            onednn.qlinear_pointwise.tensor,
-            a2d,
-            scales.x_scale,
-            x_zp,
-            packed_node,
-            w_scale,
-            w_zp,
-            bias if fuse_bias else None,
-            1.0,
-            0,
-            out_dtype,
-            "none",
-            [],
-            "",
+        y = emit.onednn.qlinear_pointwise.tensor(
+            rw,
+            qx=a2d,
+            x_scale=scales.x_scale,
+            x_zero_point=x_zp,
+            qw=packed_node,
+            w_scale=w_scale,
+            w_zero_point=w_zp,
+            bias=bias if fuse_bias else None,
+            output_scale=1.0,
+            output_zero_point=0,
+            output_dtype=out_dtype,
+            post_op_name="none",
+            post_op_args=[],
+            post_op_algorithm="",
         )
         if bias is not None and not fuse_bias:
-            y = rw.call(aten.add.Tensor, y, bias)
+            y = emit.aten.add.Tensor(rw, self=y, other=bias)
     else:
-        y = rw.call(
-            onednn.qlinear_pointwise.default,
-            a2d,
-            1.0,
-            0,
-            packed_node,
-            w_scale,
-            w_zp,
-            None,
-            1.0,
-            0,
-            acc_dtype,
-            "none",
-            [],
-            "",
+        y = emit.onednn.qlinear_pointwise.default(
+            rw,
+            qx=a2d,
+            x_scale=1.0,
+            x_zero_point=0,
+            qw=packed_node,
+            w_scale=w_scale,
+            w_zero_point=w_zp,
+            bias=None,
+            output_scale=1.0,
+            output_zero_point=0,
+            output_dtype=acc_dtype,
+            post_op_name="none",
+            post_op_args=[],
+            post_op_algorithm="",
         )
-        y = rw.call(aten.mul.Tensor, y, scales.x_scale)
+        y = emit.aten.mul.Tensor(rw, self=y, other=scales.x_scale)
         if bias is not None:
-            y = rw.call(aten.add.Tensor, y, bias)
+            y = emit.aten.add.Tensor(rw, self=y, other=bias)
     result_dtype = _result_dtype(
         out_dtype if scales.per_tensor else acc_dtype,
         None if scales.per_tensor else _dtype(scales.x_scale),
         None if scales.per_tensor and bias_dtype == out_dtype else bias_dtype,
     )
     if result_dtype != out_dtype:
-        y = rw.call(torch.ops.prims.convert_element_type.default, y, out_dtype)
+        y = emit.prims.convert_element_type.default(rw, a=y, dtype=out_dtype)
     out_shape: list[Any] = m.get(SHAPE_3, []) or m.get(SHAPE_2, []) or m.get(SHAPE_1, [])
     if out_shape:
-        y = rw.call(aten.reshape.default, y, out_shape)
+        y = emit.aten.reshape.default(rw, self=y, shape=out_shape)
     return y
 
 

@@ -10,23 +10,26 @@ aliasing op reads (see ``qalgebra.fusions.binary``).
 
 from __future__ import annotations
 
-import torch
+from typing import Any
+
 from torch import fx
 
-from qalgebra.fusions.base import Fusion, Rewriter
-from qalgebra.pattern import Match, Var, call, ignored
+from qalgebra import emit
+from qalgebra.fusion import Fusion
+from qalgebra.ops import aten, onednn
+from qalgebra.pattern import Match, Var, any_call, call
+from qalgebra.rewriter import Rewriter
 
 __all__ = ["ONEDNN_OUTPUT_OPS", "VIEW_AS_RESHAPE"]
 
-aten = torch.ops.aten
-onednn = torch.ops.onednn
-
-#: Every oneDNN op the catalog emits, as a call with its schema's number of arguments ignored.
-ONEDNN_OUTPUT_OPS = (
-    call(onednn.qconv_pointwise.default, *([ignored()] * 17))
-    | call(onednn.qconv2d_pointwise.binary, *([ignored()] * 22))
-    | call(onednn.qlinear_pointwise.default, *([ignored()] * 13))
-    | call(onednn.qlinear_pointwise.binary, *([ignored()] * 18))
+#: A call of a oneDNN op the catalog emits (with constant activation qparams), any arguments.
+ONEDNN_OUTPUT_OPS = any_call(
+    (
+        onednn.qconv_pointwise.default,
+        onednn.qconv2d_pointwise.binary,
+        onednn.qlinear_pointwise.default,
+        onednn.qlinear_pointwise.binary,
+    )
 )
 
 _SOURCE = Var("source", fx.Node)
@@ -34,7 +37,8 @@ _SIZE = Var("size", list)
 
 
 def _respell(m: Match, rw: Rewriter) -> fx.Node:
-    return rw.call(aten.reshape.default, m[_SOURCE], m[_SIZE])
+    size: list[Any] = m[_SIZE]
+    return emit.aten.reshape.default(rw, self=m[_SOURCE], shape=size)
 
 
 VIEW_AS_RESHAPE = Fusion(

@@ -36,15 +36,11 @@ from __future__ import annotations
 import torch
 from torch import fx
 
+from qalgebra import emit
 from qalgebra.aliasing import runs_after
-from qalgebra.checks import Check, dtype_in, satisfies, single_user, valid_qparams
-from qalgebra.combinators import (
-    dequantize_per_tensor,
-    qparams,
-    quantize_per_tensor,
-    with_dtype_convert,
-)
-from qalgebra.fusions.base import Fusion, Rewriter
+from qalgebra.checks import Check, dtype_in, require, satisfies, single_user, valid_qparams
+from qalgebra.combinators import dequantize_per_tensor, quantize_per_tensor, with_dtype_convert
+from qalgebra.fusion import Fusion
 from qalgebra.fusions.common import OQ, QUANT_RANGE_KEY, output_quantize
 from qalgebra.fusions.pointwise import (
     CAT_DIM,
@@ -55,10 +51,10 @@ from qalgebra.fusions.pointwise import (
     quantized_alike,
     quantized_max_pool2d,
     replay,
-    require,
     within_output_range,
 )
 from qalgebra.match import match_node
+from qalgebra.ops import aten
 from qalgebra.pattern import (
     Match,
     Pattern,
@@ -70,6 +66,8 @@ from qalgebra.pattern import (
     optional,
     where,
 )
+from qalgebra.qparams import qparams
+from qalgebra.rewriter import Rewriter
 
 __all__ = [
     "LIFT_DEPTH",
@@ -78,8 +76,6 @@ __all__ = [
     "QUANT_LIFT_UP_MAX_POOL",
     "QUANT_SHARE_MAX_POOL",
 ]
-
-aten = torch.ops.aten
 
 #: The longest chain of movements one lift passes.
 LIFT_DEPTH = 4
@@ -226,8 +222,9 @@ def _lift_over_cat(m: Match, rw: Rewriter) -> fx.Node:
             rw.anchor = m[FLOAT_OP]  # each quantize right before the cat, after its input
             quantized[x] = output_quantize(m, rw, x)
     rw.anchor = m.root
-    joined = rw.call(aten.cat.default, [quantized[x] for x in m.each(_CAT_INPUT)], m[CAT_DIM])
-    joined.meta[QUANT_RANGE_KEY] = (m[OQ.quant_min], m[OQ.quant_max])
+    inputs = [quantized[x] for x in m.each(_CAT_INPUT)]
+    joined = emit.aten.cat.default(rw, tensors=inputs, dim=m[CAT_DIM])
+    rw.set_meta(joined, QUANT_RANGE_KEY, (m[OQ.quant_min], m[OQ.quant_max]))
     return joined
 
 

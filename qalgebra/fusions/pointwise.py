@@ -52,7 +52,7 @@ from __future__ import annotations
 import enum
 import math
 import operator
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -60,11 +60,14 @@ import torch
 from torch import fx
 from torch._ops import OpOverload
 
-from qalgebra.checks import Check, dtype_in, valid_qparams
-from qalgebra.combinators import QParams, dequantize_per_tensor, qparams, quantize_per_tensor
-from qalgebra.fusions.base import Fusion, Refusal, Rewriter
+from qalgebra import emit
+from qalgebra.checks import Check, dtype_in, reason, require, valid_qparams
+from qalgebra.combinators import dequantize_per_tensor, quantize_per_tensor
+from qalgebra.errors import Refusal
+from qalgebra.fusion import Fusion
 from qalgebra.fusions.common import OQ, QUANT_RANGE_KEY, X, clamp_to_quant_range
 from qalgebra.match import match_node
+from qalgebra.ops import aten
 from qalgebra.pattern import (
     Match,
     Pattern,
@@ -77,6 +80,8 @@ from qalgebra.pattern import (
     list_of,
     tag,
 )
+from qalgebra.qparams import QParams, qparams
+from qalgebra.rewriter import Rewriter
 from qalgebra.shapes import known_shape
 
 __all__ = [
@@ -108,15 +113,11 @@ __all__ = [
     "quantized_alike",
     "quantized_max_pool2d",
     "replay",
-    "require",
     "within_output_range",
 ]
 
 #: The input's qparams: constants only (the quantized pointwise ops take no runtime ones).
 XQ: QParams = qparams("x")
-
-aten = torch.ops.aten
-quantized = torch.ops.quantized
 
 
 # --------------------------------------------------------------------------------------------
@@ -176,27 +177,6 @@ LOW_MEMORY_MAX_POOL = OpByName("prims", "_low_memory_max_pool_with_offsets")
 # --------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class _Reason(Check):
-    """A check whose function returns the reason it fails, or None."""
-
-    fn: Callable[[Match], str | None]
-    text: str
-
-    def failure(self, m: Match) -> str | None:
-        return self.fn(m)
-
-    def describe(self) -> str:
-        return self.text
-
-
-def require(check: Check, m: Match, what: str = "") -> None:
-    """Raise :class:`Refusal` with the check's reason (after ``what``) when it fails."""
-    why = check.failure(m)
-    if why is not None:
-        raise Refusal(f"{what}: {why}" if what else why)
-
-
 #: Scales closer than this (relative) count as equal: a decomposed quantize multiplies by
 #: ``1 / scale``, which reads back as ``scale`` only to within an ulp or two. Requantizing a
 #: value ``|q - zp| <= 255`` with scales this close moves it by ``255 * 1e-6`` steps: nothing.
@@ -222,7 +202,7 @@ def _same_quantization(inp: QParams, out: QParams) -> Check:
             f"the output with scale {b[0]!r}, zero point {b[1]}, {b[2]}"
         )
 
-    return _Reason(why, f"{inp.scale.name[:-6]} and {out.scale.name[:-6]} are quantized alike")
+    return reason(why, f"{inp.scale.name[:-6]} and {out.scale.name[:-6]} are quantized alike")
 
 
 def _equal_quantization(inp: QParams, out: QParams, dtypes: tuple[torch.dtype, ...]) -> Check:
@@ -261,7 +241,7 @@ def _read_only_by_quant(m: Match) -> str | None:
 #: The pointwise fusions are not ``exclusive``: their dequantizes may have other readers (the
 #: int8 op reads the int8 tensor, nothing is computed twice), so no dequant promotion is
 #: needed; the float op itself must be read only by the replaced quantize.
-READ_ONLY_BY_QUANT: Check = _Reason(_read_only_by_quant, "float_op is read only by the quantize")
+READ_ONLY_BY_QUANT: Check = reason(_read_only_by_quant, "float_op is read only by the quantize")
 
 
 # --------------------------------------------------------------------------------------------
@@ -369,9 +349,9 @@ def _rank_four(m: Match) -> str | None:
 #: What ``quantized.max_pool2d`` needs beyond the qparams (a read of the indices is refused
 #: with a reason: the fusions using this are not ``exclusive``, see READ_ONLY_BY_QUANT).
 POOL_CHECKS: Check = (
-    _Reason(_indices_unread, "the pool's indices are not read")
+    reason(_indices_unread, "the pool's indices are not read")
     & READ_ONLY_BY_QUANT
-    & _Reason(_rank_four, "the pooled tensor is 4-D")
+    & reason(_rank_four, "the pooled tensor is 4-D")
 )
 
 
@@ -382,7 +362,15 @@ def quantized_max_pool2d(m: Match, rw: Rewriter, x: fx.Node) -> fx.Node:
     stride = _pair(m[STRIDE], "stride") if m[STRIDE] else kernel
     padding = _pair(m[PADDING], "padding")
     dilation = _pair(m[DILATION], "dilation")
-    return rw.call(quantized.max_pool2d.default, x, kernel, stride, padding, dilation, m[CEIL_MODE])
+    return emit.quantized.max_pool2d.default(
+        rw,
+        qx=x,
+        kernel_size=kernel,
+        stride=stride,
+        padding=padding,
+        dilation=dilation,
+        ceil_mode=m[CEIL_MODE],
+    )
 
 
 _QMAXPOOL_QUANTIZATION = _equal_quantization(XQ, OQ, (torch.uint8,))
@@ -437,14 +425,14 @@ _QCAT_QUANTIZATION: Check = (
     READ_ONLY_BY_QUANT
     & valid_qparams(OQ)
     & dtype_in(OQ.dtype, _INT8)
-    & _Reason(_cat_inputs_like_output, "every cat input is quantized like the output")
+    & reason(_cat_inputs_like_output, "every cat input is quantized like the output")
 )
 
 
 def _rewrite_qcat(m: Match, rw: Rewriter) -> fx.Node:
     require(_QCAT_QUANTIZATION, m, _NOT_REQUANTIZED)
     inputs = list(m.each(CAT_INPUT))
-    joined = rw.call(aten.cat.default, inputs, m[CAT_DIM])
+    joined = emit.aten.cat.default(rw, tensors=inputs, dim=m[CAT_DIM])
     return within_output_range(m, rw, joined, inputs)
 
 
@@ -529,15 +517,16 @@ def movement(x: PatternLike, mv: MoveVars, *, users: int | None = None) -> Patte
 
 def replay(m: Match, mv: MoveVars, rw: Rewriter, x: fx.Node) -> fx.Node:
     """The matched movement applied to ``x`` (``x`` itself when the movement is absent)."""
-    kind = m[mv.kind]
+    kind, ops = m[mv.kind], emit.aten
+    sizes: list[Any] = m.get(mv.sizes, [])
     if kind is Movement.RESHAPE:
-        return rw.call(aten.reshape.default, x, m[mv.sizes])
+        return ops.reshape.default(rw, self=x, shape=sizes)
     if kind is Movement.FLATTEN:
-        return rw.call(aten.flatten.using_ints, x, m[mv.dim_a], m[mv.dim_b])
+        return ops.flatten.using_ints(rw, self=x, start_dim=m[mv.dim_a], end_dim=m[mv.dim_b])
     if kind is Movement.PERMUTE:
-        return rw.call(aten.permute.default, x, m[mv.sizes])
+        return ops.permute.default(rw, self=x, dims=sizes)
     if kind is Movement.TRANSPOSE:
-        return rw.call(aten.transpose.int, x, m[mv.dim_a], m[mv.dim_b])
+        return ops.transpose.int(rw, self=x, dim0=m[mv.dim_a], dim1=m[mv.dim_b])
     return x
 
 

@@ -12,9 +12,11 @@ import torch
 from torch import fx
 
 from qalgebra.checks import users_at_most
-from qalgebra.combinators import dequantize_per_tensor, qparams, with_dtype_convert, with_reshape
-from qalgebra.fusions.base import Fusion, Rewriter
+from qalgebra.combinators import dequantize_per_tensor, with_dtype_convert, with_reshape
+from qalgebra.fusion import Fusion
 from qalgebra.pattern import Match, Var, capture, where
+from qalgebra.qparams import qparams
+from qalgebra.rewriter import Rewriter
 
 __all__ = ["DEQUANT_PROMOTION"]
 

@@ -48,18 +48,22 @@ from __future__ import annotations
 import torch
 from torch import fx
 
-from qalgebra.checks import Check, dtype_in, valid_qparams
-from qalgebra.combinators import QParams, dequantize_per_tensor, qparams, quantize_per_tensor
-from qalgebra.fusions.base import Fusion, Refusal, Rewriter
+from qalgebra import emit
+from qalgebra.checks import Check, dtype_in, require, valid_qparams
+from qalgebra.combinators import dequantize_per_tensor, quantize_per_tensor
+from qalgebra.errors import Refusal
+from qalgebra.fusion import Fusion
 from qalgebra.fusions.common import OQ, X, output_quantize
 from qalgebra.fusions.pointwise import (
     FLOAT_OP,
     READ_ONLY_BY_QUANT,
     quantized_alike,
-    require,
     within_output_range,
 )
+from qalgebra.ops import aten
 from qalgebra.pattern import Match, Pattern, PatternLike, Var, any_of, call, capture
+from qalgebra.qparams import QParams, qparams
+from qalgebra.rewriter import Rewriter
 
 __all__ = [
     "ADAPTIVE_POOLS",
@@ -72,7 +76,6 @@ __all__ = [
     "int8_mean",
 ]
 
-aten = torch.ops.aten
 
 #: The input's qparams, constants only (the requantize is computed when lowering; a scale known
 #: only at run time, from dynamic quantization, is left to the graph).
@@ -125,14 +128,14 @@ def int8_mean(m: Match, rw: Rewriter, x: fx.Node, dims: list[int], keepdim: bool
     quantize takes 20-85 us, as much as the mean itself), clamped only when the output's range
     is narrower than what ``x`` is known to hold. Otherwise the mean is requantized.
     """
-    levels = rw.call(aten.mean.dim, x, dims, keepdim, dtype=torch.float32)
+    levels = emit.aten.mean.dim(rw, self=x, dim=dims, keepdim=keepdim, dtype=torch.float32)
     alike = (m[XQ.scale], m[XQ.zero_point], m[XQ.dtype])
     if quantized_alike(alike, (m[OQ.scale], m[OQ.zero_point], m[OQ.dtype])):
-        rounded = rw.call(aten.round.default, levels)
-        out = rw.call(aten._to_copy.default, rounded, dtype=m[OQ.dtype])
+        rounded = emit.aten.round.default(rw, self=levels)
+        out = emit.aten._to_copy.default(rw, self=rounded, dtype=m[OQ.dtype])
         return within_output_range(m, rw, out, [x])
     if m[XQ.zero_point]:
-        levels = rw.call(aten.sub.Tensor, levels, m[XQ.zero_point])
+        levels = emit.aten.sub.Scalar(rw, self=levels, other=m[XQ.zero_point])
     return output_quantize(m, rw, levels, scale=m[OQ.scale] / m[XQ.scale])
 
 

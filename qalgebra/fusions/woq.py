@@ -6,7 +6,7 @@ Inductor registers one pattern per graph shape (``_register_woq_mm_int8_pattern1
 ``torch/_inductor/fx_passes/quantization.py``); here one definition covers them all, in every
 spelling of the conversion (``convert_element_type``, ``_to_copy``, ``to.dtype``), of the
 transpose (``permute(w, [1, 0])``, ``t``) and of the reshapes (``view``, ``reshape``,
-``_unsafe_view``):
+``_unsafe_view``) -- the linear spellings of :func:`qalgebra.combinators.linear`:
 
 - ``mul(linear(x, convert(w)), scales)``: the op form ``torch.export`` leaves;
 - ``mul([reshape] mm([reshape] x, transpose(convert(w))) [reshape], scales) [reshape]``: Inductor's
@@ -19,7 +19,8 @@ transpose (``permute(w, [1, 0])``, ``t``) and of the reshapes (``view``, ``resha
 
 ``mul`` commutes, so ``scales * linear(...)`` matches too. The weight is any constant (a
 ``get_attr`` tensor, possibly through views, conversions or a tensor subclass' inner tensor:
-see :func:`fold_constant`); the scales are any constant as well, folded at lowering time.
+see :func:`qalgebra.constants.fold_constant`); the scales are any constant as well, folded at
+lowering time.
 
 Facts checked against the op (torch 2.13, AVX2; docs/onednn_ops.md and the ATen CPU kernel):
 ``_weight_int8pack_mm(A, B, scales)`` takes ``A`` 2-D fp32/bf16/fp16 with a contiguous last
@@ -56,275 +57,55 @@ report counts that last linear's nodes only.
 
 from __future__ import annotations
 
-import enum
-import operator
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
 import torch
 from torch import fx
-from torch._ops import OpOverload, OpOverloadPacket
 
-from qalgebra.checks import Check
-from qalgebra.combinators import dtype_convert, with_reshape
-from qalgebra.fusions.base import Fusion, Refusal, Rewriter
+from qalgebra import emit
+from qalgebra.checks import Check, closed
+from qalgebra.combinators import (
+    LinearForm,
+    LinearVars,
+    constant,
+    dtype_convert,
+    linear,
+    linear_vars,
+    transposed,
+    with_reshape,
+)
+from qalgebra.constants import fold_constant
+from qalgebra.errors import Refusal
+from qalgebra.fusion import Fusion
 from qalgebra.isa import aten_vectors_are_avx2
 from qalgebra.match import match_node
-from qalgebra.pattern import (
-    Match,
-    Pattern,
-    PatternLike,
-    Var,
-    any_of,
-    call,
-    capture,
-    ignored,
-    tag,
-    where,
-)
-from qalgebra.shapes import known_shape
+from qalgebra.ops import aten
+from qalgebra.pattern import Match, Pattern, Var, any_of, call, capture, where
+from qalgebra.rewriter import Rewriter
+from qalgebra.shapes import known_shape, same_dims, tensor_meta
 
 __all__ = [
     "DEFAULT_WOQ_DTYPES",
+    "LV",
     "SUPPORTED_WOQ_DTYPES",
     "WOQ",
     "WOQ_CONCAT_LINEAR",
     "WOQ_PATTERN",
-    "WoqForm",
     "bf16_k_multiple",
-    "closed",
-    "constant",
-    "constant_node",
-    "fold_constant",
-    "has_rank",
-    "is_constant",
     "last_of_woq_group",
     "make_woq",
-    "node_shape",
     "plan_woq",
     "shape_args",
-    "transposed",
     "woq_group",
     "woq_linear",
 ]
 
-aten = torch.ops.aten
 
 # --------------------------------------------------------------------------------------------
-# Constants: nodes the graph computes from get_attr tensors only, folded at lowering time
+# A result shape from x's dimensions
 # --------------------------------------------------------------------------------------------
-
-_FOLDABLE: frozenset[str] = frozenset(
-    str(p)
-    for p in (
-        aten._to_copy,
-        aten.to,
-        torch.ops.prims.convert_element_type,
-        torch.ops.quantized_decomposed.convert_element_type,
-        aten.view,
-        aten.reshape,
-        aten._unsafe_view,
-        aten.flatten,
-        aten.squeeze,
-        aten.unsqueeze,
-        aten.permute,
-        aten.t,
-        aten.transpose,
-        aten.expand,
-        aten.contiguous,
-        aten.clone,
-        aten.alias,
-        aten.detach,
-        aten.lift_fresh_copy,
-        torch.ops.export.access_subclass_inner_tensor,
-    )
-)
-_MAX_DEPTH = 16
-
-
-class _NotConstant(Exception):
-    pass
-
-
-def _packet_name(target: object) -> str:
-    if isinstance(target, OpOverload):
-        return str(target.overloadpacket)
-    if isinstance(target, OpOverloadPacket):
-        return str(target)
-    return ""
-
-
-def _get_attr(node: fx.Node) -> object:
-    obj: object = node.graph.owning_module
-    if obj is None or not isinstance(node.target, str):
-        raise _NotConstant
-    for part in node.target.split("."):
-        obj = getattr(obj, part, None)
-        if obj is None:
-            raise _NotConstant
-    return obj
-
-
-def is_constant(node: object, _depth: int = 0) -> bool:
-    """Whether ``node`` is computed from ``get_attr`` tensors only, through views/conversions."""
-    if not isinstance(node, fx.Node) or _depth > _MAX_DEPTH:
-        return False
-    if node.op == "get_attr":
-        return True
-    if node.op != "call_function" or _packet_name(node.target) not in _FOLDABLE:
-        return False
-    inputs = node.all_input_nodes
-    return bool(inputs) and all(is_constant(n, _depth + 1) for n in inputs)
-
-
-def fold_constant(node: fx.Node) -> torch.Tensor | None:
-    """The tensor a constant node computes (evaluated now, without gradients), or None."""
-    cache: dict[fx.Node, object] = {}
-
-    def value(n: fx.Node, depth: int) -> object:
-        if n in cache:
-            return cache[n]
-        if depth > _MAX_DEPTH:
-            raise _NotConstant
-        if n.op == "get_attr":
-            out = _get_attr(n)
-        elif n.op == "call_function" and _packet_name(n.target) in _FOLDABLE:
-            args = fx.node.map_arg(n.args, lambda a: cast(fx.Node, value(a, depth + 1)))
-            kwargs = fx.node.map_arg(n.kwargs, lambda a: cast(fx.Node, value(a, depth + 1)))
-            target = cast(Callable[..., object], n.target)
-            out = target(*args, **kwargs)
-        else:
-            raise _NotConstant
-        cache[n] = out
-        return out
-
-    try:
-        with torch.no_grad():
-            result = value(node, 0)
-    except (_NotConstant, RuntimeError, TypeError, ValueError):
-        return None
-    return result.detach() if isinstance(result, torch.Tensor) else None
-
-
-@dataclass(frozen=True, slots=True)
-class _IsConstant(Check):
-    var: Var[fx.Node]
-
-    def failure(self, m: Match) -> str | None:
-        if self.var not in m:
-            return f"{self.var.name} is not bound"
-        node = m[self.var]
-        if is_constant(node):
-            return None
-        return f"{self.var.name} ({node.name}) is not computed from get_attr tensors only"
-
-    def describe(self) -> str:
-        return f"{self.var.name} is a constant"
-
-    def __repr__(self) -> str:
-        return f"constant_node({self.var!r})"
-
-
-def constant_node(var: Var[fx.Node]) -> Check:
-    """The node bound to ``var`` is a constant (see :func:`is_constant`)."""
-    return _IsConstant(var)
-
-
-def constant(var: Var[fx.Node]) -> Pattern:
-    """Any constant node (a get_attr tensor, possibly viewed or converted), bound to ``var``."""
-    return where(var, constant_node(var))
-
-
-def node_shape(node: fx.Node) -> tuple[object, ...] | None:
-    """The node's shape from its metadata, or from folding it when it is a constant."""
-    shape = known_shape(node)
-    if shape is not None:
-        return shape
-    if is_constant(node):
-        folded = fold_constant(node)
-        if folded is not None:
-            return tuple(folded.shape)
-    return None
-
-
-@dataclass(frozen=True, slots=True)
-class _HasRank(Check):
-    var: Var[fx.Node]
-    rank: int
-
-    def failure(self, m: Match) -> str | None:
-        if self.var not in m:
-            return f"{self.var.name} is not bound"
-        node = m[self.var]
-        shape = node_shape(node)
-        if shape is None:
-            return f"the shape of {self.var.name} ({node.name}) is unknown"
-        if len(shape) != self.rank:
-            return f"{self.var.name} ({node.name}) has rank {len(shape)}, expected {self.rank}"
-        return None
-
-    def describe(self) -> str:
-        return f"{self.var.name} has rank {self.rank}"
-
-    def __repr__(self) -> str:
-        return f"has_rank({self.var!r}, {self.rank})"
-
-
-def has_rank(var: Var[fx.Node], rank: int) -> Check:
-    """The node bound to ``var`` has a known shape of ``rank`` dimensions."""
-    return _HasRank(var, rank)
-
-
-_ASSERT_METADATA = aten._assert_tensor_metadata.default
-
-
-@dataclass(frozen=True, slots=True)
-class _Closed(Check):
-    def failure(self, m: Match) -> str | None:
-        inside = set(m.nodes)
-        for node in m.nodes:
-            if node is m.root:
-                continue
-            for user in node.users:
-                if user not in inside and user.target is not _ASSERT_METADATA:
-                    return f"{node.name} is also read by {user.name}, outside the match"
-        return None
-
-    def describe(self) -> str:
-        return "every inner node is read only inside the match (metadata asserts aside)"
-
-    def __repr__(self) -> str:
-        return "closed()"
-
-
-def closed() -> Check:
-    """Inner nodes of the match are read only by matched nodes or by export's
-    ``_assert_tensor_metadata`` checks (``Tensor.to`` asserts its input's dtype; the fusion drops
-    those asserts with the value). Replacing a match that is not closed would leave its inner
-    nodes computed twice."""
-    return _Closed()
-
-
-def transposed(p: PatternLike) -> Pattern:
-    """A 2-D transpose in either spelling: ``permute(p, [1, 0])`` or ``t(p)``."""
-    return any_of(call(aten.permute.default, p, [1, 0]), call(aten.t.default, p))
-
-
-# --------------------------------------------------------------------------------------------
-# Helpers the WOQ, dynamic fp16 and int_mm replacements share
-# --------------------------------------------------------------------------------------------
-
-
-def tensor_meta(node: fx.Node) -> torch.Tensor | None:
-    """The node's ``meta['val']`` tensor (a FakeTensor from export), if any."""
-    val = node.meta.get("val")
-    return val if isinstance(val, torch.Tensor) else None
-
-
-def same_dims(a: Sequence[object], b: Sequence[object]) -> bool:
-    """Shapes equal, symbolic dimensions compared by their expressions."""
-    return len(a) == len(b) and all(str(x) == str(y) for x, y in zip(a, b, strict=True))
 
 
 def shape_args(
@@ -340,7 +121,7 @@ def shape_args(
             continue
         index = next((i for i, d in enumerate(x_shape) if str(d) == str(dim)), None)
         if index is not None:
-            out.append(rw.call(aten.sym_size.int, x, index))
+            out.append(emit.aten.sym_size.int(rw, self=x, dim=index))
         elif not inferred:
             inferred = True
             out.append(-1)
@@ -354,26 +135,15 @@ def shape_args(
 # --------------------------------------------------------------------------------------------
 
 
-class WoqForm(enum.Enum):
-    """Which compute op the WOQ linear was spelled with."""
-
-    LINEAR = "linear"
-    MM = "mm"
-    BMM = "bmm"
-
-    def __repr__(self) -> str:
-        return f"WoqForm.{self.name}"
-
-
 X = Var("woq_x", fx.Node)
 W = Var("woq_w", fx.Node)
 DTYPE = Var("woq_dtype", torch.dtype)
 SCALES = Var("woq_scales", fx.Node)
 CORE = Var("woq_core", fx.Node)
-X_EXPANDED = Var("woq_x_expanded", fx.Node)
-MM_SHAPE = Var("woq_mm_shape", list)
-OUT_SHAPE = Var("woq_out_shape", list)
-FORM = Var("woq_form", WoqForm)
+#: The reshapes around a 2-D mm, the expand before a bmm, which spelling matched.
+LV: LinearVars = linear_vars("woq")
+#: The reshape after the ``mul`` by the scales (torchao's form).
+SCALED_SHAPE = Var("woq_scaled_shape", list)
 
 
 def _weight_kn() -> Pattern:
@@ -385,17 +155,8 @@ def _weight_kn() -> Pattern:
 
 def woq_linear() -> Pattern:
     """``linear(x, convert(w)) * scales`` in every spelling (see the module docstring)."""
-    direct = call(aten.linear.default, X, dtype_convert(constant(W), DTYPE))
-    mm = with_reshape(call(aten.mm.default, with_reshape(X), _weight_kn()), MM_SHAPE)
-    x_expanded = capture(X_EXPANDED, call(aten.expand.default, X, ignored()))
-    w_expanded = call(aten.expand.default, _weight_kn(), ignored())
-    bmm = with_reshape(
-        call(aten.bmm.default, with_reshape(x_expanded), with_reshape(w_expanded)), MM_SHAPE
-    )
-    core = any_of(
-        tag(direct, FORM, WoqForm.LINEAR), tag(mm, FORM, WoqForm.MM), tag(bmm, FORM, WoqForm.BMM)
-    )
-    return with_reshape(call(aten.mul.Tensor, capture(CORE, core), SCALES), OUT_SHAPE)
+    core = linear(X, LV, w=dtype_convert(constant(W), DTYPE), w_t=_weight_kn())
+    return with_reshape(call(aten.mul.Tensor, capture(CORE, core), SCALES), SCALED_SHAPE)
 
 
 #: Activation dtypes the default catalog lowers. The ATen CPU kernel is vectorized only for bf16
@@ -507,15 +268,14 @@ def plan_woq(m: Match, dtypes: Sequence[torch.dtype] = DEFAULT_WOQ_DTYPES) -> Wo
     x_shape = known_shape(x)
     if x_shape is not None and x_shape[-1] != w.shape[1]:
         raise Refusal(f"x has {x_shape[-1]} input features, the weight {w.shape[1]}")
-    form = m[FORM]
-    if form is WoqForm.BMM:
-        expanded = known_shape(m[X_EXPANDED])
+    if m[LV.form] is LinearForm.BMM:
+        expanded = known_shape(m[LV.x_expanded])
         if x_shape is None or expanded is None or not same_dims(x_shape, expanded):
             raise Refusal(
                 f"bmm input expand {expanded} is not the identity on x {x_shape}: "
                 "the batch would be broadcast"
             )
-    reshape_to = m.get(OUT_SHAPE, []) or m.get(MM_SHAPE, []) or None
+    reshape_to = m.get(SCALED_SHAPE, []) or m.get(LV.out_shape, []) or None
     return WoqPlan(
         x=x,
         x_shape=x_shape,
@@ -544,14 +304,14 @@ def _emit_matmul(
     """
     x = rw.node(plan.x)
     if plan.x_shape is None or len(plan.x_shape) != 2:
-        x = rw.call(aten.reshape.default, x, [-1, plan.in_features])
+        x = emit.aten.reshape.default(rw, self=x, shape=[-1, plan.in_features])
     if plan.dtype == torch.bfloat16:
-        x = rw.call(aten.clone.default, x, memory_format=torch.contiguous_format)
+        x = emit.aten.clone.default(rw, self=x, memory_format=torch.contiguous_format)
     else:
-        x = rw.call(aten.contiguous.default, x)
+        x = emit.aten.contiguous.default(rw, self=x)
     w_node = rw.constant("woq_weight", _aligned(weight))
     s_node = rw.constant("woq_scales", scales.contiguous())
-    return rw.call(aten._weight_int8pack_mm.default, x, w_node, s_node)
+    return emit.aten._weight_int8pack_mm.default(rw, self=x, mat2=w_node, scales=s_node)
 
 
 def _result_shape(rw: Rewriter, plan: WoqPlan) -> list[Any] | None:
@@ -583,10 +343,10 @@ class _RewriteWoq:
         y = _emit_matmul(rw, plan, plan.weight, plan.scales)
         # The graph's own reshape when it had one; a 2-D mm needs none; else from x's shape.
         shape = plan.reshape_to
-        if shape is None and m[FORM] is not WoqForm.MM:
+        if shape is None and m[LV.form] is not LinearForm.MM:
             shape = _result_shape(rw, plan)
         if shape is not None:
-            y = rw.call(aten.reshape.default, y, shape)
+            y = emit.aten.reshape.default(rw, self=y, shape=shape)
         return y
 
 
@@ -614,7 +374,8 @@ def _candidate_roots(x: fx.Node) -> list[fx.Node]:
                     continue
                 seen.add(user)
                 nxt.append(user)
-                if user.op == "call_function" and _packet_name(user.target) in _ROOT_PACKETS:
+                packet = getattr(user.target, "overloadpacket", None)
+                if user.op == "call_function" and str(packet) in _ROOT_PACKETS:
                     found.append(user)
         frontier = nxt
     return found
@@ -692,12 +453,14 @@ def _rewrite_concat(m: Match, rw: Rewriter, dtypes: Sequence[torch.dtype]) -> fx
     scales = torch.cat([p.scales for p in plans], 0)
     y = _emit_matmul(rw, plans[0], weight, scales)
     sizes = [p.out_features for p in plans]
-    parts = rw.call(aten.split_with_sizes.default, y, sizes, 1)
+    parts = emit.aten.split_with_sizes.default(rw, self=y, split_sizes=sizes, dim=1)
     pieces: list[fx.Node] = []
     for i, plan in enumerate(plans):
-        piece = rw.call(aten.contiguous.default, rw.call(operator.getitem, parts, i))
+        piece = emit.aten.contiguous.default(rw, self=rw.getitem(parts, i))
         shape = _result_shape(rw, plan)
-        pieces.append(piece if shape is None else rw.call(aten.reshape.default, piece, shape))
+        if shape is not None:
+            piece = emit.aten.reshape.default(rw, self=piece, shape=shape)
+        pieces.append(piece)
     # The other members are roots too: each is replaced by its piece, and its chain erased
     # with the match's (the lowering replaces the last member, the match's root).
     for (found, _), piece in zip(group[:-1], pieces[:-1], strict=True):

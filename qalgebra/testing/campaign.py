@@ -24,7 +24,7 @@ from hypothesis import given, note
 from hypothesis import strategies as st
 from hypothesis.internal.reflection import function_digest
 
-from qalgebra.fusions.base import Fusion
+from qalgebra.fusion import Fusion
 from qalgebra.lower import DEFAULT_FUSIONS
 from qalgebra.lower import _single_thread as single_thread
 from qalgebra.testing.properties import Outcome, check_example

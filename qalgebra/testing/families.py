@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from torch import fx
 
 from qalgebra.catalog import Placed, with_fusions
-from qalgebra.fusions.base import Fusion
+from qalgebra.fusion import Fusion
 from qalgebra.lower import DEFAULT_FUSIONS
 from qalgebra.testing.strategies import examples, families, register_family
 

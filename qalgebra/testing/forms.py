@@ -1,7 +1,7 @@
 """Rewrite a converted (op-form) quantized GraphModule into the other forms the catalog accepts.
 
 ``convert_pt2e`` produces one spelling of a quantized graph; Inductor and other front ends
-produce others (DESIGN.md, "Quant/dequant forms"). Fusion authors test that one pattern
+produce others (docs/design.md, "Quant/dequant forms"). Fusion authors test that one pattern
 definition covers all of them, so each form here is a pure function: it returns a NEW
 GraphModule (a deep copy, rewritten) and never touches the input module, its graph or its
 tensors.

@@ -6,7 +6,7 @@ float output that is a dequantized value may move by ``scale``, and a float outp
 linear (no quantize after it) should agree to float rounding. :func:`compare_outputs` applies
 the right rule per output and returns a :class:`Comparison` that says what it checked.
 
-Rules (DESIGN.md, "Lowering: numerics"):
+Rules (docs/design.md, "Lowering: numerics"):
 
 ==================================  ===========================================================
 output                              accepted when

@@ -41,7 +41,7 @@ import torch
 from torch import fx
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from qalgebra.fusions.base import Fusion
+from qalgebra.fusion import Fusion
 from qalgebra.lower import DEFAULT_FUSIONS, LoweringReport, lower_with_report
 from qalgebra.testing.oracle import bound_failure
 from qalgebra.testing.strategies import (

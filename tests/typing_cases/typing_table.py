@@ -32,17 +32,7 @@ from qalgebra import (
     where,
 )
 from qalgebra.checks import Check, dtype_in, single_user
-from qalgebra.combinators import (
-    ChannelQParams,
-    ConstantQParams,
-    QParams,
-    RuntimeQParams,
-    Unary,
-    channel_qparams,
-    dequantize_per_tensor,
-    qparams,
-    with_unary,
-)
+from qalgebra.combinators import Unary, dequantize_per_tensor, with_unary
 from qalgebra.match import explain, find_matches, iter_matches, match_node
 from qalgebra.pattern import (
     Call,
@@ -55,6 +45,14 @@ from qalgebra.pattern import (
     Reciprocal,
     Tag,
     Where,
+)
+from qalgebra.qparams import (
+    ChannelQParams,
+    ConstantQParams,
+    QParams,
+    RuntimeQParams,
+    channel_qparams,
+    qparams,
 )
 
 aten = torch.ops.aten

@@ -15,11 +15,12 @@ import torch
 from hypothesis import strategies as st
 from torch import fx
 
-from qalgebra import Match, Var, call, where
+from qalgebra import Match, Var, call, emit, where
 from qalgebra.catalog import Placed
 from qalgebra.checks import same_qparams, satisfies
-from qalgebra.combinators import dequantize_per_tensor, qparams, quantize_per_tensor
+from qalgebra.combinators import dequantize_per_tensor, quantize_per_tensor
 from qalgebra.fusions import Fusion, Rewriter
+from qalgebra.qparams import qparams
 from qalgebra.testing.families import FusionFamily
 from qalgebra.testing.strategies import (
     Example,
@@ -45,7 +46,7 @@ PATTERN = where(
 
 def clamp_levels(m: Match, rw: Rewriter) -> fx.Node:
     low = max(m[IN.zero_point], m[OUT.quant_min])
-    return rw.call(aten.clamp.default, m[X], low, m[OUT.quant_max])
+    return emit.aten.clamp.default(rw, self=m[X], min=low, max=m[OUT.quant_max])
 
 
 QRELU = Fusion("qrelu", "mine", PATTERN, clamp_levels, doc="q(relu(dq(x))) -> clamp(x, zp)")
