@@ -291,9 +291,7 @@ def valid_qparams(qp: QParams) -> Check:
 
 
 def _shape(node: fx.Node) -> tuple[Any, ...] | None:
-    val = node.meta.get("val")
-    shape = getattr(val, "shape", None)
-    return tuple(shape) if shape is not None else None
+    return known_shape(node)
 
 
 @dataclass(frozen=True, slots=True)
@@ -322,7 +320,8 @@ class _SameShape(Check):
 
 
 def same_shape(a: Var[fx.Node], b: Var[fx.Node]) -> Check:
-    """Both nodes have known, equal shapes (``meta['val']``)."""
+    """Both nodes have known, equal shapes (:func:`qalgebra.shapes.known_shape`: ``meta['val']``,
+    else read upstream through shape-preserving ops, as on ``convert_pt2e``'s q/dq nodes)."""
     return _SameShape(a, b)
 
 

@@ -5,8 +5,14 @@
 - ``qalgebra catalog`` lists the fusions :func:`qalgebra.lower.lower` applies, in priority order.
 - ``qalgebra lower PATH [--out OUT]`` lowers a quantized program saved with
   ``torch.export.save`` (``--out``: and writes it as a :mod:`qalgebra.artifact`).
-- ``qalgebra explain`` says why a fusion does not match at a node of a bundled model.
+- ``qalgebra explain`` says why a fusion does not match at a node of a bundled model or of a
+  saved program (``--program PATH``).
 - ``qalgebra fuzz`` checks the lowering's properties on random graphs (:mod:`qalgebra.fuzz`).
+
+``catalog``, ``lower``, ``explain`` and ``fuzz`` take ``--fusions FILE_OR_MODULE:NAME[,...]``:
+fusions of yours (a ``Fusion``, a ``qalgebra.catalog.Placed`` one, or a
+``qalgebra.testing.families.FusionFamily``, whose examples ``fuzz`` then draws too), added to
+the catalog by priority (:func:`qalgebra.catalog.with_fusions`).
 
 torch, torchao and the lowering are imported inside the commands, so ``--help`` is instant. What
 the commands measure with (:func:`~qalgebra.measure.compare`, ...) is :mod:`qalgebra.measure`,
@@ -47,8 +53,10 @@ from qalgebra.measure import (
 )
 
 if TYPE_CHECKING:
+    import torch
     from torch import fx
 
+    from qalgebra.fusion import Fusion
     from qalgebra.pattern import Mismatch
     from qalgebra.selfcheck import SelfCheckMode
 
@@ -329,24 +337,88 @@ def demo(
         raise typer.Exit(code=1)
 
 
+FusionsOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--fusions",
+        help="Fusions of yours, added to the catalog by priority: FILE.py:NAME[,NAME...] or "
+        "MODULE:NAME[,...] naming Fusion, qalgebra.catalog.Placed or "
+        "qalgebra.testing.families.FusionFamily objects (repeatable).",
+    ),
+]
+
+
+def _with_fusions(specs: Sequence[str] | None, err: Console) -> tuple[Fusion, ...]:
+    """The catalog, with the fusions ``--fusions`` names placed by priority."""
+    from qalgebra.errors import QAlgebraError
+    from qalgebra.lower import DEFAULT_FUSIONS
+
+    if not specs:
+        return DEFAULT_FUSIONS
+    from qalgebra.catalog import load
+    from qalgebra.testing.families import catalog_with
+
+    try:
+        loaded = [obj for spec in specs for obj in load(spec)]
+        return catalog_with(loaded)
+    except (QAlgebraError, TypeError) as exc:
+        raise _fail(err, f"--fusions: {exc}", code=2) from None
+
+
 @app.command()
-def catalog() -> None:
+def catalog(fusions: FusionsOption = None) -> None:
     """The fusions lower() applies, in priority order (a pattern before any it contains)."""
     from qalgebra.lower import DEFAULT_FUSIONS
 
-    table = Table(title="qalgebra fusion catalog (DEFAULT_FUSIONS, priority order)")
+    chosen = _with_fusions(fusions, Console(stderr=True))
+    title = "DEFAULT_FUSIONS" if chosen == DEFAULT_FUSIONS else "DEFAULT_FUSIONS with yours (*)"
+    table = Table(title=f"qalgebra fusion catalog ({title}, priority order)")
     table.add_column("#", justify="right")
     table.add_column("name", no_wrap=True)
     table.add_column("family", no_wrap=True)
     table.add_column("doc")
-    for i, fusion in enumerate(DEFAULT_FUSIONS, 1):
-        table.add_row(str(i), fusion.name, fusion.family, escape(fusion.doc))
+    for i, fusion in enumerate(chosen, 1):
+        mine = "" if fusion in DEFAULT_FUSIONS else " *"
+        table.add_row(str(i), fusion.name + mine, fusion.family, escape(fusion.doc))
     Console().print(table)
 
 
 def _fail(console: Console, message: str, code: int = 1) -> typer.Exit:
     console.print(f"[red]error:[/red] {message}", highlight=False)
     return typer.Exit(code=code)
+
+
+def _load_program(
+    path: Path, err: Console
+) -> tuple[torch.export.ExportedProgram, fx.GraphModule, tuple[torch.Tensor, ...]]:
+    """A program saved with ``torch.export.save``: itself, its module, its example inputs
+    (empty when none usable were saved)."""
+    if not path.is_file():
+        raise _fail(err, f"{path}: no such file")
+    import torch
+    from torch import fx
+
+    try:
+        ep = torch.export.load(str(path))
+    except Exception as exc:
+        raise _fail(
+            err,
+            f"{path}: not a program saved with torch.export.save "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})",
+        ) from None
+    try:
+        gm = ep.module()
+    except Exception as exc:
+        raise _fail(err, f"{path}: cannot rebuild a module ({type(exc).__name__}: {exc})") from None
+    if not isinstance(gm, fx.GraphModule):
+        raise _fail(err, f"{path}: the program's module is a {type(gm).__name__}, not a graph")
+    saved = getattr(ep, "example_inputs", None)
+    args: tuple[torch.Tensor, ...] = ()
+    if isinstance(saved, tuple) and len(saved) == 2 and isinstance(saved[0], tuple):
+        args = tuple(a for a in saved[0] if isinstance(a, torch.Tensor))
+        if len(args) != len(saved[0]) or saved[1]:
+            args = ()
+    return ep, gm, args
 
 
 @app.command()
@@ -385,6 +457,7 @@ def lower(
             "any process).",
         ),
     ] = None,
+    fusions: FusionsOption = None,
 ) -> None:
     """Lower a saved quantized program with qalgebra and print the lowering report.
 
@@ -395,42 +468,20 @@ def lower(
     quiet_third_party()
     console = Console()
     err = Console(stderr=True)
-    if not path.is_file():
-        raise _fail(err, f"{path}: no such file")
-    import torch
-    from torch import fx
-
     from qalgebra.errors import QAlgebraError
     from qalgebra.lower import lower_with_report
     from qalgebra.selfcheck import MODES
 
     if selfcheck not in MODES:
         raise _fail(err, f"--selfcheck must be one of {', '.join(MODES)}, not {selfcheck!r}", 2)
-
-    try:
-        ep = torch.export.load(str(path))
-    except Exception as exc:
-        raise _fail(
-            err,
-            f"{path}: not a program saved with torch.export.save "
-            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})",
-        ) from None
-    try:
-        gm = ep.module()
-    except Exception as exc:
-        raise _fail(err, f"{path}: cannot rebuild a module ({type(exc).__name__}: {exc})") from None
-    if not isinstance(gm, fx.GraphModule):
-        raise _fail(err, f"{path}: the program's module is a {type(gm).__name__}, not a graph")
-    saved = getattr(ep, "example_inputs", None)
-    args: tuple[torch.Tensor, ...] = ()
-    if isinstance(saved, tuple) and len(saved) == 2 and isinstance(saved[0], tuple):
-        args = tuple(a for a in saved[0] if isinstance(a, torch.Tensor))
-        if len(args) != len(saved[0]) or saved[1]:
-            args = ()
+    ep, gm, args = _load_program(path, err)
+    chosen = _with_fusions(fusions, err)
     if not args:
         console.print("[yellow]note:[/yellow] no usable example inputs saved; numerics not checked")
     try:
-        lowered, report = lower_with_report(gm, args, selfcheck=cast("SelfCheckMode", selfcheck))
+        lowered, report = lower_with_report(
+            gm, args, fusions=chosen, selfcheck=cast("SelfCheckMode", selfcheck)
+        )
     except QAlgebraError as exc:
         raise _fail(err, f"{path}: lowering refused: {exc}") from None
     except Exception as exc:
@@ -465,8 +516,16 @@ def lower(
 @app.command()
 def explain(
     model: Annotated[
-        str, typer.Option("--model", help="A bundled model (qalgebra.testing.models.MODELS).")
-    ],
+        str | None,
+        typer.Option("--model", help="A bundled model (qalgebra.testing.models.MODELS)."),
+    ] = None,
+    program: Annotated[
+        Path | None,
+        typer.Option(
+            "--program", help="Or a quantized program of yours saved with torch.export.save."
+        ),
+    ] = None,
+    *,
     fusion: Annotated[str, typer.Option("--fusion", help="A fusion name (see `catalog`).")],
     node: Annotated[
         str | None,
@@ -480,32 +539,34 @@ def explain(
             "before it in priority order have run. Default: the graph convert_pt2e produced.",
         ),
     ] = False,
+    fusions: FusionsOption = None,
 ) -> None:
-    """Why FUSION does (not) match at NODE of a bundled model quantized with torchao."""
+    """Why FUSION does (not) match at NODE of a bundled model quantized with torchao, or of a
+    saved program (``--program``)."""
     quiet_third_party()
     console = Console()
     err = Console(stderr=True)
-    from qalgebra.lower import DEFAULT_FUSIONS, lower_with_report
+    from qalgebra.lower import lower_with_report
     from qalgebra.match import explain as explain_match
-    from qalgebra.testing.models import MODELS
-    from qalgebra.testing.quantize import quantize_pt2e
 
-    fusions = {f.name: f for f in DEFAULT_FUSIONS}
-    if fusion not in fusions:
-        raise _fail(err, f"unknown fusion {fusion!r}; known: {', '.join(fusions)}", code=2)
-    if model not in MODELS:
-        close = difflib.get_close_matches(model, list(MODELS), n=3, cutoff=0.5)
-        hint = f"did you mean {', '.join(close)}? " if close else ""
-        raise _fail(
-            err, f"unknown model {model!r}; {hint}known: {', '.join(sorted(MODELS))}", code=2
-        )
-    chosen = fusions[fusion]
-    module, inputs = MODELS[model]()
-    with console.status(f"quantizing {model} with torchao ..."):
-        gm = quantize_pt2e(module, inputs)
+    catalog = _with_fusions(fusions, err)
+    by_name = {f.name: f for f in catalog}
+    if fusion not in by_name:
+        raise _fail(err, f"unknown fusion {fusion!r}; known: {', '.join(by_name)}", code=2)
+    if (model is None) == (program is None):
+        raise _fail(err, "give --model NAME or --program PATH (one of them)", code=2)
+    chosen = by_name[fusion]
+    if program is not None:
+        _, gm, inputs = _load_program(program, err)
+        model = str(program)
+    else:
+        assert model is not None
+        gm, inputs = _quantized_model(model, console, err)
     where = "the quantized graph"
     if pipeline:
-        before = DEFAULT_FUSIONS[: DEFAULT_FUSIONS.index(chosen)]
+        if program is not None and not inputs:
+            raise _fail(err, f"{program}: --pipeline needs the example inputs saved with it", 2)
+        before = catalog[: catalog.index(chosen)]
         gm, report = lower_with_report(gm, inputs, fusions=before)
         fired = ", ".join(f"{k} x{v}" for k, v in sorted(report.fired.items())) or "nothing fired"
         where = f"the graph after {', '.join(f.name for f in before) or 'no fusion'} ({fired})"
@@ -535,6 +596,24 @@ def explain(
             markup=False,
             highlight=False,
         )
+
+
+def _quantized_model(
+    model: str, console: Console, err: Console
+) -> tuple[fx.GraphModule, tuple[torch.Tensor, ...]]:
+    """A bundled model, quantized with torchao's PT2E flow, and its inputs."""
+    from qalgebra.testing.models import MODELS
+    from qalgebra.testing.quantize import quantize_pt2e
+
+    if model not in MODELS:
+        close = difflib.get_close_matches(model, list(MODELS), n=3, cutoff=0.5)
+        hint = f"did you mean {', '.join(close)}? " if close else ""
+        raise _fail(
+            err, f"unknown model {model!r}; {hint}known: {', '.join(sorted(MODELS))}", code=2
+        )
+    module, inputs = MODELS[model]()
+    with console.status(f"quantizing {model} with torchao ..."):
+        return quantize_pt2e(module, inputs), tuple(inputs)
 
 
 def _explain_one(fusion: str, n: fx.Node, mismatch: Mismatch | None) -> Text:
@@ -586,17 +665,26 @@ def fuzz(
             "$QALGEBRA_HYPOTHESIS_DB, else .hypothesis/examples).",
         ),
     ] = None,
+    fusions: FusionsOption = None,
 ) -> None:
-    """Check the lowering's properties on random quantized graphs (exit 1 on any failure)."""
+    """Check the lowering's properties on random quantized graphs (exit 1 on any failure).
+
+    With ``--fusions``, every example is lowered with your fusions in place: the catalog's
+    families must still hold, and your families (FusionFamily) are drawn too."""
     quiet_third_party()
     from qalgebra.errors import ExampleDatabaseError
     from qalgebra.fuzz import run_campaign
 
+    err = Console(stderr=True)
+    chosen = _with_fusions(fusions, err)
     names = [n for entry in families or [] for n in entry.split(",") if n]
     try:
         summary = run_campaign(
-            max_examples, minutes, seed, names or None, out, workers=workers, database=db
-        )
+            max_examples, minutes, seed, names or None, out, workers=workers, database=db,
+            fusions=chosen,
+        )  # fmt: skip
+    except KeyError as exc:
+        raise _fail(err, str(exc.args[0]) if exc.args else str(exc), code=2) from None
     except ExampleDatabaseError as exc:
         raise _fail(Console(stderr=True), str(exc), code=2) from None
     raise typer.Exit(summary.exit_code)

@@ -85,3 +85,8 @@ class RewriteError(LoweringError):
 
 class ExampleDatabaseError(QAlgebraError, ValueError):
     """The example database named for the properties cannot be used (unreachable server...)."""
+
+
+class CatalogError(QAlgebraError, ValueError):
+    """Fusions cannot be added to the catalog as asked (unknown anchor, a name taken, placement
+    by containment contradictory) or loaded (no such file, module or name)."""

@@ -56,8 +56,10 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 
+from qalgebra.fusion import Fusion
 from qalgebra.fuzz_summary import CampaignSummary, Failure
 from qalgebra.fuzz_worker import InFlight, Job, read_in_flight, serve, write_failure
+from qalgebra.lower import DEFAULT_FUSIONS
 from qalgebra.testing.database import DB_ENV, DEFAULT_DB, example_database, redacted
 from qalgebra.testing.strategies import examples, families
 
@@ -108,6 +110,7 @@ def run_campaign(
     database: str | None = None,
     console: Console | None = None,
     quiet: bool = False,
+    fusions: Sequence[Fusion] = DEFAULT_FUSIONS,
 ) -> CampaignSummary:
     """Check the lowering properties on ``max_examples`` examples or for ``minutes``.
 
@@ -117,6 +120,8 @@ def run_campaign(
     :func:`default_workers`); ``database`` names the example database (a directory or a
     Redis URL; None: ``QALGEBRA_HYPOTHESIS_DB`` or the local default). Failing graphs are
     written to ``out_dir``; the summary's ``exit_code`` is non-zero when any example failed.
+    ``fusions`` is the catalog the examples are lowered with (a user's fusions in place:
+    :func:`qalgebra.catalog.with_fusions`); its failures are kept under keys of their own.
     """
     if max_examples is None and minutes is None:
         max_examples = 100
@@ -142,8 +147,9 @@ def run_campaign(
 
         _preload(names, forms)
         campaign = _Supervisor(
-            jobs(max_examples, names, base_seed), workers, out_dir, database, forms, deadline, show
-        )
+            jobs(max_examples, names, base_seed), workers, out_dir, database, forms, deadline,
+            show, fusions=tuple(fusions),
+        )  # fmt: skip
         summary = campaign.run()
     summary.seed = seed
     summary.workers = workers
@@ -229,6 +235,7 @@ class _Supervisor:
     forms: Sequence[str] | None
     deadline: float | None
     show: _Show
+    fusions: tuple[Fusion, ...] = DEFAULT_FUSIONS
     summary: CampaignSummary = field(default_factory=CampaignSummary)
     _retry: deque[Job] = field(default_factory=deque)
     _spawned: int = 0
@@ -278,7 +285,7 @@ class _Supervisor:
             target=serve,
             args=(
                 ident, tasks, writer, self.out_dir, self._flights / f"{ident}.json",
-                self.database, self.forms, self.deadline,
+                self.database, self.forms, self.deadline, self.fusions,
             ),
             daemon=True,
         )  # fmt: skip

@@ -29,8 +29,15 @@ import torch
 from hypothesis import HealthCheck, Phase, Verbosity, settings
 from hypothesis import seed as hypothesis_seed
 
+from qalgebra.fusion import Fusion
 from qalgebra.fuzz_summary import CampaignSummary, Failure
-from qalgebra.testing.campaign import database_key, family_test, use_pytest_key
+from qalgebra.lower import DEFAULT_FUSIONS
+from qalgebra.testing.campaign import (
+    catalog_variant,
+    database_key,
+    family_test,
+    use_pytest_key,
+)
 from qalgebra.testing.database import CpuTaggedDatabase, example_database
 from qalgebra.testing.properties import Outcome, PropertyFailure
 from qalgebra.testing.strategies import ExampleLike
@@ -130,14 +137,16 @@ def run_job(
     forms: Sequence[str] | None = None,
     deadline: float | None = None,
     show: Progress = lambda done, what: None,
+    fusions: Sequence[Fusion] = DEFAULT_FUSIONS,
 ) -> tuple[CampaignSummary, int]:
     """Run ``job`` here; its summary, and how many of its examples it checked (fewer than
     asked when a failure ended it, or ``deadline``, a ``time.time()``, passed)."""
     summary = CampaignSummary()
     observer = _Observer(summary, in_flight, deadline, show)
-    test = family_test(observer, forms=forms)
-    use_pytest_key(test, job.family)
-    key = database_key(job.family)
+    test = family_test(observer, forms=forms, fusions=fusions)
+    variant = catalog_variant(fusions)
+    use_pytest_key(test, job.family, variant)
+    key = database_key(job.family, variant)
     recorded = sum(1 for _ in database.fetch(key)) if job.replay else 0
     replays_before = len(database.replays)
     phases = [Phase.reuse] if job.replay else []
@@ -229,8 +238,11 @@ def serve(
     database: str | None,
     forms: Sequence[str] | None,
     deadline: float | None,
+    fusions: Sequence[Fusion] = DEFAULT_FUSIONS,
 ) -> None:
-    """The worker loop: take a job from ``tasks`` (None: stop), report on ``results``."""
+    """The worker loop: take a job from ``tasks`` (None: stop), report on ``results``.
+
+    Workers are forked: ``fusions`` (a user's included) are the parent's objects, not pickled."""
     last = [0.0]
 
     def show(done: int, what: str) -> None:
@@ -246,7 +258,7 @@ def serve(
         while (job := tasks.get()) is not None:
             part, checked = run_job(
                 job, db, out_dir, f"w{index}_{number:03d}", in_flight,
-                forms=forms, deadline=deadline, show=show,
+                forms=forms, deadline=deadline, show=show, fusions=fusions,
             )  # fmt: skip
             number += len(part.failures)
             results.send((index, "done", (part, checked)))

@@ -8,7 +8,9 @@ Each rewrite is a transaction (:class:`~qalgebra.rewriter.Rewriter`): one that r
 fails is rolled back exactly, leaving that subgraph as it was, and the rest still lowers
 (``strict=True`` raises on a failure instead). Arguments are checked first
 (:mod:`qalgebra.validate`). ``lower_with_report`` also returns what fired, what each fusion
-consumed, what was refused and why, what failed, and which quantize/dequantize nodes are left.
+consumed, what was refused and why, what failed, which quantize/dequantize nodes are left, and
+its near misses: where a fusion's structure matched but one of its ``where`` checks refused, and
+the node is still there unlowered (the check's reason says why).
 
 The lowered module returns the dtypes and shapes the input module returns: int8-mixed-bf16
 outputs stay bf16, also where this CPU's oneDNN cannot emit a bf16 sum (computed in fp32, then
@@ -37,10 +39,13 @@ from typing import Any, cast
 import torch
 from torch import fx
 
+from qalgebra.combinators import dequantize_per_tensor, quantize_per_tensor
 from qalgebra.errors import LoweringError, Refusal, RewriteError, UnsupportedGraphError
 from qalgebra.fusion import Fusion
 from qalgebra.fusions import DEFAULT_FUSIONS
-from qalgebra.match import METADATA_ASSERTS
+from qalgebra.match import METADATA_ASSERTS, Matcher
+from qalgebra.pattern import Var, any_of
+from qalgebra.qparams import qparams
 from qalgebra.rewriter import Rewriter
 from qalgebra.selfcheck import SelfCheck, SelfCheckMode, SelfCheckStats
 from qalgebra.validate import check_arguments
@@ -50,6 +55,7 @@ __all__ = [
     "DEFAULT_SELFCHECK",
     "FailedRewrite",
     "LoweringReport",
+    "NearMiss",
     "RefusedMatch",
     "lower",
     "lower_with_report",
@@ -81,6 +87,18 @@ class RefusedMatch:
 
 
 @dataclass(frozen=True, slots=True)
+class NearMiss:
+    """A node left unlowered where ``fusion``'s structure matched but a ``where`` check refused:
+    the check's ``reason`` (without it, a failing check would be silent: nothing fired, nothing
+    refused). Only fusions that lower (``exclusive``): a preparing one (dequant promotion:
+    "a dequant read more than once") refuses most nodes by design."""
+
+    fusion: str
+    root: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
 class FailedRewrite:
     """A rewrite that raised (not a :class:`Refusal`): rolled back, the match left unlowered.
 
@@ -100,7 +118,10 @@ class LoweringReport:
     nodes_consumed: Counter[str] = field(default_factory=Counter)
     refused: list[RefusedMatch] = field(default_factory=list)
     failed: list[FailedRewrite] = field(default_factory=list)
+    #: Quantize/dequantize nodes left in the lowered graph, in every form (a decomposed chain
+    #: is named by its last node).
     unfused_quant_nodes: list[str] = field(default_factory=list)
+    near_misses: list[NearMiss] = field(default_factory=list)
     seconds: float = 0.0
     selfcheck: SelfCheckStats = field(default_factory=SelfCheckStats)
 
@@ -123,6 +144,8 @@ class LoweringReport:
             lines.append(f"  refused {r.fusion} at {r.root}: {r.reason}{by}")
         for f in self.failed:
             lines.append(f"  failed {f.fusion} at {f.root} (rolled back): {f.error}")
+        for n in self.near_misses:
+            lines.append(f"  near miss {n.fusion} at {n.root}: {n.reason}")
         if self.selfcheck.mode != "off":
             lines.append(f"  {self.selfcheck.summary()}")
         if self.unfused_quant_nodes:
@@ -135,6 +158,23 @@ def _is_quant_node(node: fx.Node) -> bool:
         return False
     packet = getattr(node.target, "overloadpacket", None)
     return packet is not None and str(packet) in _QUANT_TARGETS
+
+
+_LEFT_QP = qparams("left", runtime=True)
+#: A per-tensor quantize or dequantize in any form, decomposed chains included.
+_LEFTOVER = Matcher(
+    any_of(
+        quantize_per_tensor(Var("x", fx.Node), _LEFT_QP),
+        dequantize_per_tensor(Var("x", fx.Node), _LEFT_QP),
+    )
+)
+
+
+def _unfused_quant_nodes(graph: fx.Graph) -> list[str]:
+    """The quantize/dequantize nodes left: op forms by target, a decomposed chain by its last
+    node (``mul`` of a dequantize, dtype conversion of a quantize), in graph order."""
+    roots = {m.root for m in _LEFTOVER.find_matches(graph)}
+    return [n.name for n in graph.nodes if n in roots or _is_quant_node(n)]
 
 
 class _Overlay(torch.nn.Module):
@@ -249,16 +289,21 @@ def _apply(
     module: torch.nn.Module,
     report: LoweringReport,
     selfcheck: SelfCheck,
+    near: list[tuple[fx.Node, NearMiss]],
     *,
     strict: bool,
 ) -> None:
     """One pass of ``fusion``: each match is one :class:`Rewriter` transaction, committed when
-    the rewrite and the root's replacement succeed, rolled back (and reported) otherwise."""
+    the rewrite and the root's replacement succeed, rolled back (and reported) otherwise.
+    Roots where a check refused are explained into ``near``."""
+    missed: list[fx.Node] = []
     try:
-        matches = fusion.matcher.find_matches(graph, exclusive=fusion.exclusive)
+        matches = fusion.matcher.find_matches(graph, exclusive=fusion.exclusive, near_misses=missed)
     except Exception as error:  # a failing check: this fusion is skipped, the graph untouched
         _failed(fusion, "(matching)", error, report, strict=strict)
         return
+    if fusion.exclusive:  # the others prepare (promotion): their checks refuse routinely
+        near.extend((node, miss) for node in missed if (miss := _near_miss(fusion, node)))
     replaced: dict[fx.Node, fx.Node] = {}
     chains: list[tuple[fx.Node, ...]] = []
     for m in matches:
@@ -283,6 +328,21 @@ def _apply(
         report.fired[fusion.name] += 1
         report.nodes_consumed[fusion.name] += len(m.nodes)
     _erase_dead(graph, chains)
+
+
+def _near_miss(fusion: Fusion, node: fx.Node) -> NearMiss | None:
+    """The check that refused ``fusion`` at ``node``, among the failures reached furthest."""
+    mismatch = fusion.matcher.explain(node)
+    if mismatch is None:
+        return None
+    for failure in (mismatch, *mismatch.tied):
+        if failure.path and failure.path[-1] == _CHECK_STEP:
+            return NearMiss(fusion.name, node.name, failure.reason.removeprefix("check failed: "))
+    return None
+
+
+#: The last step of a path where a ``where`` check failed (:meth:`Matcher.explain`).
+_CHECK_STEP = "<check>"
 
 
 def _roll_back(rw: Rewriter, fusion: Fusion, root: str) -> None:
@@ -319,15 +379,18 @@ def lower_with_report(
     chosen = _fusions(fusions)
     report = LoweringReport()
     checker = SelfCheck(selfcheck, report.selfcheck)
+    near: list[tuple[fx.Node, NearMiss]] = []
     with _gc_paused():
         overlay = _Overlay(source)
         graph = _copy_graph(source, overlay)
         with _single_thread():
             for fusion in chosen:
-                _apply(fusion, graph, overlay, report, checker, strict=strict)
+                _apply(fusion, graph, overlay, report, checker, near, strict=strict)
         out = _build_module(source, overlay, graph)
         out.graph.lint()
-    report.unfused_quant_nodes = [n.name for n in out.graph.nodes if _is_quant_node(n)]
+    report.unfused_quant_nodes = _unfused_quant_nodes(out.graph)
+    # only what is still there: a node a later fusion lowered was not missed
+    report.near_misses = list(dict.fromkeys(m for node, m in near if not node._erased))
     report.seconds = time.perf_counter() - start
     return out, report
 

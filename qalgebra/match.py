@@ -141,6 +141,8 @@ class _Context:
     #: again cannot succeed, and without this k nested optionals cost 2^k on a failing graph.
     failed: set[tuple[object, ...]] = field(default_factory=set)
     _order: dict[fx.Node, int] | None = None
+    #: A ``where`` check refused something since this was last cleared (near misses).
+    check_refused: bool = False
 
     def fail(self, st: _State, path: Path, at: object, template: str, *args: object) -> None:
         """Record a failure; ``explain`` reports the one reached after the most progress.
@@ -773,6 +775,7 @@ class _WhereNode(_Node):
             if why is None:
                 yield st2
             else:
+                ctx.check_refused = True
                 ctx.fail(st2, (*path, "<check>"), value, "check failed: {}", _Text(why))
 
 
@@ -957,9 +960,17 @@ class Matcher:
         return ctx.mismatch() or Mismatch("no alternative matched {}", (node,), (), node)
 
     def find_matches(
-        self, graph: fx.Graph | fx.GraphModule, *, exclusive: bool = False
+        self,
+        graph: fx.Graph | fx.GraphModule,
+        *,
+        exclusive: bool = False,
+        near_misses: list[fx.Node] | None = None,
     ) -> list[Match]:
-        """Non-overlapping matches in ``graph``, in graph order (see :func:`find_matches`)."""
+        """Non-overlapping matches in ``graph``, in graph order (see :func:`find_matches`).
+
+        ``near_misses``, when given, gets the roots tried without a match where a ``where``
+        check refused (the structure got that far): :meth:`explain` says which and why.
+        """
         if isinstance(graph, fx.GraphModule):
             module: torch.nn.Module | None = graph
             g = graph.graph
@@ -992,6 +1003,7 @@ class Matcher:
                 continue
             if node in claimed:
                 continue
+            ctx.check_refused = False
             for st in self._root.match(node, _EMPTY, (), ctx):
                 if exclusive and not _closed(st, node):
                     continue
@@ -999,6 +1011,9 @@ class Matcher:
                     claimed.update(st.nodes)
                     found.append(_to_match(node, st, ctx))
                     break
+            else:
+                if ctx.check_refused and near_misses is not None:
+                    near_misses.append(node)
         found.reverse()
         return found
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 import torch
-from graphs import GraphBuilder
+from graphs import QP, GraphBuilder, dequantize
 from pyrsistent import pmap
 from torch import fx
 
@@ -165,6 +165,19 @@ def test_same_shape() -> None:
     assert c.failure(_match(x, x=x, y=bare)) == "the shape of bare is unknown"
     assert c.failure(_match(x, x=x)) == "y is not bound"
     assert c.describe() == "x and y have the same shape"
+
+
+def test_same_shape_reads_through_dequantize_without_meta() -> None:
+    """``convert_pt2e`` leaves ``meta['val']`` off q/dq nodes: the shape is read upstream."""
+    b = GraphBuilder()
+    x = b.input("x", (2, 3), torch.uint8)
+    y = b.input("y", (2, 3))
+    z = b.input("z", (3, 2))
+    dq = dequantize(b, x, QP(), "op_default", meta=False)
+    assert "val" not in dq.meta
+    c = same_shape(X, Y)
+    assert c.failure(_match(dq, x=dq, y=y)) is None
+    assert c.failure(_match(dq, x=dq, y=z)) == "x has shape [2, 3], y has shape [3, 2]"
 
 
 def test_made_by_graph(graph: tuple[fx.Node, ...]) -> None:

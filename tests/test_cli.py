@@ -157,7 +157,7 @@ def test_fuzz_workers_report_every_failure_and_exit_1(
     """A property that fails everywhere: each worker writes its shrunk failure, the campaign
     merges them and fails (forked workers inherit the patched check)."""
 
-    def fails(ex: object) -> object:
+    def fails(ex: object, *, fusions: object = None) -> object:
         raise PropertyFailure("numerics", "deliberately broken")
 
     monkeypatch.setattr(campaign, "check_example", fails)

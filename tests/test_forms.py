@@ -514,7 +514,7 @@ def test_respell_is_the_composition_of_the_forms(name: str, form: str) -> None:
 @pytest.mark.parametrize("form", pointwise.FORMS)
 def test_pointwise_examples_are_spelled_as_the_forms_compose(form: str) -> None:
     """The pointwise builder respells its graph once: what composing the forms gives."""
-    q = pointwise.Quantization(0.05, 3, 0, 255, torch.uint8)
+    q = strategies.QuantSpec(0.05, 3, 0, 255, torch.uint8)
     moves = (pointwise.Move("view", (2, 12, 4)), pointwise.Move("transpose", (1, 2)))
     spec = pointwise.MovementSpec((2, 3, 4, 4), moves, "dequant", q, q, also_read=True)
     example = pointwise.build_example(spec, form)
@@ -602,3 +602,15 @@ def test_forms_compose() -> None:
     tensor_dequants = histogram(shared)[qd.dequantize_per_tensor.tensor]
     assert tensor_dequants == histogram(gm)[DQ] - 1
     assert_bit_exact(gm, shared, inputs)
+
+
+def test_the_form_enums_name_every_respelling_and_nothing_else() -> None:
+    """``PrimaryForm``/``Modifier`` are the respellings of :data:`forms.FORMS` ("" = none)."""
+    from qalgebra.testing.strategies import FORMS, Modifier, PrimaryForm, form_name
+
+    named = {str(f) for f in (*PrimaryForm, *Modifier) if f}
+    assert named == set(forms.FORMS)
+    assert form_name(PrimaryForm.DECOMPOSED, Modifier.VIEW_VIEW) == "decomposed+view_view"
+    assert form_name("op") == "op" and "op" in FORMS and type(FORMS[0]) is str
+    with pytest.raises(ValueError):
+        form_name("decomposd")

@@ -24,6 +24,8 @@ from hypothesis import given, note
 from hypothesis import strategies as st
 from hypothesis.internal.reflection import function_digest
 
+from qalgebra.fusion import Fusion
+from qalgebra.lower import DEFAULT_FUSIONS
 from qalgebra.lower import _single_thread as single_thread
 from qalgebra.testing.properties import Outcome, check_example
 from qalgebra.testing.strategies import ExampleLike, examples, families
@@ -31,6 +33,7 @@ from qalgebra.testing.strategies import ExampleLike, examples, families
 __all__ = [
     "FAMILY_TEST_NODEID",
     "Observer",
+    "catalog_variant",
     "database_key",
     "family_test",
     "use_pytest_key",
@@ -52,13 +55,18 @@ class Observer(Protocol):
 
 
 def family_test(
-    observer: Observer | None = None, *, forms: Sequence[str] | None = None
+    observer: Observer | None = None,
+    *,
+    forms: Sequence[str] | None = None,
+    fusions: Sequence[Fusion] = DEFAULT_FUSIONS,
 ) -> Callable[..., None]:
     """A new Hypothesis test ``test(family, data)``: one example of ``family``, every property.
 
     Each call returns a fresh test object, so a driver may apply its own ``settings`` and
     ``seed`` to it. ``observer`` (None for pytest and HypoFuzz) sees each
     example. ``forms`` restricts the forms drawn (see :func:`~.strategies.examples`).
+    ``fusions`` is the catalog the examples are lowered with: the catalog's families must
+    still hold with a fusion of yours in place (:func:`qalgebra.catalog.with_fusions`).
     """
 
     @given(data=st.data())
@@ -69,9 +77,11 @@ def family_test(
             observer.before(ex)
         try:
             with single_thread():  # campaigns run a process per core
-                outcome = check_example(ex)
+                outcome = check_example(ex, fusions=fusions)
         except BaseException as exc:
-            note(f"reproduction script:\n{ex.code()}")
+            variant = catalog_variant(fusions)
+            lowered_with = f" (lowered with the fusions {variant}: pass them as fusions=)"
+            note(f"reproduction script{lowered_with if variant else ''}:\n{ex.code()}")
             if observer is not None:
                 observer.after(ex, None, exc)
             raise
@@ -89,14 +99,24 @@ def _examples(
     return examples([family], forms)
 
 
-def use_pytest_key(test: Any, family: str) -> None:
-    """Key ``test``'s database entries as pytest and HypoFuzz key ``test_family[family]``."""
+def catalog_variant(fusions: Sequence[Fusion]) -> str:
+    """How ``fusions`` differ from the catalog, for database keys: "" for the catalog itself,
+    else the names in order (failures found with a fusion of yours are kept apart)."""
+    if tuple(fusions) == DEFAULT_FUSIONS:
+        return ""
+    return ",".join(f.name for f in fusions)
+
+
+def use_pytest_key(test: Any, family: str, variant: str = "") -> None:
+    """Key ``test``'s database entries as pytest and HypoFuzz key ``test_family[family]``
+    (with a :func:`catalog_variant`, a key of its own)."""
     inner = test.hypothesis.inner_test
-    inner._hypothesis_internal_add_digest = FAMILY_TEST_NODEID.format(family=family).encode()
+    key = FAMILY_TEST_NODEID.format(family=family) + (f"+fusions={variant}" if variant else "")
+    inner._hypothesis_internal_add_digest = key.encode()
 
 
-def database_key(family: str) -> bytes:
+def database_key(family: str, variant: str = "") -> bytes:
     """The database key of ``family``'s failures (the same for every driver)."""
     test: Any = family_test()
-    use_pytest_key(test, family)
+    use_pytest_key(test, family, variant)
     return function_digest(test.hypothesis.inner_test)

@@ -339,21 +339,28 @@ def _build_dynamic(spec: DynamicLinearSpec, form: str) -> tuple[fx.GraphModule, 
         bound = _float_bound(err, b.values[total], "float rounding of both linears")
         outputs, bounds = [total], [bound]
     k = spec.input_shape[-1]
-    w_max = max(
-        int(_weight(spec.seed + 10 + i, (spec.out_features[i], k), spec.weight_max).abs().max())
-        for i in range(n)
-    )
     act = QuantSpec(1.0, 0, 0, spec.quant_max, torch.uint8)
-    promotions = int(spec.share_dequant and n > 1)
-    if saturates(act, w_max):
-        expected = Expected(
-            _fired(dequant_promotion=promotions), (SATURATING,), outputs=tuple(bounds)
+    # each linear is refused or fused on its own: by its own weights
+    fusing = [
+        i
+        for i in range(n)
+        if not saturates(
+            act,
+            int(
+                _weight(spec.seed + 10 + i, (spec.out_features[i], k), spec.weight_max).abs().max()
+            ),
         )
-    elif spec.combine != "apart" and Unary.NONE in spec.post_ops:
-        fired = _fired(qlinear_binary=1, qlinear=n - 1, dequant_promotion=promotions)
-        expected = Expected(fired, outputs=tuple(bounds))
-    else:
-        expected = Expected(_fired(qlinear=n, dequant_promotion=promotions), outputs=tuple(bounds))
+    ]
+    refusals = (SATURATING,) if len(fusing) < n else ()
+    promotions = int(spec.share_dequant and n > 1)
+    # the add fuses into a fusing linear without a post-op (the other operand: any float)
+    binary = spec.combine != "apart" and any(spec.post_ops[i] == Unary.NONE for i in fusing)
+    fired = _fired(
+        qlinear_binary=int(binary),
+        qlinear=len(fusing) - int(binary),
+        dequant_promotion=promotions,
+    )
+    expected = Expected(fired, refusals, outputs=tuple(bounds))
     return b.finish(outputs, spec.meta, form), expected, b
 
 

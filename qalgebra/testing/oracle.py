@@ -51,7 +51,7 @@ import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal, TypeAlias
+from typing import Literal, Protocol, TypeAlias
 
 import torch
 from torch import Tensor, fx
@@ -62,9 +62,11 @@ __all__ = [
     "FLOAT_ATOL",
     "FP32_COMPUTE_REL",
     "FP32_RTOL",
+    "BoundLike",
     "Comparison",
     "OutputKind",
     "assert_outputs_close",
+    "bound_failure",
     "compare_outputs",
     "compute_error",
     "level_interval",
@@ -305,6 +307,78 @@ def assert_outputs_close(
     if not result.ok:
         raise AssertionError(result.message)
     return result
+
+
+class BoundLike(Protocol):
+    """How far one output may be from the reference, per element
+    (:class:`qalgebra.testing.strategies.OutputBound`, or a plug-in's); read by
+    :func:`bound_failure`. A bound may also have an ``interval`` (see ``OutputBound``), read
+    when present."""
+
+    @property
+    def kind(self) -> Literal["quantized", "float", "exact"]: ...
+    @property
+    def steps(self) -> int: ...
+    @property
+    def atol(self) -> float | Tensor: ...
+    @property
+    def agree(self) -> float | None: ...
+    @property
+    def agree_atol(self) -> float | Tensor: ...
+    @property
+    def why(self) -> str: ...
+
+
+def bound_failure(bound: BoundLike, ref: Tensor, got: Tensor) -> str | None:
+    """Why ``got`` is not within ``bound`` of the reference ``ref``, element by element (None:
+    it is). The rule of the drawn examples (``qalgebra.testing.strategies``), whose bounds
+    come from the values their graphs compute; :func:`compare_outputs` is the rule for graphs
+    nothing is known about."""
+    if ref.shape != got.shape or ref.dtype != got.dtype:
+        return f"{got.dtype}{list(got.shape)} != reference {ref.dtype}{list(ref.shape)}"
+    if bound.kind == "exact":
+        if not torch.equal(ref, got) and not (
+            ref.is_floating_point()
+            and torch.equal(ref.isnan(), got.isnan())
+            and torch.equal(ref.nan_to_num(), got.nan_to_num())
+        ):
+            diff = (ref.double() - got.double()).abs().nan_to_num(float("inf")).max()
+            return f"not bit-identical, max |diff| {diff}"
+        return None
+    if ref.numel() == 0:
+        return None
+    ref, got = ref.detach(), got.detach()
+    interval: tuple[Tensor, Tensor] | None = getattr(bound, "interval", None)
+    if bound.kind == "quantized":
+        diff = (ref.to(torch.int32) - got.to(torch.int32)).abs().double()
+        agree_limit: float | Tensor = 0.0
+        if interval is None:
+            limit: float | Tensor = float(bound.steps)
+        else:  # the allowed levels, as a distance from the reference on each side
+            lo, hi = interval
+            level = ref.double()
+            limit = torch.where(got.double() >= level, hi - level, level - lo)
+    else:
+        diff = (ref.double() - got.double()).abs().nan_to_num(float("inf"))
+        limit, agree_limit = bound.atol, bound.agree_atol
+    excess = diff - limit
+    worst = float(excess.max())
+    if worst > 0:
+        at = [int(i) for i in torch.unravel_index(excess.argmax(), diff.shape)]
+        allowed = limit if isinstance(limit, float) else float(limit[tuple(at)])
+        return (
+            f"|diff| {float(diff[tuple(at)]):.6g} > {allowed:.6g} at {at} "
+            f"(reference {float(ref[tuple(at)]):.6g}, lowered {float(got[tuple(at)]):.6g}; "
+            f"max |diff| {float(diff.max()):.6g})"
+        )
+    if bound.agree is not None:
+        fraction = float((diff <= agree_limit).double().mean())
+        if fraction < bound.agree:
+            return (
+                f"only {fraction:.4f} of the elements agree to their tight bound "
+                f"(need {bound.agree}); max |diff| {float(diff.max()):.6g}"
+            )
+    return None
 
 
 # ---------------------------------------------------------------------------------------------

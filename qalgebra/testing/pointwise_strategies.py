@@ -2,7 +2,7 @@
 
 Each drawn value is a :class:`PointwiseExample`: a small GraphModule built directly with
 ``fx.Graph`` (``meta['val']`` on every node; milliseconds per example), its inputs, the form it
-is spelled in, and what the lowering must do with it -- :class:`PointwiseExpected`: exact counts
+is spelled in, and what the lowering must do with it -- :class:`Expected`: exact counts
 of the pointwise / lift-up fusions, substrings of the refusal reasons that must be reported, and
 one bound per output. The shape (``family``, ``form``, ``gm``, ``inputs``, ``expected.fired``,
 ``expected.refusals``, ``expected.allowed_refusals``, ``expected.outputs``) matches the
@@ -27,7 +27,7 @@ so every output must equal the reference bit for bit.
   (lift-up);
 - :func:`pointwise_examples`: any of them, built in any of :data:`FORMS`.
 
->>> q = Quantization(0.05, 64, 0, 127, torch.uint8)
+>>> q = QuantSpec(0.05, 64, 0, 127, torch.uint8)
 >>> spec = CatSpec(shapes=((1, 2), (1, 3)), dim=1, quants=(q, q), out_quant=q)
 >>> ex = build_example(spec, "decomposed")
 >>> ex.family, ex.expected.fired["qcat"], ex.expected.refusals
@@ -53,9 +53,18 @@ from torch import fx
 
 from qalgebra.fusions.pointwise import LOW_MEMORY_MAX_POOL
 from qalgebra.testing import forms as _forms
-from qalgebra.testing.strategies import PRIMARY_FORMS
+from qalgebra.testing.strategies import (
+    PRIMARY_FORMS,
+    Example,
+    Expected,
+    Modifier,
+    OutputBound,
+    QuantSpec,
+    form_name,
+)
 
 __all__ = [
+    "EXACT",
     "FAMILIES",
     "FORMS",
     "POINTWISE_FUSIONS",
@@ -63,10 +72,7 @@ __all__ = [
     "MaxPoolSpec",
     "Move",
     "MovementSpec",
-    "OutputBound",
     "PointwiseExample",
-    "PointwiseExpected",
-    "Quantization",
     "build_example",
     "movement_specs",
     "pointwise_examples",
@@ -89,14 +95,14 @@ POINTWISE_FUSIONS: tuple[str, ...] = (
 
 #: Forms an example may be drawn in: ``primary`` or ``primary+modifier``, the primaries those
 #: of the conv/linear strategies (:data:`qalgebra.testing.strategies.PRIMARY_FORMS`).
-MODIFIERS: tuple[str, ...] = (
-    "",
-    "shared_dequants",
-    "view_view",
-    "view_reshape",
-    "view_unsafe_view",
+MODIFIERS: tuple[Modifier, ...] = (
+    Modifier.NONE,
+    Modifier.SHARED_DEQUANTS,
+    Modifier.VIEW_VIEW,
+    Modifier.VIEW_RESHAPE,
+    Modifier.VIEW_UNSAFE_VIEW,
 )
-FORMS: tuple[str, ...] = tuple(p if not m else f"{p}+{m}" for p in PRIMARY_FORMS for m in MODIFIERS)
+FORMS: tuple[str, ...] = tuple(form_name(p, m) for p in PRIMARY_FORMS for m in MODIFIERS)
 
 #: The refusal reasons (substrings) the fusions give.
 DIFFERENT_QPARAMS = "must be quantized alike"
@@ -109,45 +115,14 @@ INDICES_READ = "reads the indices"
 # --------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class OutputBound:
-    """How far one output may be from the reference (here always ``"exact"``: bit-identical)."""
-
-    kind: Literal["quantized", "float", "exact"] = "exact"
-    steps: int = 0
-    atol: float = 0.0
-    agree: float | None = None
-    agree_atol: float = 0.0
-    why: str = "the pointwise family moves or selects int8 values: exact"
-
-
-@dataclass(frozen=True, slots=True)
-class PointwiseExpected:
-    """Exact counts of :data:`POINTWISE_FUSIONS`, the refusals (substrings) that must appear,
-    refusals that may appear, and one bound per output."""
-
-    fired: Mapping[str, int]
-    refusals: tuple[str, ...] = ()
-    allowed_refusals: tuple[str, ...] = ()
-    outputs: tuple[OutputBound, ...] = (OutputBound(),)
-
-    def __repr__(self) -> str:
-        return (
-            f"PointwiseExpected(fired={dict(sorted(self.fired.items()))!r}, "
-            f"refusals={self.refusals!r}, allowed_refusals={self.allowed_refusals!r})"
-        )
+#: Every output of a pointwise example: int8 values moved or selected, so bit-identical.
+EXACT = OutputBound("exact", why="the pointwise family moves or selects int8 values: exact")
 
 
 @dataclass(frozen=True, eq=False)
-class PointwiseExample:
-    """A drawn graph, its inputs and what the lowering must do; ``repr`` rebuilds it."""
-
-    family: str
-    form: str
-    gm: fx.GraphModule
-    inputs: tuple[torch.Tensor, ...]
-    expected: PointwiseExpected
-    recipe: str = ""
+class PointwiseExample(Example):
+    """An :class:`~qalgebra.testing.strategies.Example` whose ``repr`` (its recipe) rebuilds it
+    from its spec, and whose :meth:`code` is that recipe and the graph."""
 
     def __repr__(self) -> str:
         return self.recipe or f"<PointwiseExample {self.family} in form {self.form}>"
@@ -155,6 +130,7 @@ class PointwiseExample:
     def code(self) -> str:
         """How to rebuild the example, and the graph it is (for failure reports)."""
         return (
+            "from qalgebra.testing.strategies import QuantSpec\n"
             f"from {type(self).__module__} import *\n"
             f"example = {self.recipe}\n"
             f"# expected: {self.expected!r}\n"
@@ -165,28 +141,6 @@ class PointwiseExample:
 # --------------------------------------------------------------------------------------------
 # Specs (frozen; repr is Python that rebuilds them)
 # --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Quantization:
-    """Per-tensor quantization parameters."""
-
-    scale: float
-    zero_point: int
-    quant_min: int
-    quant_max: int
-    dtype: torch.dtype
-
-    def args(self) -> tuple[float, int, int, int, torch.dtype]:
-        return self.scale, self.zero_point, self.quant_min, self.quant_max, self.dtype
-
-    def alike(self, other: Quantization) -> bool:
-        """Same scale, zero point and dtype (the range may differ)."""
-        return (self.scale, self.zero_point, self.dtype) == (
-            other.scale,
-            other.zero_point,
-            other.dtype,
-        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -202,8 +156,8 @@ class MaxPoolSpec:
     ceil_mode: bool
     spelling: Literal["max_pool2d", "with_indices", "low_memory"]
     source: Literal["dequant", "relu"]
-    x_quant: Quantization
-    out_quant: Quantization
+    x_quant: QuantSpec
+    out_quant: QuantSpec
     indices_read: bool = False
     also_read: bool = False
     returns: Literal["quantized", "dequantized"] = "quantized"
@@ -217,8 +171,8 @@ class CatSpec:
 
     shapes: tuple[tuple[int, ...], ...]
     dim: int
-    quants: tuple[Quantization, ...]
-    out_quant: Quantization
+    quants: tuple[QuantSpec, ...]
+    out_quant: QuantSpec
     also_read: bool = False
     returns: Literal["quantized", "dequantized"] = "quantized"
     seed: int = 0
@@ -243,8 +197,8 @@ class MovementSpec:
     shape: tuple[int, ...]
     moves: tuple[Move, ...]
     source: Literal["dequant", "relu", "input"]
-    x_quant: Quantization
-    out_quant: Quantization
+    x_quant: QuantSpec
+    out_quant: QuantSpec
     also_read: bool = False
     returns: Literal["quantized", "dequantized"] = "quantized"
     seed: int = 0
@@ -258,7 +212,7 @@ Spec: TypeAlias = MaxPoolSpec | CatSpec | MovementSpec
 # --------------------------------------------------------------------------------------------
 
 
-def _input(seed: int, shape: Sequence[int], q: Quantization) -> torch.Tensor:
+def _input(seed: int, shape: Sequence[int], q: QuantSpec) -> torch.Tensor:
     """Values spread over (a little beyond) the quantization's range, so the clamp matters."""
     gen = torch.Generator().manual_seed(seed)
     low = (q.quant_min - q.zero_point - 4) * q.scale
@@ -280,13 +234,13 @@ class _Graph:
     def call(self, target: Any, *args: Any) -> fx.Node:
         return self.graph.call_function(target, args)
 
-    def quant(self, x: fx.Node, q: Quantization) -> fx.Node:
+    def quant(self, x: fx.Node, q: QuantSpec) -> fx.Node:
         return self.call(qd.quantize_per_tensor.default, x, *q.args())
 
-    def dequant(self, x: fx.Node, q: Quantization) -> fx.Node:
+    def dequant(self, x: fx.Node, q: QuantSpec) -> fx.Node:
         return self.call(qd.dequantize_per_tensor.default, x, *q.args())
 
-    def returned(self, out: fx.Node, q: Quantization, returns: str) -> fx.Node:
+    def returned(self, out: fx.Node, q: QuantSpec, returns: str) -> fx.Node:
         return self.dequant(out, q) if returns == "dequantized" else out
 
     def finish(self, *outputs: fx.Node) -> fx.GraphModule:
@@ -324,7 +278,7 @@ def _pool_args(spec: MaxPoolSpec) -> list[object]:
     return args
 
 
-def _build_max_pool(spec: MaxPoolSpec) -> tuple[fx.GraphModule, PointwiseExpected]:
+def _build_max_pool(spec: MaxPoolSpec) -> tuple[fx.GraphModule, Expected]:
     b = _Graph()
     x = b.placeholder(_input(spec.seed, spec.shape, spec.x_quant))
     if spec.source == "dequant":
@@ -367,11 +321,11 @@ def _build_max_pool(spec: MaxPoolSpec) -> tuple[fx.GraphModule, PointwiseExpecte
         refusals.append(INDICES_READ)
     fusion = "qmaxpool2d" if spec.source == "dequant" else "quant_lift_up_max_pool"
     fired = _fired(**{fusion: int(matches and not refusals)})
-    outputs = (OutputBound(),) * (1 + len(extra))
-    return gm, PointwiseExpected(fired, tuple(refusals), outputs=outputs)
+    outputs = (EXACT,) * (1 + len(extra))
+    return gm, Expected(fired, tuple(refusals), outputs=outputs)
 
 
-def _build_cat(spec: CatSpec) -> tuple[fx.GraphModule, PointwiseExpected]:
+def _build_cat(spec: CatSpec) -> tuple[fx.GraphModule, Expected]:
     b = _Graph()
     dequants = []
     for i, (shape, q) in enumerate(zip(spec.shapes, spec.quants, strict=True)):
@@ -382,8 +336,8 @@ def _build_cat(spec: CatSpec) -> tuple[fx.GraphModule, PointwiseExpected]:
     gm = b.finish(b.returned(out, spec.out_quant, spec.returns), *extra)
     unlike = [i for i, q in enumerate(spec.quants) if not q.alike(spec.out_quant)]
     refusals = (f"cat input {unlike[0]} ",) if unlike else ()
-    outputs = (OutputBound(),) * (1 + len(extra))
-    return gm, PointwiseExpected(_fired(qcat=int(not unlike)), refusals, outputs=outputs)
+    outputs = (EXACT,) * (1 + len(extra))
+    return gm, Expected(_fired(qcat=int(not unlike)), refusals, outputs=outputs)
 
 
 _MOVE_TARGETS: dict[str, Any] = {
@@ -402,7 +356,7 @@ def _move(b: _Graph, x: fx.Node, move: Move) -> fx.Node:
     return b.call(_MOVE_TARGETS[move.kind], x, list(move.args))
 
 
-def _build_movement(spec: MovementSpec) -> tuple[fx.GraphModule, PointwiseExpected]:
+def _build_movement(spec: MovementSpec) -> tuple[fx.GraphModule, Expected]:
     b = _Graph()
     x = b.placeholder(_input(spec.seed, spec.shape, spec.x_quant))
     if spec.source == "dequant":
@@ -412,7 +366,7 @@ def _build_movement(spec: MovementSpec) -> tuple[fx.GraphModule, PointwiseExpect
     else:
         node = x
     extra = [node] if spec.also_read and spec.source != "input" else []
-    outputs = (OutputBound(),) * (1 + len(extra))
+    outputs = (EXACT,) * (1 + len(extra))
     for move in spec.moves:
         node = _move(b, node, move)
     out = b.quant(node, spec.out_quant)
@@ -421,13 +375,13 @@ def _build_movement(spec: MovementSpec) -> tuple[fx.GraphModule, PointwiseExpect
         # The whole chain lifts, unless its source has another reader; then the lift starts
         # after the first movement (a movement, read only by the next), if there is a next.
         lifts = not extra or len(spec.moves) > 1
-        return gm, PointwiseExpected(_fired(quant_lift_up=int(lifts)), outputs=outputs)
+        return gm, Expected(_fired(quant_lift_up=int(lifts)), outputs=outputs)
     # The lift passes the movements after the first (their chain starts at a movement, not at
     # the dequantize); the first one is qreshape's.
     alike = spec.x_quant.alike(spec.out_quant)
     fired = _fired(quant_lift_up=int(len(spec.moves) > 1), qreshape=int(alike))
     refusals = () if alike else (DIFFERENT_QPARAMS,)
-    return gm, PointwiseExpected(fired, refusals, outputs=outputs)
+    return gm, Expected(fired, refusals, outputs=outputs)
 
 
 def build_example(spec: Spec, form: str = "op") -> PointwiseExample:
@@ -473,35 +427,35 @@ _RANGES: dict[torch.dtype, tuple[tuple[int, int], ...]] = {
 def quantizations(
     draw: st.DrawFn,
     dtypes: Sequence[torch.dtype] = (torch.uint8, torch.int8),
-    like: Quantization | None = None,
-) -> Quantization:
+    like: QuantSpec | None = None,
+) -> QuantSpec:
     """Per-tensor qparams; with ``like``, its scale, zero point and dtype in a drawn range."""
     if like is not None:
         ranges = [r for r in _RANGES[like.dtype] if r[0] <= like.zero_point <= r[1]]
         low, high = draw(st.sampled_from(ranges))
-        return Quantization(like.scale, like.zero_point, low, high, like.dtype)
+        return QuantSpec(like.scale, like.zero_point, low, high, like.dtype)
     dtype = draw(st.sampled_from(list(dtypes)))
     low, high = draw(st.sampled_from(_RANGES[dtype]))
     zero_point = draw(st.integers(low, high))  # shrinks towards 0
     exponent = draw(st.floats(-10.0, -2.0, allow_nan=False, allow_infinity=False))
-    return Quantization(float(2.0**exponent), zero_point, low, high, dtype)
+    return QuantSpec(float(2.0**exponent), zero_point, low, high, dtype)
 
 
 @st.composite
-def _unlike(draw: st.DrawFn, q: Quantization) -> Quantization:
+def _unlike(draw: st.DrawFn, q: QuantSpec) -> QuantSpec:
     """``q`` with another scale or zero point."""
     if draw(st.booleans()):
         factor = draw(st.sampled_from([0.5, 0.75, 1.5, 2.0, 3.0]))
-        return Quantization(q.scale * factor, q.zero_point, q.quant_min, q.quant_max, q.dtype)
+        return QuantSpec(q.scale * factor, q.zero_point, q.quant_min, q.quant_max, q.dtype)
     shift = draw(st.sampled_from([-3, -1, 1, 2, 5]))
     zero_point = min(max(q.zero_point + shift, q.quant_min), q.quant_max)
     if zero_point == q.zero_point:
         zero_point = q.zero_point - shift if q.quant_min <= q.zero_point - shift else q.quant_max
-    return Quantization(q.scale, zero_point, q.quant_min, q.quant_max, q.dtype)
+    return QuantSpec(q.scale, zero_point, q.quant_min, q.quant_max, q.dtype)
 
 
 @st.composite
-def _related(draw: st.DrawFn, out: Quantization, alike: bool) -> Quantization:
+def _related(draw: st.DrawFn, out: QuantSpec, alike: bool) -> QuantSpec:
     return draw(quantizations(like=out)) if alike else draw(_unlike(out))
 
 

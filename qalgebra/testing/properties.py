@@ -26,6 +26,10 @@ property            holds when
 >>> ex = build_example(GraphSpec("qlinear", (4, 16), q, Layer(LinearSpec(16, 8))))
 >>> check_example(ex).report.fired["qlinear"]
 1
+
+Every check that lowers takes ``fusions=`` (default: the catalog), so a fusion you write is
+checked by the same properties: ``check_example(ex, fusions=with_fusions(DEFAULT_FUSIONS,
+mine))`` (:func:`qalgebra.catalog.with_fusions`).
 """
 
 from __future__ import annotations
@@ -37,7 +41,9 @@ import torch
 from torch import fx
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from qalgebra.lower import LoweringReport, lower_with_report
+from qalgebra.fusion import Fusion
+from qalgebra.lower import DEFAULT_FUSIONS, LoweringReport, lower_with_report
+from qalgebra.testing.oracle import bound_failure
 from qalgebra.testing.strategies import (
     TRACKED_FUSIONS,
     BoundLike,
@@ -50,6 +56,7 @@ __all__ = [
     "PROPERTIES",
     "Outcome",
     "PropertyFailure",
+    "Snapshot",
     "check_decisions",
     "check_dtypes",
     "check_example",
@@ -59,6 +66,7 @@ __all__ = [
     "check_numerics",
     "check_untouched",
     "flat_outputs",
+    "snapshot",
 ]
 
 #: The property names, in the order :func:`check_example` checks them.
@@ -90,19 +98,23 @@ def _clones(inputs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
 
 
 @dataclass(frozen=True, slots=True)
-class _Snapshot:
+class Snapshot:
+    """A module's code and tensors and the example inputs, copied before a lowering
+    (:func:`snapshot`), for :func:`check_untouched` after it."""
+
     code: str
     tensors: dict[str, torch.Tensor]
     inputs: tuple[torch.Tensor, ...]
 
 
-def _snapshot(gm: fx.GraphModule, inputs: Sequence[torch.Tensor]) -> _Snapshot:
+def snapshot(gm: fx.GraphModule, inputs: Sequence[torch.Tensor]) -> Snapshot:
+    """Copy what a lowering must leave as it was: ``gm``'s code and tensors, and ``inputs``."""
     tensors = {k: v.detach().clone() for k, v in gm.state_dict(keep_vars=True).items()}
-    return _Snapshot(gm.code, tensors, _clones(inputs))
+    return Snapshot(gm.code, tensors, _clones(inputs))
 
 
-def check_untouched(gm: fx.GraphModule, inputs: Sequence[torch.Tensor], before: _Snapshot) -> None:
-    """The module's code and tensors, and the example inputs, are as they were."""
+def check_untouched(gm: fx.GraphModule, inputs: Sequence[torch.Tensor], before: Snapshot) -> None:
+    """The module's code and tensors, and the example inputs, are as ``before`` saw them."""
     if gm.code != before.code:
         raise PropertyFailure("untouched", "lowering changed the input module's code")
     now = gm.state_dict(keep_vars=True)
@@ -182,59 +194,6 @@ def check_inputs(
             raise PropertyFailure("inputs", f"output {j} aliases an input")
 
 
-def _compare(index: int, bound: BoundLike, ref: torch.Tensor, got: torch.Tensor) -> None:
-    where = f"output {index} ({bound.kind}; {bound.why})"
-    if ref.shape != got.shape or ref.dtype != got.dtype:
-        raise PropertyFailure(
-            "numerics",
-            f"{where}: {got.dtype}{list(got.shape)} != reference {ref.dtype}{list(ref.shape)}",
-        )
-    if bound.kind == "exact":
-        if not torch.equal(ref, got) and not (
-            ref.is_floating_point()
-            and torch.equal(ref.isnan(), got.isnan())
-            and torch.equal(ref.nan_to_num(), got.nan_to_num())
-        ):
-            diff = (ref.double() - got.double()).abs().nan_to_num(float("inf")).max()
-            raise PropertyFailure("numerics", f"{where}: not bit-identical, max |diff| {diff}")
-        return
-    if ref.numel() == 0:
-        return
-    ref, got = ref.detach(), got.detach()
-    interval: tuple[torch.Tensor, torch.Tensor] | None = getattr(bound, "interval", None)
-    if bound.kind == "quantized":
-        diff = (ref.to(torch.int32) - got.to(torch.int32)).abs().double()
-        agree_limit: float | torch.Tensor = 0.0
-        if interval is None:
-            limit: float | torch.Tensor = float(bound.steps)
-        else:  # the allowed levels, as a distance from the reference on each side
-            lo, hi = interval
-            level = ref.double()
-            limit = torch.where(got.double() >= level, hi - level, level - lo)
-    else:
-        diff = (ref.double() - got.double()).abs().nan_to_num(float("inf"))
-        limit, agree_limit = bound.atol, bound.agree_atol
-    excess = diff - limit
-    worst = float(excess.max())
-    if worst > 0:
-        at = [int(i) for i in torch.unravel_index(excess.argmax(), diff.shape)]
-        allowed = limit if isinstance(limit, float) else float(limit[tuple(at)])
-        raise PropertyFailure(
-            "numerics",
-            f"{where}: |diff| {float(diff[tuple(at)]):.6g} > {allowed:.6g} at {at} "
-            f"(reference {float(ref[tuple(at)]):.6g}, lowered {float(got[tuple(at)]):.6g}; "
-            f"max |diff| {float(diff.max()):.6g})",
-        )
-    if bound.agree is not None:
-        fraction = float((diff <= agree_limit).double().mean())
-        if fraction < bound.agree:
-            raise PropertyFailure(
-                "numerics",
-                f"{where}: only {fraction:.4f} of the elements agree to their tight bound "
-                f"(need {bound.agree}); max |diff| {float(diff.max()):.6g}",
-            )
-
-
 def check_numerics(
     bounds: Sequence[BoundLike], reference: Sequence[torch.Tensor], got: Sequence[torch.Tensor]
 ) -> None:
@@ -244,14 +203,20 @@ def check_numerics(
     if len(bounds) != len(reference):
         raise PropertyFailure("numerics", f"{len(bounds)} bounds for {len(reference)} outputs")
     for i, (bound, ref, out) in enumerate(zip(bounds, reference, got, strict=True)):
-        _compare(i, bound, ref, out)
+        failure = bound_failure(bound, ref, out)
+        if failure is not None:
+            raise PropertyFailure("numerics", f"output {i} ({bound.kind}; {bound.why}): {failure}")
 
 
 def check_idempotent(
-    lowered: fx.GraphModule, inputs: Sequence[torch.Tensor], outputs: Sequence[torch.Tensor]
+    lowered: fx.GraphModule,
+    inputs: Sequence[torch.Tensor],
+    outputs: Sequence[torch.Tensor],
+    *,
+    fusions: Sequence[Fusion] = DEFAULT_FUSIONS,
 ) -> LoweringReport:
-    """Lowering ``lowered`` again fires nothing and computes the same outputs."""
-    twice, report = lower_with_report(lowered, _clones(inputs), strict=True)
+    """Lowering ``lowered`` again with ``fusions`` fires nothing and computes the same outputs."""
+    twice, report = lower_with_report(lowered, _clones(inputs), fusions=fusions, strict=True)
     if report.total_fired:
         raise PropertyFailure(
             "idempotent", f"lowering the lowered graph fired again:\n{report.summary()}"
@@ -263,8 +228,9 @@ def check_idempotent(
     return report
 
 
-def check_example(example: ExampleLike) -> Outcome:
-    """Lower ``example.gm`` once and check every property of :data:`PROPERTIES` on it.
+def check_example(example: ExampleLike, *, fusions: Sequence[Fusion] = DEFAULT_FUSIONS) -> Outcome:
+    """Lower ``example.gm`` once with ``fusions`` and check every property of
+    :data:`PROPERTIES` on it.
 
     Eager aten ops -- the whole reference, what the lowering leaves -- run on PyTorch's native
     kernels, not oneDNN's: on AMX, oneDNN's eager bf16 conv gets degenerate geometries wrong
@@ -274,32 +240,35 @@ def check_example(example: ExampleLike) -> Outcome:
     torch._C._set_mkldnn_enabled(False)
     try:
         with torch.no_grad():
-            return _check_example(example)
+            return _check_example(example, fusions)
     finally:
         torch._C._set_mkldnn_enabled(enabled)
 
 
-def check_decisions(example: ExampleLike) -> Outcome:
+def check_decisions(
+    example: ExampleLike, *, fusions: Sequence[Fusion] = DEFAULT_FUSIONS
+) -> Outcome:
     """Lower ``example.gm`` and check what the lowering decided without running its kernels:
     ``untouched``, ``fires`` and ``dtypes``. For lowerings forced to another CPU's answers
     (``qalgebra.isa.forced``) that this CPU's kernels cannot run or compute alike."""
     with torch.no_grad():
-        return _decide(example)[0]
+        return _decide(example, fusions)[0]
 
 
-def _decide(example: ExampleLike) -> tuple[Outcome, list[torch.Tensor]]:
+def _decide(example: ExampleLike, fusions: Sequence[Fusion]) -> tuple[Outcome, list[torch.Tensor]]:
     gm, inputs = example.gm, example.inputs
-    before = _snapshot(gm, inputs)
+    before = snapshot(gm, inputs)
     reference = [t.clone() for t in flat_outputs(gm(*_clones(inputs)))]
-    lowered, report = lower_with_report(gm, inputs, strict=True)  # a failed rewrite is a bug
+    # strict: a failed rewrite is a bug
+    lowered, report = lower_with_report(gm, inputs, fusions=fusions, strict=True)
     check_untouched(gm, inputs, before)
     check_fires(example.expected, report)
     check_dtypes(lowered, inputs, reference)
     return Outcome(report, lowered, report.seconds), reference
 
 
-def _check_example(example: ExampleLike) -> Outcome:
-    outcome, reference = _decide(example)
+def _check_example(example: ExampleLike, fusions: Sequence[Fusion]) -> Outcome:
+    outcome, reference = _decide(example, fusions)
     lowered, inputs = outcome.lowered, example.inputs
     try:
         lowered.graph.lint()
@@ -314,7 +283,7 @@ def _check_example(example: ExampleLike) -> Outcome:
         message = own_check(reference, outputs)
         if message:
             raise PropertyFailure("numerics", str(message))
-    check_idempotent(lowered, inputs, outputs)
+    check_idempotent(lowered, inputs, outputs, fusions=fusions)
     return outcome
 
 

@@ -16,7 +16,7 @@ more: every output element whose exact value -- the mean of the integer levels, 
 is not within ``TIE_TOLERANCE`` of a rounding boundary must equal its correctly rounded level.
 A truncation, a dropped zero point or a swapped scale cannot hide under the one-step bound.
 
->>> q = Quantization(0.05, 3, 0, 255, torch.uint8)
+>>> q = QuantSpec(0.05, 3, 0, 255, torch.uint8)
 >>> spec = MeanSpec((2, 3, 5, 5), "adaptive_avg_pool2d", (1, 1), (), True, q, q)
 >>> ex = build_example(spec, "decomposed")
 >>> ex.family, ex.expected.fired["qmean"], ex.expected.refusals
@@ -40,16 +40,14 @@ from torch import fx
 from qalgebra.testing import forms as _forms
 from qalgebra.testing.pointwise_strategies import (
     FORMS,
-    OutputBound,
     PointwiseExample,
-    PointwiseExpected,
-    Quantization,
     _Graph,  # the pointwise examples' graph builder (fake-tensor meta on every node)
     quantizations,
 )
 from qalgebra.testing.pointwise_strategies import (
     _input as _spread,  # their inputs: spread a little beyond the quantization's range
 )
+from qalgebra.testing.strategies import Expected, OutputBound, QuantSpec
 
 __all__ = [
     "FAMILIES",
@@ -104,8 +102,8 @@ class MeanSpec:
     output_size: tuple[int, ...]
     dims: tuple[int, ...]
     keepdim: bool
-    x_quant: Quantization
-    out_quant: Quantization
+    x_quant: QuantSpec
+    out_quant: QuantSpec
     also_read: bool = False
     dequant_also_read: bool = False
     returns: Literal["quantized", "dequantized"] = "quantized"
@@ -169,7 +167,7 @@ class ReductionExample(PointwiseExample):
         return None
 
 
-def _expected(spec: MeanSpec) -> PointwiseExpected:
+def _expected(spec: MeanSpec) -> Expected:
     unsupported = spec.x_quant.dtype not in (torch.uint8, torch.int8)
     refusals: tuple[str, ...] = ()
     if spec.also_read:
@@ -181,15 +179,15 @@ def _expected(spec: MeanSpec) -> PointwiseExpected:
     fires = not refusals
     oq = spec.out_quant
     if not fires:
-        main = OutputBound(why="left unlowered: the reference's own ops")
+        main = OutputBound("exact", why="left unlowered: the reference's own ops")
     elif spec.returns == "quantized":
         main = OutputBound("quantized", steps=1, why="a float-rounding tie moves one step")
     else:
         main = OutputBound("float", atol=oq.scale * (1 + 1e-5), why="one step of the output")
-    extra = (OutputBound(why="a value the lowering does not replace"),) * (
+    extra = (OutputBound("exact", why="a value the lowering does not replace"),) * (
         int(spec.also_read) + int(spec.dequant_also_read)
     )
-    return PointwiseExpected({"qmean": int(fires)}, refusals, outputs=(main, *extra))
+    return Expected({"qmean": int(fires)}, refusals, outputs=(main, *extra))
 
 
 def _graph(spec: MeanSpec) -> fx.GraphModule:
@@ -226,12 +224,12 @@ _INT16 = (torch.int16, -(2**15), 2**15 - 1)
 
 
 @st.composite
-def _x_quant(draw: st.DrawFn, out: Quantization) -> Quantization:
+def _x_quant(draw: st.DrawFn, out: QuantSpec) -> QuantSpec:
     """The input's qparams: the output's (what the quantizer shares), others, or int16."""
     kind = draw(st.integers(0, 7))  # (Hypothesis favours the ends of a range)
     if kind == 4:
         dtype, low, high = _INT16
-        return Quantization(out.scale, draw(st.integers(-300, 300)), low, high, dtype)
+        return QuantSpec(out.scale, draw(st.integers(-300, 300)), low, high, dtype)
     if kind in (2, 5):
         return draw(quantizations())
     return draw(quantizations(like=out))

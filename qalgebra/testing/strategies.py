@@ -61,6 +61,7 @@ left unchecked (``why`` says so; decisions are still checked).
 from __future__ import annotations
 
 import dataclasses
+import enum
 import functools
 import importlib
 import inspect
@@ -87,6 +88,7 @@ from qalgebra.isa import (
 )
 from qalgebra.testing import forms as _forms
 from qalgebra.testing import oracle
+from qalgebra.testing.oracle import BoundLike
 
 __all__ = [
     "FAMILIES",
@@ -103,11 +105,14 @@ __all__ = [
     "ExampleLike",
     "Expected",
     "ExpectedLike",
+    "GraphBuilder",
     "GraphSpec",
     "Layer",
     "LinearSpec",
     "LinearSpelling",
+    "Modifier",
     "OutputBound",
+    "PrimaryForm",
     "QuantSpec",
     "Residual",
     "Unary",
@@ -119,6 +124,7 @@ __all__ = [
     "examples",
     "families",
     "flat_tensors",
+    "form_name",
     "graph_code",
     "graph_specs",
     "layers",
@@ -148,30 +154,47 @@ TRACKED_FUSIONS: tuple[str, ...] = (
     "dequant_promotion",
 )
 
+
+class PrimaryForm(enum.StrEnum):
+    """The first respelling of an op-form example (:func:`apply_form`): how its
+    quantize/dequantize nodes are spelled. A ``str``: ``PrimaryForm.DECOMPOSED == "decomposed"``."""
+
+    OP = "op"
+    TENSOR_QPARAMS = "tensor_qparams"
+    TENSOR_QPARAMS_F32 = "tensor_qparams_f32"
+    DECOMPOSED = "decomposed"
+    DECOMPOSED_SINGLE_CLAMP = "decomposed_single_clamp"
+    DECOMPOSED_KEEP_ZERO_ZP = "decomposed_keep_zero_zp"
+
+
+class Modifier(enum.StrEnum):
+    """A respelling applied after the primary form (``NONE``: none); a form is
+    ``"primary+modifier"`` (:func:`form_name`)."""
+
+    NONE = ""
+    SHARED_DEQUANTS = "shared_dequants"
+    WEIGHT_CLONE = "weight_clone"
+    FP32_BEFORE_QUANT = "fp32_before_quant"
+    DTYPE_PRIMS = "dtype_prims"
+    DTYPE_TO_COPY = "dtype_to_copy"
+    DTYPE_TO_DTYPE = "dtype_to_dtype"
+    VIEW_VIEW = "view_view"
+    VIEW_RESHAPE = "view_reshape"
+    VIEW_UNSAFE_VIEW = "view_unsafe_view"
+
+
+def form_name(primary: PrimaryForm | str, modifier: Modifier | str = Modifier.NONE) -> str:
+    """The form's name, as :data:`FORMS` and ``Example.form`` hold it: ``primary[+modifier]``."""
+    primary, modifier = str(PrimaryForm(primary)), str(Modifier(modifier))
+    return f"{primary}+{modifier}" if modifier else primary
+
+
 #: The first form applied to the op-form graph (names of ``qalgebra.testing.forms.FORMS``).
-PRIMARY_FORMS: tuple[str, ...] = (
-    "op",
-    "tensor_qparams",
-    "tensor_qparams_f32",
-    "decomposed",
-    "decomposed_single_clamp",
-    "decomposed_keep_zero_zp",
-)
-#: Respellings applied after the primary form ("" = none).
-MODIFIERS: tuple[str, ...] = (
-    "",
-    "shared_dequants",
-    "weight_clone",
-    "fp32_before_quant",
-    "dtype_prims",
-    "dtype_to_copy",
-    "dtype_to_dtype",
-    "view_view",
-    "view_reshape",
-    "view_unsafe_view",
-)
+PRIMARY_FORMS: tuple[PrimaryForm, ...] = tuple(PrimaryForm)
+#: Respellings applied after the primary form (``Modifier.NONE`` = none).
+MODIFIERS: tuple[Modifier, ...] = tuple(Modifier)
 #: Every form an example may be drawn in: ``primary`` or ``primary+modifier``.
-FORMS: tuple[str, ...] = tuple(p if not m else f"{p}+{m}" for p in PRIMARY_FORMS for m in MODIFIERS)
+FORMS: tuple[str, ...] = tuple(form_name(p, m) for p in PRIMARY_FORMS for m in MODIFIERS)
 
 #: Modules of other families, imported on first use when present.
 PLUGIN_MODULES: tuple[str, ...] = (
@@ -216,6 +239,14 @@ class QuantSpec:
 
     def args(self) -> tuple[float, int, int, int, torch.dtype]:
         return (self.scale, self.zero_point, self.quant_min, self.quant_max, self.dtype)
+
+    def alike(self, other: QuantSpec) -> bool:
+        """Same scale, zero point and dtype (the range may differ)."""
+        return (self.scale, self.zero_point, self.dtype) == (
+            other.scale,
+            other.zero_point,
+            other.dtype,
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -495,26 +526,6 @@ class Example:
         )
 
 
-class BoundLike(Protocol):
-    """What the properties read from an output bound (:class:`OutputBound` or a plug-in's).
-
-    A bound may also have an ``interval`` (see :class:`OutputBound`), read when present.
-    """
-
-    @property
-    def kind(self) -> Literal["quantized", "float", "exact"]: ...
-    @property
-    def steps(self) -> int: ...
-    @property
-    def atol(self) -> float | torch.Tensor: ...
-    @property
-    def agree(self) -> float | None: ...
-    @property
-    def agree_atol(self) -> float | torch.Tensor: ...
-    @property
-    def why(self) -> str: ...
-
-
 class ExpectedLike(Protocol):
     """What the properties read from an example's expectations."""
 
@@ -725,7 +736,24 @@ _Q_TARGETS = (
 )
 
 
-class _Builder:
+class GraphBuilder:
+    """An ``fx.Graph`` built node by node, each node evaluated as it is added.
+
+    The builder behind every example, public so that a fusion of yours gets examples like the
+    catalog's: each node keeps its reference value (``values``) and a ``meta['val']``;
+    ``placeholder``/``const`` take the Python code that rebuilds their tensor (for the
+    reproduction scripts); ``module(meta)`` drops ``meta['val']`` as export (``"export"``: off
+    q/dq and constants) or entirely (``"none"``) and returns the GraphModule.
+
+    >>> b = GraphBuilder()
+    >>> x = b.placeholder("x", torch.ones(2, 3), "torch.ones(2, 3)")
+    >>> y = b.call(torch.ops.aten.relu.default, x)
+    >>> b.output([y])
+    >>> gm = b.module("all")
+    >>> gm(*b.inputs).shape, b.values[y].sum().item()
+    (torch.Size([2, 3]), 6.0)
+    """
+
     def __init__(self) -> None:
         self.root = torch.nn.Module()
         self.graph = fx.Graph()
@@ -768,7 +796,7 @@ class _Builder:
     def output(self, nodes: Sequence[fx.Node]) -> None:
         self.graph.output(nodes[0] if len(nodes) == 1 else tuple(nodes))
 
-    def module(self, meta: MetaMode) -> fx.GraphModule:
+    def module(self, meta: MetaMode = "export") -> fx.GraphModule:
         for node in self.graph.nodes:
             drop = meta == "none" or (
                 meta == "export" and (node.target in _Q_TARGETS or node.op == "get_attr")
@@ -783,13 +811,13 @@ def _float_dtype(dtype: DType) -> torch.dtype:
     return torch.bfloat16 if dtype == "bf16" else torch.float32
 
 
-def _exact_quantize(b: _Builder, x: fx.Node, q: QuantSpec) -> _Value:
+def _exact_quantize(b: GraphBuilder, x: fx.Node, q: QuantSpec) -> _Value:
     """A quantize of a graph input: nothing fuses it, both sides compute it the same."""
     node = b.call(qd.quantize_per_tensor.default, x, *q.args())
     return _exact(node, b.values[node])
 
 
-def _fused_quantize(b: _Builder, v: _Value, q: QuantSpec) -> _Value:
+def _fused_quantize(b: GraphBuilder, v: _Value, q: QuantSpec) -> _Value:
     """A quantize the lowering fuses into the op before it: per element, the levels between
     those of ``value - err`` and ``value + err`` (:func:`~qalgebra.testing.oracle.level_interval`;
     the op upcasts a bf16 input itself)."""
@@ -804,7 +832,7 @@ def _fused_quantize(b: _Builder, v: _Value, q: QuantSpec) -> _Value:
     return _Value(node, levels, moved, tight, (lo, hi), v.unchecked)
 
 
-def _dequantize(b: _Builder, q: _Value, qp: QuantSpec, dtype: DType) -> _Value:
+def _dequantize(b: GraphBuilder, q: _Value, qp: QuantSpec, dtype: DType) -> _Value:
     """Dequantize ``q`` (then convert to bf16 in int8-mixed-bf16, which the fused kernel that
     reads the int8 levels does not: the reference's input differs by that rounding)."""
     node = b.call(qd.dequantize_per_tensor.default, q.node, *qp.args())
@@ -819,7 +847,9 @@ def _dequantize(b: _Builder, q: _Value, qp: QuantSpec, dtype: DType) -> _Value:
 class _QTensor:
     """A quantized tensor and the dequant nodes its users read (one shared, or one each)."""
 
-    def __init__(self, b: _Builder, v: _Value, q: QuantSpec, dtype: DType, *, share: bool) -> None:
+    def __init__(
+        self, b: GraphBuilder, v: _Value, q: QuantSpec, dtype: DType, *, share: bool
+    ) -> None:
         self.b, self.v, self.q, self.dtype, self.share = b, v, q, dtype, share
         self._shared: _Value | None = None
         self.dequant_users = 0
@@ -851,7 +881,7 @@ def _unchecked_reason(layer: Layer, x: _Value, act: QuantSpec) -> str:
     )
 
 
-def _layer(b: _Builder, layer: Layer, x: _Value, dtype: DType, unchecked: str = "") -> _Value:
+def _layer(b: GraphBuilder, layer: Layer, x: _Value, dtype: DType, unchecked: str = "") -> _Value:
     """``post_op(compute(x, dequant(w), bias))`` with the error bound of the fused kernel."""
     op, fdt = layer.op, _float_dtype(dtype)
     w_code = f"_randint({layer.seed}, {op.weight_shape!r}, {layer.weight_max})"
@@ -910,7 +940,7 @@ def _layer(b: _Builder, layer: Layer, x: _Value, dtype: DType, unchecked: str = 
 
 
 def _linear(
-    b: _Builder,
+    b: GraphBuilder,
     op: LinearSpec,
     x: fx.Node,
     w: fx.Node,
@@ -955,7 +985,7 @@ _POST_OPS: dict[Unary, tuple[Callable[[torch.Tensor, Layer], torch.Tensor], floa
 }
 
 
-def _post_op(b: _Builder, v: _Value, layer: Layer, dtype: DType) -> _Value:
+def _post_op(b: GraphBuilder, v: _Value, layer: Layer, dtype: DType) -> _Value:
     u = layer.post_op
     if u is Unary.NONE:
         return v
@@ -994,7 +1024,7 @@ def _post_op(b: _Builder, v: _Value, layer: Layer, dtype: DType) -> _Value:
 
 
 def _input(
-    b: _Builder,
+    b: GraphBuilder,
     name: str,
     shape: tuple[int, ...],
     q: QuantSpec,
@@ -1244,8 +1274,8 @@ def apply_form(gm: fx.GraphModule, form: str) -> fx.GraphModule:
     return _forms.respell(gm, *names) if names else gm
 
 
-def _build_graph_spec(spec: GraphSpec, form: str) -> tuple[_Builder, Expected, fx.GraphModule]:
-    b = _Builder()
+def _build_graph_spec(spec: GraphSpec, form: str) -> tuple[GraphBuilder, Expected, fx.GraphModule]:
+    b = GraphBuilder()
     tensor_qparams = form.split("+")[0].startswith("tensor_qparams")
     plan = _Plan(spec.meta != "none" and not (tensor_qparams and spec.meta == "export"))
     x = _input(
@@ -1337,7 +1367,9 @@ def _dequantized_moved(moved: torch.Tensor, dq: _Value) -> torch.Tensor:
     return moved
 
 
-def _residual_other(b: _Builder, spec: GraphSpec, qx: _QTensor, shape: tuple[int, ...]) -> _Value:
+def _residual_other(
+    b: GraphBuilder, spec: GraphSpec, qx: _QTensor, shape: tuple[int, ...]
+) -> _Value:
     res = spec.residual
     assert res is not None
     if res.source == "float":
@@ -1357,8 +1389,8 @@ def _residual_other(b: _Builder, spec: GraphSpec, qx: _QTensor, shape: tuple[int
     return _dequantize(b, _fused_quantize(b, o, res.quant), res.quant, spec.dtype)
 
 
-def _build_uncovered(spec: UncoveredSpec) -> tuple[_Builder, Expected, fx.GraphModule]:
-    b = _Builder()
+def _build_uncovered(spec: UncoveredSpec) -> tuple[GraphBuilder, Expected, fx.GraphModule]:
+    b = GraphBuilder()
     q = spec.quant
     x = _input(b, "x", spec.input_shape, q, spec.seed, "fp32")
     c = spec.channels
@@ -1996,14 +2028,6 @@ def families() -> Mapping[str, FamilyFactory]:
 _CASE_STRATEGIES = ("woq_cases", "woq_concat_cases", "dynamic_fp16_cases", "int_mm_cases")
 
 
-@dataclass(frozen=True, slots=True)
-class _CaseExpected:
-    fired: Mapping[str, int]
-    refusals: tuple[str, ...] = ()
-    allowed_refusals: tuple[str, ...] = ()
-    outputs: tuple[OutputBound, ...] = ()
-
-
 @dataclass(frozen=True, eq=False)
 class CaseExample:
     """A ``FamilyCase``-style case (graph, inputs, expected counts, ``check``) as an example.
@@ -2026,11 +2050,11 @@ class CaseExample:
         return tuple(self.case.inputs)
 
     @functools.cached_property
-    def expected(self) -> _CaseExpected:
+    def expected(self) -> Expected:
         """Counted once: the outputs' count comes from running the graph."""
         n = len(flat_tensors(self.case.graph(*self.case.inputs)))
         bound = OutputBound("float", atol=math.inf, why="the case's own elementwise bound")
-        return _CaseExpected(fired=MappingProxyType(dict(self.case.expected)), outputs=(bound,) * n)
+        return Expected(fired=MappingProxyType(dict(self.case.expected)), outputs=(bound,) * n)
 
     def check_outputs(
         self, reference: Sequence[torch.Tensor], lowered: Sequence[torch.Tensor]
