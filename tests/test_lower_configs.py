@@ -30,9 +30,15 @@ from test_lower import EXPECTED, _max_row_l1, assert_close_to_reference
 from torch import fx, nn
 
 from qalgebra import isa
+from qalgebra.combinators import Unary
 from qalgebra.fusions.promotion import DEQUANT_PROMOTION
 from qalgebra.lower import LoweringReport, lower_with_report
-from qalgebra.testing.config_strategies import StaticLayerSpec, build_example
+from qalgebra.testing.config_strategies import (
+    OTHER_CPU,
+    DynamicLinearSpec,
+    StaticLayerSpec,
+    build_example,
+)
 from qalgebra.testing.models import MODELS
 from qalgebra.testing.properties import check_example
 from qalgebra.testing.quantize import quantize_pt2e
@@ -433,3 +439,27 @@ def test_int8_activations_into_linear_are_taken_as_they_are() -> None:
         assert _arg(fused, 0).target is not aten.bitwise_xor.Scalar
     assert not _calls(lowered, aten.bitwise_xor.Scalar)
     assert_close_to_reference(gm(*inputs), lowered(*inputs), gm)
+
+
+@pytest.mark.parametrize("machine_saturates", [False, True])
+def test_fused_layers_are_checked_by_decisions_only_where_this_cpu_would_saturate(
+    machine_saturates: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the probe forced to "does not saturate": the layers fuse; on a CPU whose pairs do
+    # saturate (the measured answer, pretended here) their numbers cannot be checked
+    monkeypatch.setitem(isa._measured, "int8_pairs_saturate", lambda: machine_saturates)
+    spec = DynamicLinearSpec(
+        input_shape=(4, 11), out_features=(1,), post_ops=(Unary.NONE,), bias=False,
+        combine="apart", share_dequant=False, weight_max=127, seed=0,
+    )  # fmt: skip
+    static = StaticLayerSpec(
+        family="per_tensor_weight", kind="conv", input_shape=(1, 2, 3, 3), out_channels=2,
+        act=QuantSpec(0.25, 0, 0, 255, torch.uint8), producer="quantize", kernel=3, bias=False,
+        relu=False, weight_per_tensor=True, weight_max=127, weight_scale=0.03125,
+    )  # fmt: skip
+    for layer in (spec, static):
+        with isa.forced(int8_pairs_saturate=False):
+            example = build_example(layer)
+        (bound,) = example.expected.outputs[:1]
+        assert sum(example.expected.fired.values()) == 1
+        assert (bound.why == OTHER_CPU) is machine_saturates, bound

@@ -380,6 +380,8 @@ def _build_dynamic(spec: DynamicLinearSpec, form: str) -> tuple[fx.GraphModule, 
         qlinear=len(fusing) - int(binary),
         dequant_promotion=promotions,
     )
+    if any(_computed_elsewhere(act, w_max(i)) for i in fusing):
+        bounds = list(_unchecked(bounds))
     expected = Expected(fired, refusals, outputs=tuple(bounds))
     return b.finish(outputs, spec.meta, form), expected, b
 
