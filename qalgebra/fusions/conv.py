@@ -227,20 +227,16 @@ def input_shape_hint(m: Match) -> list[int] | None:
     nodes, and ``qconv_prepack`` fails for a shape that contradicts the weight (Inductor and
     torchao re-export first, so their shapes are fresh). A shape is only a layout hint.
     """
-    shape = static_shape(m[X])
     w = m[W]
     stride, padding, dilation, _ = _geometry(m)  # as written: what the graph's shapes follow
-    groups = m[GROUPS]
-    if shape is None or len(shape) != w.dim() or shape[1] != w.shape[1] * groups:
-        return None
+    shape = trusted_input_shape(m[X], m.root, w, (stride, padding, dilation, m[GROUPS]))
+    static = [d for d in shape if type(d) is int] if shape is not None else []
+    if shape is None or len(static) != len(shape):
+        return None  # unknown, stale or symbolic
     out = static_shape(m.root)  # every root (unary, quantize, residual add) keeps the shape
-    if out is None:
-        return shape
-    spatial = [
-        (size + 2 * p - d * (k - 1) - 1) // s + 1
-        for size, p, d, k, s in zip(shape[2:], padding, dilation, w.shape[2:], stride, strict=True)
-    ]
-    return shape if out == [shape[0], w.shape[0], *spatial] else None
+    if out is not None and (len(out) != len(static) or out[:2] != [static[0], w.shape[0]]):
+        return None
+    return static
 
 
 def prepack_conv(m: Match) -> torch.Tensor:
