@@ -40,6 +40,7 @@ from qalgebra.inductor_prep import (
     fetch,
     fresh_name,
     functional_clamps,
+    mark_traced,
     propagate_vals,
     respell_unfused,
 )
@@ -144,6 +145,7 @@ class CatalogPass(CustomGraphPass):
         # Inductor runs this right after the pre-pass; first, so that no-op clones (an eval
         # dropout is one) do not stand between a linear and its post-op or quantize.
         remove_noop_ops(graph)
+        mark_traced(graph)
         with unset_fake_temporarily():
             source = _with_constants(graph, params, _frozen_indices(params, metadata))
             lowered, report = lower_with_report(

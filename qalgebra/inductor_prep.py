@@ -14,7 +14,8 @@ three fix-ups make the result ordinary input for the rest of Inductor's compile:
   post-ops the catalog fuses (:data:`KEPT_OPS`: ``gelu`` decomposed is ``x * 0.5 * (1 +
   erf(...))``, which no catalog pattern spells); what the catalog did not fuse, and any op it
   wrote that Inductor would have decomposed and cannot lower, is decomposed here, by
-  Inductor's own table; a uint8 ``quantized.max_pool2d`` becomes Inductor's own max pool.
+  Inductor's own table; a uint8 ``quantized.max_pool2d`` over few channels becomes Inductor's
+  own max pool.
 """
 
 from __future__ import annotations
@@ -35,11 +36,14 @@ from qalgebra.qdq_arithmetic import RESPELLABLE, bound_args, respell_as_arithmet
 
 __all__ = [
     "KEPT_OPS",
+    "TRACED_KEY",
+    "VECTOR_POOL_CHANNELS",
     "compile_decompositions",
     "decompose",
     "fetch",
     "fresh_name",
     "functional_clamps",
+    "mark_traced",
     "propagate_vals",
     "respell_unfused",
 ]
@@ -127,7 +131,8 @@ def respell_unfused(gm: fx.GraphModule) -> tuple[str, ...]:
             continue
         replacement = _respelled(node, gm)
         if replacement is not None:
-            replacement.meta = {**node.meta, **replacement.meta}
+            carried = {k: v for k, v in node.meta.items() if k != TRACED_KEY}
+            replacement.meta = {**carried, **replacement.meta}
             node.replace_all_uses_with(replacement)
             graph.erase_node(node)
             hidden.append(node.name)
@@ -207,21 +212,71 @@ def functional_clamps(graph: fx.Graph) -> int:
     return count
 
 
-def propagate_vals(gm: fx.GraphModule) -> None:
+#: ``node.meta`` key: the node's ``"val"`` is AOT autograd's own (see :func:`mark_traced`).
+TRACED_KEY = "qalgebra_traced_val"
+
+
+def mark_traced(graph: fx.Graph) -> None:
+    """Mark the values AOT autograd propagated, before the lowering copies the graph.
+
+    A rewrite carries the replaced root's ``"val"`` onto its new node for later patterns to
+    read, but the new op may lay its output out differently (a oneDNN conv returns channels
+    last): :func:`propagate_vals` trusts only the marked values.
+    """
+    for node in graph.nodes:
+        if "val" in node.meta:
+            node.meta[TRACED_KEY] = True
+
+
+def propagate_vals(gm: fx.GraphModule) -> int:
     """``meta["val"]`` on every node, by fake-tensor propagation from the placeholders' values.
 
-    Nodes a rewrite wrote have none; Inductor's own passes (and :func:`decompose`) read them.
-    The fake mode is the one of the placeholders' values (AOT autograd's); constants are
-    converted as Inductor's ``fake_tensor_prop`` does, non-fake inputs allowed.
+    Nodes a rewrite wrote have none (or one carried from the node they replace); Inductor's own
+    passes (and :func:`decompose`) read them. The fake mode is the one of the placeholders'
+    values (AOT autograd's); constants are converted as Inductor's ``fake_tensor_prop`` does,
+    non-fake inputs allowed. Incremental: a node keeps its value when it is AOT autograd's
+    (:func:`mark_traced`) and no input's value changed (shape, strides, dtype); measured on
+    ResNet-50, propagating the whole graph took 0.5 s, most of it converting constants that
+    were converted already. Returns how many nodes were run.
     """
     from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
     vals = [n.meta.get("val") for n in gm.graph.find_nodes(op="placeholder")]
     fake_mode = detect_fake_mode([v for v in vals if isinstance(v, torch.Tensor)])
     if fake_mode is None:
-        return
+        return 0
+    changed: set[fx.Node] = set()
+    ran = 0
+
+    class Incremental(FakeTensorProp):
+        def run_node(self, n: fx.Node) -> Any:
+            nonlocal ran
+            old = n.meta.get("val")
+            if (
+                old is not None
+                and n.meta.get(TRACED_KEY)
+                and n.op not in ("placeholder", "output")
+                and not any(a in changed for a in n.all_input_nodes)
+            ):
+                return old
+            result = super().run_node(n)
+            ran += n.op not in ("placeholder", "output")
+            if n.op != "placeholder" and _layout(old) != _layout(n.meta.get("val")):
+                changed.add(n)
+            return result
+
     with unittest.mock.patch.object(fake_mode, "allow_non_fake_inputs", True):
-        FakeTensorProp(gm, mode=fake_mode).propagate_dont_convert_inputs(*vals)
+        Incremental(gm, mode=fake_mode).propagate_dont_convert_inputs(*vals)
+    return ran
+
+
+def _layout(val: object) -> object:
+    """What a node's readers see of its value: shapes, strides, dtypes (symbols by name)."""
+    if isinstance(val, torch.Tensor):
+        return (repr(tuple(val.shape)), repr(val.stride()), val.dtype, repr(val.storage_offset()))
+    if isinstance(val, list | tuple):
+        return tuple(_layout(v) for v in val)
+    return repr(val)
 
 
 def decompose(graph: fx.Graph) -> int:
@@ -229,9 +284,13 @@ def decompose(graph: fx.Graph) -> int:
 
     Such a node is one AOT autograd would have decomposed: a post-op the catalog did not fuse
     (:data:`KEPT_OPS`) or an op a rewrite wrote (``_to_copy``, a two-sided ``clamp``). A
-    ``quantized.max_pool2d`` becomes ``aten.max_pool2d`` traced the same way: a max of uint8
-    values is the same whatever computes it, and Inductor's C++ max pool is several times faster
-    than that ATen kernel (measured on [8, 16, 32, 32] uint8, one thread: 30 us vs 240 us).
+    ``quantized.max_pool2d`` over fewer than :data:`VECTOR_POOL_CHANNELS` channels becomes
+    ``aten.max_pool2d`` traced the same way: a max of uint8 values is the same whatever computes
+    it, and there Inductor's C++ max pool is several times faster than the ATen kernel, which
+    vectorizes over channels (one thread: [8, 16, 32, 32] 48 us vs 277 us). With more channels
+    the ATen kernel is as fast or faster ([8, 64, 32, 32] 99 vs 121 us; [1, 64, 56, 56] 43 vs
+    96 us) and the C++ kernel would only cost compile time (a 3x3 pool's masked loads take
+    Inductor about 0.5 s to generate and compile), so the pool stays an ATen call.
     Every tensor argument must carry ``meta["val"]`` (fake tensors, as in AOT autograd's
     graphs); a node without, or one whose trace fails, is left for Inductor's fallback kernel.
     Returns how many were replaced.
@@ -244,6 +303,8 @@ def decompose(graph: fx.Graph) -> int:
         if node.op != "call_function":
             continue
         if node.target is torch.ops.quantized.max_pool2d.default:
+            if not _few_channels(node):
+                continue
             target: Any = aten.max_pool2d.default  # the same arguments, in the same order
         elif node.target in table and node.target not in lowerings:
             target = node.target
@@ -252,6 +313,22 @@ def decompose(graph: fx.Graph) -> int:
         count += _replace_by_trace(node, target, table)
     graph.eliminate_dead_code()
     return count
+
+
+#: ``quantized.max_pool2d`` vectorizes over channels: from this many on it is as fast as
+#: Inductor's C++ max pool (measured, see :func:`decompose`).
+VECTOR_POOL_CHANNELS = 32
+
+
+def _few_channels(pool: fx.Node) -> bool:
+    """Whether the pooled tensor has fewer than :data:`VECTOR_POOL_CHANNELS` channels (or an
+    unknown count: Inductor's kernel is never much slower)."""
+    source = pool.args[0] if pool.args else None
+    val = source.meta.get("val") if isinstance(source, fx.Node) else None
+    if not isinstance(val, torch.Tensor) or val.dim() != 4:
+        return True
+    channels = val.shape[1]
+    return not (type(channels) is int and channels >= VECTOR_POOL_CHANNELS)
 
 
 def _replace_by_trace(node: fx.Node, target: Callable[..., Any], table: Decompositions) -> bool:

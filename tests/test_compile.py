@@ -133,6 +133,48 @@ def test_a_uint8_max_pool_becomes_inductors_own_with_the_same_values(
     assert torch.equal(gm(x), pool(x))
 
 
+def test_a_uint8_max_pool_over_many_channels_stays_the_vectorized_aten_call() -> None:
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from qalgebra.inductor_prep import VECTOR_POOL_CHANNELS
+
+    def pool(x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = torch.ops.quantized.max_pool2d(x, [3, 3], [2, 2], [1, 1], [1, 1], False)
+        return out
+
+    x = torch.randint(0, 256, (1, VECTOR_POOL_CHANNELS, 9, 9), dtype=torch.uint8)
+    gm = make_fx(pool, tracing_mode="fake")(x.contiguous(memory_format=torch.channels_last))
+    assert decompose(gm.graph) == 0
+    assert [n.target for n in gm.graph.nodes if n.op == "call_function"] == [
+        torch.ops.quantized.max_pool2d.default
+    ]
+
+
+def test_propagate_vals_reruns_new_nodes_and_what_reads_them_only() -> None:
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from qalgebra.inductor_prep import mark_traced, propagate_vals
+
+    def model(x: torch.Tensor) -> torch.Tensor:
+        return (x * 2 + 1).relu()
+
+    gm = make_fx(model, tracing_mode="fake")(torch.randn(4, 4))
+    mark_traced(gm.graph)
+    mul = gm.graph.find_nodes(op="call_function", target=aten.mul.Tensor)[0]
+    (x,) = gm.graph.find_nodes(op="placeholder")
+    with gm.graph.inserting_after(mul):  # the same shape, transposed strides
+        swapped = gm.graph.call_function(aten.permute.default, (x, [1, 0]))
+    swapped.meta["val"] = mul.meta["val"]  # carried over, as a rewrite carries a root's value
+    mul.replace_all_uses_with(swapped)
+    gm.graph.erase_node(mul)
+    assert propagate_vals(gm) == 3  # the permute, then the add and relu reading it: not x
+    for node in [n for n in gm.graph.nodes if n.op == "call_function"]:
+        assert node.meta["val"].stride() == (1, 4), node  # the layout the permute gives
+    unchanged = make_fx(model, tracing_mode="fake")(torch.randn(4, 4))
+    mark_traced(unchanged.graph)
+    assert propagate_vals(unchanged) == 0
+
+
 def test_in_place_clamps_of_an_owned_tensor_become_functional() -> None:
     graph = fx.Graph()
     x = graph.placeholder("x")
