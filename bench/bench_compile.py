@@ -7,9 +7,11 @@ X86InductorQuantizer) and measures, side by side:
 
 - compile time (wall time of the first call: dynamo, AOT autograd, the passes, code generation
   and the C++ compiler, each compile in a fresh Inductor cache) of ``torch.compile(gm,
-  backend="qalgebra")`` and of ``torch.compile(gm)`` with freezing (Inductor's own
-  quantization patterns), after one untimed warm-up compile of a small model with each, so
-  that neither pays the process's one-time costs (pattern registration, pattern validation);
+  backend="qalgebra")`` (its cost check on: layers faster in float stay float) and of
+  ``torch.compile(gm)`` with freezing (Inductor's own quantization patterns), and the backend
+  with ``cost="off"`` (every layer the catalog can fuse, fused), after one untimed warm-up
+  compile of a small model with each, so that neither pays the process's one-time costs
+  (pattern registration, pattern validation);
 - fused oneDNN conv/linear calls in the code each generated, and the quantization fusions
   Inductor itself made under the qalgebra backend (0 when its patterns found nothing);
 - steady-state runtime (median of ``--runs`` calls after ``--warmup``, the modules taking
@@ -29,6 +31,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import functools
 import json
 import os
 import re
@@ -94,6 +97,8 @@ ZOO_MODELS = (
     "transformer_encoder",
 )
 DECOMPOSED = " [decomposed]"
+#: The qalgebra backend with the cost check off: every layer the catalog can fuse is fused.
+ALL_FUSED = "qalgebra compiled, cost off"
 QUICK_MODELS = ("resnet_like(8)", "ffn_stack(8,3d)", "resnet_like(8)" + DECOMPOSED)
 
 
@@ -147,7 +152,9 @@ def fresh(inputs: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
     return tuple(x.clone() for x in inputs)
 
 
-def compile_once(gm: nn.Module, inputs: tuple[Tensor, ...], backend: str) -> dict[str, Any]:
+def compile_once(
+    gm: nn.Module, inputs: tuple[Tensor, ...], backend: str | Callable[..., Any]
+) -> dict[str, Any]:
     """Compile a copy of ``gm`` (freezing on, fresh cache), run it once; time and inspect."""
     from torch._inductor import config
     from torch._inductor.utils import fresh_cache
@@ -177,6 +184,14 @@ def compile_once(gm: nn.Module, inputs: tuple[Tensor, ...], backend: str) -> dic
         "fused": sum(len(FUSED_CALL.findall(code)) for code in codes),
         "inductor_quant_fusions": sum(v for v in after.values() if v > 0),
         "qalgebra_fired": sum(sum(r.lowering.fired.values()) for r in reports),
+        "left_float": len(
+            {
+                (i, x.root)
+                for i, r in enumerate(reports)
+                for x in r.lowering.refused
+                if x.cause == "cost"
+            }
+        ),
         "pass_seconds": sum(r.pass_seconds for r in reports),
         "graphs": len(codes),
     }
@@ -214,7 +229,14 @@ def child(name: str, batch: int, runs: int, warmup: int) -> dict[str, Any]:
         except Exception as exc:  # a crash is a result, recorded
             result[f"{who} error"] = f"{type(exc).__name__}: {exc}"[:300]
     warm_up()
-    for who, backend in (("Inductor compiled", "inductor"), ("qalgebra compiled", "qalgebra")):
+    from qalgebra.compile import backend as qalgebra_backend
+
+    all_fused = functools.partial(qalgebra_backend, cost="off")
+    for who, backend in (
+        ("Inductor compiled", "inductor"),
+        ("qalgebra compiled", "qalgebra"),
+        (ALL_FUSED, all_fused),
+    ):
         log(f"{name} batch {batch}: compiling with {backend}")
         try:
             done = compile_once(gm, inputs, backend)
@@ -237,6 +259,7 @@ def child(name: str, batch: int, runs: int, warmup: int) -> dict[str, Any]:
         samples, "qalgebra compiled", "Inductor compiled"
     )
     result["qalgebra compiled/eager"] = paired_ratio(samples, "qalgebra compiled", "qalgebra eager")
+    result["all fused/Inductor compiled"] = paired_ratio(samples, ALL_FUSED, "Inductor compiled")
     return result
 
 
@@ -278,20 +301,23 @@ def ratio(num: float | None, den: float | None) -> str:
 def compile_table(results: list[dict[str, Any]]) -> list[str]:
     lines = [
         "| model | batch | Inductor compile | qalgebra compile (its pass) | qalgebra / Inductor "
-        "| fused oneDNN conv/linear: Inductor | qalgebra | Inductor's quant. fusions under "
-        "qalgebra |",
-        "|---|--:|--:|--:|--:|--:|--:|--:|",
+        "| fused oneDNN conv/linear: Inductor | qalgebra (+ left float by the cost check) "
+        "| qalgebra, cost off | Inductor's quant. fusions under qalgebra |",
+        "|---|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
     for r in results:
         ind, qa = r.get("Inductor compiled", {}), r.get("qalgebra compiled", {})
+        off = r.get(ALL_FUSED, {})
         lines.append(
             f"| {r['model']} | {r['batch']} | {fmt(ind.get('seconds'), ' s')} "
             f"| {fmt(qa.get('seconds'), ' s')} ({fmt(qa.get('pass_seconds'), ' s')}) "
             f"| {ratio(qa.get('seconds'), ind.get('seconds'))} "
             f"| {ind.get('fused', 'n/a')} | {qa.get('fused', 'n/a')} "
+            f"(+{qa.get('left_float', 'n/a')}) | {off.get('fused', 'n/a')} "
             f"| {qa.get('inductor_quant_fusions', 'n/a')} |"
         )
     return lines
+
 
 
 RUNTIME_COLUMNS = (
@@ -300,25 +326,30 @@ RUNTIME_COLUMNS = (
     "qalgebra eager",
     "Inductor compiled",
     "qalgebra compiled",
+    ALL_FUSED,
 )
 
 
 def runtime_table(results: list[dict[str, Any]]) -> list[str]:
     lines = [
         "| model | batch | " + " | ".join(RUNTIME_COLUMNS) + " | qalgebra compiled / Inductor "
-        "compiled (per round) | qalgebra compiled / qalgebra eager (per round) |",
-        "|---|--:|" + "--:|" * (len(RUNTIME_COLUMNS) + 2),
+        "compiled (per round) | cost off / Inductor compiled (per round) | qalgebra compiled / "
+        "qalgebra eager (per round) |",
+        "|---|--:|" + "--:|" * (len(RUNTIME_COLUMNS) + 3),
     ]
     for r in results:
         t = r.get("runtime ms", {})
         cells = " | ".join(fmt(t.get(c), " ms") for c in RUNTIME_COLUMNS)
-        q_over_i = r.get("qalgebra/Inductor compiled")
-        q_over_e = r.get("qalgebra compiled/eager")
-        lines.append(
-            f"| {r['model']} | {r['batch']} | {cells} "
-            f"| {'n/a' if q_over_i is None else f'{q_over_i:.3f}x'} "
-            f"| {'n/a' if q_over_e is None else f'{q_over_e:.3f}x'} |"
-        )
+        ratios = [
+            r.get(k)
+            for k in (
+                "qalgebra/Inductor compiled",
+                "all fused/Inductor compiled",
+                "qalgebra compiled/eager",
+            )
+        ]
+        shown = " | ".join("n/a" if x is None else f"{x:.3f}x" for x in ratios)
+        lines.append(f"| {r['model']} | {r['batch']} | {cells} | {shown} |")
     return lines
 
 

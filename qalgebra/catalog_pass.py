@@ -33,6 +33,7 @@ from torch._inductor.custom_graph_pass import CustomGraphPass
 from torch._inductor.fx_passes.post_grad import remove_noop_ops
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 
+from qalgebra.costcheck import CostMode
 from qalgebra.errors import LoweringError
 from qalgebra.fusions import Fusion
 from qalgebra.inductor_prep import (
@@ -123,11 +124,13 @@ class CatalogPass(CustomGraphPass):
     """Inductor's ``joint_custom_pre_pass``: lower with qalgebra's ``fusions``, in place.
 
     Only valid inside a freezing inference compile (the parameters' values come from the
-    tracing context). ``result`` holds what the last call did.
+    tracing context). ``cost``: whether layers faster in float stay float
+    (:mod:`qalgebra.costcheck`). ``result`` holds what the last call did.
     """
 
-    def __init__(self, fusions: Sequence[Fusion]) -> None:
+    def __init__(self, fusions: Sequence[Fusion], *, cost: CostMode = "measure") -> None:
         self.fusions = tuple(fusions)
+        self.cost: CostMode = cost
         self.result: PassResult | None = None
 
     def uuid(self) -> None:
@@ -149,7 +152,10 @@ class CatalogPass(CustomGraphPass):
         with unset_fake_temporarily():
             source = _with_constants(graph, params, _frozen_indices(params, metadata))
             lowered, report = lower_with_report(
-                fx.GraphModule(graph.owning_module, source), (), fusions=self.fusions
+                fx.GraphModule(graph.owning_module, source),
+                (),
+                fusions=self.fusions,
+                cost=self.cost,
             )
             hidden = respell_unfused(lowered)
             functional_clamps(lowered.graph)

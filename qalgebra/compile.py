@@ -41,6 +41,8 @@ from torch._inductor.custom_graph_pass import get_custom_graph_passes
 from torch._subclasses.fake_tensor import FakeTensor
 
 from qalgebra.catalog_pass import CatalogPass
+from qalgebra.costcheck import MODES as COST_MODES
+from qalgebra.costcheck import CostMode
 from qalgebra.errors import LoweringError, UnsupportedGraphError
 from qalgebra.fusions import DEFAULT_FUSIONS, Fusion
 from qalgebra.inductor_prep import compile_decompositions
@@ -50,6 +52,7 @@ if TYPE_CHECKING:
     from torch._inductor.utils import InputType
 
 __all__ = [
+    "COST_OPTION",
     "CompileReport",
     "CompiledModule",
     "backend",
@@ -215,6 +218,20 @@ def _checking_lifted(
     return run
 
 
+#: The key of ``torch.compile(..., options=)`` that sets the backend's ``cost`` (the other
+#: keys are Inductor's config patches).
+COST_OPTION = "qalgebra.cost"
+
+
+def _cost(cost: CostMode, options: Mapping[str, Any] | None) -> CostMode:
+    chosen = (options or {}).get(COST_OPTION, cost)
+    if chosen not in COST_MODES:
+        raise UnsupportedGraphError(
+            f"qalgebra: {COST_OPTION} must be one of {COST_MODES}, got {chosen!r}"
+        )
+    return cast(CostMode, chosen)
+
+
 def _config_patches(
     catalog: CatalogPass, mode: str | None, options: Mapping[str, Any] | None
 ) -> dict[str, Any]:
@@ -223,7 +240,7 @@ def _config_patches(
         from torch._inductor import list_mode_options
 
         patches.update(list_mode_options(mode))
-    patches.update(options or {})
+    patches.update({k: v for k, v in (options or {}).items() if k != COST_OPTION})
     theirs = get_custom_graph_passes(patches.get("joint_custom_pre_pass"))
     patches["joint_custom_pre_pass"] = (catalog, *theirs)
     patches["freezing"] = True
@@ -245,12 +262,15 @@ def backend(
     mode: str | None = None,
     options: Mapping[str, Any] | None = None,
     reports: list[CompileReport] | None = None,
+    cost: CostMode = "measure",
 ) -> Callable[..., Any]:
     """The ``qalgebra`` dynamo backend: qalgebra's ``fusions``, then Inductor with freezing.
 
     ``mode`` and ``options`` are Inductor's (``torch.compile(..., mode=, options=)`` passes
-    them here); ``freezing`` is always on. The report of this graph goes to ``reports`` (if
-    given) and to every :func:`recording` block open.
+    them here); ``freezing`` is always on. ``cost`` (or ``options["qalgebra.cost"]``):
+    ``"measure"`` leaves in float each layer that runs faster there than its fused int8 kernel
+    on this machine (:mod:`qalgebra.costcheck`), ``"off"`` fuses every layer it can. The report
+    of this graph goes to ``reports`` (if given) and to every :func:`recording` block open.
     """
     from torch._inductor.compile_fx import compile_fx
 
@@ -261,7 +281,7 @@ def backend(
             "qalgebra compiles inference graphs: an input requires grad (call the model under "
             "torch.no_grad(), or detach the input)"
         )
-    catalog = CatalogPass(fusions)
+    catalog = CatalogPass(fusions, cost=_cost(cost, options))
     before = inductor_quant_fusions()
     with torch.no_grad():
         compiled = compile_fx(
@@ -323,18 +343,20 @@ def compile(
     example_inputs: Sequence[torch.Tensor],
     *,
     fusions: Sequence[Fusion] = DEFAULT_FUSIONS,
+    cost: CostMode = "measure",
     **compile_options: Any,
 ) -> CompiledModule:
     """``torch.compile(model, backend=qalgebra)`` with ``fusions``, compiled now.
 
-    ``compile_options`` go to ``torch.compile`` (``dynamic=``, ``mode=``, ``options=``,
-    ``fullgraph=``...). The first call, on ``example_inputs``, traces with Inductor's freezing
-    on (module tensors become constants under dynamo's guards) and under ``no_grad``.
+    ``cost``: see :func:`backend`. ``compile_options`` go to ``torch.compile`` (``dynamic=``,
+    ``mode=``, ``options=``, ``fullgraph=``...). The first call, on ``example_inputs``, traces
+    with Inductor's freezing on (module tensors become constants under dynamo's guards) and
+    under ``no_grad``.
     """
     if "backend" in compile_options:
         raise TypeError("qalgebra.compile.compile: the backend is qalgebra's")
     reports: list[CompileReport] = []
-    chosen = functools.partial(backend, fusions=tuple(fusions), reports=reports)
+    chosen = functools.partial(backend, fusions=tuple(fusions), reports=reports, cost=cost)
     compiled = torch.compile(model, backend=chosen, **compile_options)
     start = time.perf_counter()
     with torch.no_grad(), inductor_config.patch(freezing=True):

@@ -47,8 +47,9 @@ class Refusal(QAlgebraError):
     the graph still lowers. :func:`qalgebra.checks.require` raises it from a check's failure.
 
     ``cause`` says what decided, for the report: ``"rule"`` (the fusion's own checks),
-    ``"probe:<name>"`` (a :mod:`qalgebra.isa` probe found this CPU computes it wrongly) or
-    ``"selfcheck"`` (the fused op disagreed with its reference, :mod:`qalgebra.selfcheck`).
+    ``"probe:<name>"`` (a :mod:`qalgebra.isa` probe found this CPU computes it wrongly),
+    ``"selfcheck"`` (the fused op disagreed with its reference, :mod:`qalgebra.selfcheck`) or
+    ``"cost"`` (the layer computes faster in float here, :mod:`qalgebra.costcheck`).
     """
 
     def __init__(self, reason: str, *, cause: str = "rule") -> None:

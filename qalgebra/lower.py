@@ -40,6 +40,7 @@ import torch
 from torch import fx
 
 from qalgebra.combinators import dequantize_per_tensor, quantize_per_tensor
+from qalgebra.costcheck import CostCheck, CostMode, CostStats
 from qalgebra.errors import LoweringError, Refusal, RewriteError, UnsupportedGraphError
 from qalgebra.fusion import Fusion
 from qalgebra.fusions import DEFAULT_FUSIONS
@@ -82,7 +83,7 @@ class RefusedMatch:
     root: str
     reason: str
     #: What decided (:class:`~qalgebra.errors.Refusal`): ``"rule"``, ``"probe:<name>"``
-    #: (this CPU's kernels were found wrong by an ISA probe) or ``"selfcheck"``.
+    #: (this CPU's kernels were found wrong by an ISA probe), ``"selfcheck"`` or ``"cost"``.
     cause: str = "rule"
 
 
@@ -124,6 +125,8 @@ class LoweringReport:
     near_misses: list[NearMiss] = field(default_factory=list)
     seconds: float = 0.0
     selfcheck: SelfCheckStats = field(default_factory=SelfCheckStats)
+    #: What the cost check timed and left in float (:mod:`qalgebra.costcheck`; compile only).
+    cost: CostStats = field(default_factory=CostStats)
 
     @property
     def total_fired(self) -> int:
@@ -148,6 +151,8 @@ class LoweringReport:
             lines.append(f"  near miss {n.fusion} at {n.root}: {n.reason}")
         if self.selfcheck.mode != "off":
             lines.append(f"  {self.selfcheck.summary()}")
+        if self.cost.mode != "off":
+            lines.append(f"  {self.cost.summary()}")
         if self.unfused_quant_nodes:
             lines.append(f"  unfused quant/dequant nodes: {', '.join(self.unfused_quant_nodes)}")
         return "\n".join(lines)
@@ -288,7 +293,7 @@ def _apply(
     graph: fx.Graph,
     module: torch.nn.Module,
     report: LoweringReport,
-    selfcheck: SelfCheck,
+    checks: tuple[SelfCheck, CostCheck],
     near: list[tuple[fx.Node, NearMiss]],
     *,
     strict: bool,
@@ -310,7 +315,8 @@ def _apply(
         rw = Rewriter(graph, module, m.root, replaced)
         try:
             new = fusion.rewrite(m, rw)
-            selfcheck.check(fusion.name, m, rw, new)  # a Refusal if the kernel disagrees
+            for check in checks:  # a Refusal if the kernel disagrees, or is the slower
+                check.check(fusion.name, m, rw, new)
             if new is not m.root:
                 rw.replace(m.root, new, consumed=m.nodes)
             rw.commit()
@@ -372,20 +378,25 @@ def lower_with_report(
     fusions: Sequence[Fusion] = DEFAULT_FUSIONS,
     strict: bool = False,
     selfcheck: SelfCheckMode = DEFAULT_SELFCHECK,
+    cost: CostMode = "off",
 ) -> tuple[fx.GraphModule, LoweringReport]:
-    """Like :func:`lower`, and also say what fired, what was refused or failed, what is left."""
+    """Like :func:`lower`, and also say what fired, what was refused or failed, what is left.
+
+    ``cost="measure"`` leaves in float each layer that computes faster there than its fused
+    kernel on this machine (:mod:`qalgebra.costcheck`): for graphs Inductor compiles next.
+    """
     start = time.perf_counter()
     source = check_arguments(gm, example_inputs)
     chosen = _fusions(fusions)
     report = LoweringReport()
-    checker = SelfCheck(selfcheck, report.selfcheck)
+    checks = (SelfCheck(selfcheck, report.selfcheck), CostCheck(cost, report.cost))
     near: list[tuple[fx.Node, NearMiss]] = []
     with _gc_paused():
         overlay = _Overlay(source)
         graph = _copy_graph(source, overlay)
         with _single_thread():
             for fusion in chosen:
-                _apply(fusion, graph, overlay, report, checker, near, strict=strict)
+                _apply(fusion, graph, overlay, report, checks, near, strict=strict)
         out = _build_module(source, overlay, graph)
         out.graph.lint()
     report.unfused_quant_nodes = _unfused_quant_nodes(out.graph)

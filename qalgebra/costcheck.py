@@ -1,0 +1,284 @@
+"""Leave a layer in float where that is faster, on this machine, than its fused int8 kernel.
+
+A oneDNN int8 conv or linear pays a fixed cost per call (the primitive lookup, the scales,
+the output's allocation) that a small layer never earns back: measured on one thread, a
+``[64, 32] x [32, 64]`` ``onednn.qlinear_pointwise`` takes 35-59 us where the float ``addmm``
+takes 8-11 us on an AMX Xeon (45-52 us against 7 us with oneDNN held to AVX2). Under
+``torch.compile`` a layer left unfused runs in float -- the quantize/dequantize around it
+become arithmetic that Inductor fuses into its neighbours' C++ kernels, the conv or matmul an
+ATen call -- and computes the reference's own function. So :class:`CostCheck` times both
+sides of each fusion that would call a kernel, once per kernel *signature* (as the self-check
+caches verdicts: shapes, dtypes, geometry, post-op; not weight values) and thread count, and
+refuses the fusion (:class:`~qalgebra.errors.Refusal`, cause ``"cost"``) when the float side
+is faster by :data:`MARGIN`.
+
+What is timed: the match's float compute ops (:data:`FLOAT_COMPUTE`: convolution, matmuls) on
+the match's own values, against the nodes the rewrite wrote (the kernel calls, and the copy of
+an accumulator an in-place sum needs), on theirs -- random inputs of the real shapes
+(:mod:`qalgebra.trial`), at the caller's thread count, after a warm-up call: once when the
+sides are :data:`CLEAR_RATIO` apart, else alternating, the fastest of :data:`REPEATS`. The
+quantize/dequantize arithmetic is left out on the float side (Inductor fuses it into
+neighbouring kernels); the float op runs eagerly, without the weight prepacking Inductor's
+freezing may give it. It is for compiled graphs: an eager lowering pays every left-over
+quantize/dequantize as its own call, so :func:`qalgebra.lower.lower` leaves it ``"off"``.
+
+The decision depends on the machine and on timing: two compiles may choose differently where
+the two sides are close, which is where either choice costs about the same. Tests force the
+timings (``clock=``, or :func:`wall_clock` replaced).
+
+>>> CostCheck("off", CostStats()).enabled
+False
+>>> sorted(MODES)
+['measure', 'off']
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Hashable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, TypeAlias, get_args
+
+import torch
+from torch import fx
+
+from qalgebra.errors import LoweringError, Refusal
+from qalgebra.isa import foreign_answers
+from qalgebra.pattern import Match
+from qalgebra.rewriter import Rewriter
+from qalgebra.selfcheck import emits_kernel
+from qalgebra.trial import (
+    CheckStats,
+    ConstantMemo,
+    Skip,
+    ancestors,
+    bound_call,
+    clone,
+    evaluate,
+    operands,
+    random_inputs,
+    unique,
+)
+
+__all__ = [
+    "CLEAR_RATIO",
+    "FLOAT_COMPUTE",
+    "MARGIN",
+    "MODES",
+    "REPEATS",
+    "Clock",
+    "CostCheck",
+    "CostMode",
+    "CostStats",
+    "Side",
+    "Timing",
+    "clear_cache",
+    "wall_clock",
+]
+
+CostMode: TypeAlias = Literal["off", "measure"]
+"""``"measure"``: time each new signature once per process and thread count; ``"off"``: fuse."""
+MODES: tuple[str, ...] = get_args(CostMode)
+
+aten = torch.ops.aten
+
+#: The float ops whose time stands for the float path of a match.
+FLOAT_COMPUTE: frozenset[Any] = frozenset(
+    {
+        aten.convolution.default,
+        aten.conv1d.default,
+        aten.conv2d.default,
+        aten.conv3d.default,
+        aten.linear.default,
+        aten.addmm.default,
+        aten.mm.default,
+        aten.bmm.default,
+        aten.baddbmm.default,
+        aten.matmul.default,
+    }
+)
+
+#: The float side must be this many times faster to be chosen (ties go to the kernel).
+#: Measured against whole compiled models the per-op timing is if anything kind to the
+#: kernel: ``resnet_like(8)``'s 16x32x32 convs at batch 1 take the int8 kernel 60-70 us and
+#: the float conv 70-90 us timed alone, yet 67 us and 52 us inside the compiled models.
+MARGIN = 1.0
+#: Timed calls of each side (the fastest counts), after one warm-up call, when the first
+#: timed call is not :data:`CLEAR_RATIO` apart.
+REPEATS = 7
+#: A first timed call this many times faster on one side decides at once.
+CLEAR_RATIO = 3.0
+#: A float side slower than this on its warm-up call is not timed further: a kernel's fixed
+#: cost is tens of microseconds, so for such a layer the kernel is never the slower by far.
+SURE_KERNEL_SECONDS = 2e-3
+
+Side: TypeAlias = Literal["float", "kernel"]
+Clock: TypeAlias = Callable[[Side, Callable[[], object]], float]
+"""Seconds one call of a side's op takes (tests replace it to force a decision)."""
+
+
+def wall_clock(side: Side, call: Callable[[], object]) -> float:
+    """The wall time of one ``call``."""
+    start = time.perf_counter()
+    call()
+    return time.perf_counter() - start
+
+
+@dataclass(slots=True)
+class CostStats(CheckStats):
+    """What the cost check did during one lowering (``LoweringReport.cost``); ``refused``:
+    matches left in float, the float side being faster."""
+
+    #: Signatures timed now (not in the cache before this lowering).
+    measured: int = 0
+
+    def summary(self) -> str:
+        """One line for people."""
+        return (
+            f"cost check ({self.mode}): {self.measured} signature(s) timed in "
+            f"{self.seconds * 1e3:.1f} ms, {self.cached} from the cache, {self.refused} left "
+            f"in float (faster there), " + self.skipped_text()
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Timing:
+    """The fastest call of each side of one signature, in seconds."""
+
+    float_seconds: float
+    kernel_seconds: float
+
+    @property
+    def float_is_faster(self) -> bool:
+        """Whether the float side wins by :data:`MARGIN`."""
+        return self.float_seconds * MARGIN < self.kernel_seconds
+
+    def clear(self) -> bool:
+        """Whether one side is :data:`CLEAR_RATIO` times the other: no noise decides that."""
+        low, high = sorted((self.float_seconds, self.kernel_seconds))
+        return high >= CLEAR_RATIO * low
+
+    def describe(self) -> str:
+        return (
+            f"float {self.float_seconds * 1e6:.1f} us against the fused kernel's "
+            f"{self.kernel_seconds * 1e6:.1f} us"
+        )
+
+
+_TIMINGS: dict[Hashable, Timing] = {}
+
+
+def clear_cache() -> None:
+    """Forget every timing (tests; after the machine's load changed a lot)."""
+    _TIMINGS.clear()
+
+
+class CostCheck:
+    """Times each rewrite of one lowering (see the module docstring); counts into ``stats``.
+
+    ``threads``: the intra-op thread count the compiled model will run with (the caller's,
+    taken when the check is made: the lowering itself runs on one thread).
+    """
+
+    def __init__(
+        self,
+        mode: CostMode,
+        stats: CostStats,
+        *,
+        threads: int | None = None,
+        clock: Clock | None = None,
+    ) -> None:
+        if mode not in MODES:
+            raise LoweringError(f"lower: cost must be one of {MODES}, got {mode!r}")
+        self.enabled = mode != "off"
+        self.stats = stats
+        self.threads = torch.get_num_threads() if threads is None else threads
+        self.clock = wall_clock if clock is None else clock
+        stats.mode = mode
+        self._constant = ConstantMemo()
+
+    def check(self, fusion: str, m: Match, rw: Rewriter, new: fx.Node) -> None:
+        """Raise :class:`Refusal` if ``m`` computes faster in float than the nodes ``rw`` built."""
+        if not self.enabled or new is m.root or not emits_kernel(rw.created):
+            return
+        anchors = [n for n in m.nodes if n.op == "call_function" and n.target in FLOAT_COMPUTE]
+        if not anchors:
+            self.stats.skipped["no float conv or matmul in the match"] += 1
+            return
+        if foreign_answers():  # the kernel is another CPU's: this one may crash on it
+            self.stats.skipped["probes forced to another CPU's answers"] += 1
+            return
+        start = time.perf_counter()
+        try:
+            timing = self._timing(fusion, m, rw, new, anchors)
+        except Skip as skip:
+            self.stats.skipped[str(skip)] += 1
+            return
+        finally:
+            self.stats.seconds += time.perf_counter() - start
+        if timing.float_is_faster:
+            self.stats.refused += 1
+            raise Refusal(
+                f"cost: faster in float here ({timing.describe()}, {self.threads} thread(s))",
+                cause="cost",
+            )
+
+    def _timing(
+        self, fusion: str, m: Match, rw: Rewriter, new: fx.Node, anchors: Sequence[fx.Node]
+    ) -> Timing:
+        ops = operands(m, rw, new, self._constant)
+        key = (fusion, ops.key(rw.module), self.threads)
+        cached = _TIMINGS.get(key)
+        if cached is not None:
+            self.stats.cached += 1
+            return cached
+        base = random_inputs(ops, rw.module)
+        float_env = dict(base)
+        kernel_env = {n: clone(v) for n, v in base.items()}
+        try:
+            inside = set(m.nodes)
+            evaluate(unique(n for a in anchors for n in ancestors(a, inside)), float_env, rw.module)
+            evaluate(ops.candidate, kernel_env, rw.module)
+            float_side = [bound_call(n, float_env, rw.module) for n in anchors]
+            kernel_side = [
+                bound_call(n, kernel_env, rw.module)
+                for n in ops.candidate
+                if n.op == "call_function"
+            ]
+            timing = self._measure(float_side, kernel_side)
+        except (RuntimeError, TypeError, ValueError, IndexError) as exc:
+            raise Skip(f"a side raised {type(exc).__name__} on random inputs") from exc
+        self.stats.measured += 1
+        _TIMINGS[key] = timing
+        return timing
+
+    def _measure(
+        self,
+        float_side: Sequence[Callable[[], object]],
+        kernel_side: Sequence[Callable[[], object]],
+    ) -> Timing:
+        def total(side: Side, calls: Sequence[Callable[[], object]]) -> float:
+            return sum(self.clock(side, call) for call in calls)
+
+        with _threads(self.threads), torch.no_grad():
+            for call in (*float_side, *kernel_side):
+                call()  # untimed: a kernel's first call creates its primitive
+            first = Timing(total("float", float_side), total("kernel", kernel_side))
+            if first.float_seconds > SURE_KERNEL_SECONDS or first.clear():
+                return first
+            best_float, best_kernel = first.float_seconds, first.kernel_seconds
+            for _ in range(REPEATS):
+                best_float = min(best_float, total("float", float_side))
+                best_kernel = min(best_kernel, total("kernel", kernel_side))
+        return Timing(best_float, best_kernel)
+
+
+@contextlib.contextmanager
+def _threads(count: int) -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

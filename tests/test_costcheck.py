@@ -1,0 +1,187 @@
+"""The cost check: a layer stays float where float is faster, timed on this machine.
+
+Its decision depends on timings, so the tests force them both ways (a clock that makes one side
+slow) and check what follows from each: the refusal and its cause, the numbers the graph then
+computes, the cache. One test runs the real clock and checks only that the decision follows the
+timing it measured.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import pytest
+import torch
+
+from qalgebra import costcheck
+from qalgebra.compile import COST_OPTION, backend, compile
+from qalgebra.costcheck import CostCheck, CostStats, Side, Timing
+from qalgebra.errors import LoweringError, UnsupportedGraphError
+from qalgebra.lower import lower_with_report
+from qalgebra.testing.models import build
+from qalgebra.testing.oracle import assert_outputs_close, output_quant_steps
+from qalgebra.testing.quantize import quantize_pt2e
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+FAMILIES = ("qconv", "qconv_binary", "qlinear", "qlinear_binary")
+
+
+@pytest.fixture(autouse=True)
+def fresh_timings() -> Iterator[None]:
+    costcheck.clear_cache()
+    yield
+    costcheck.clear_cache()
+
+
+def slow(loser: Side) -> Callable[[Side, Callable[[], object]], float]:
+    """A clock under which ``loser``'s side takes 1 ms a call and the other 1 us."""
+
+    def clock(side: Side, call: Callable[[], object]) -> float:
+        call()
+        return 1e-3 if side == loser else 1e-6
+
+    return clock
+
+
+def fused(fired: dict[str, int]) -> int:
+    return sum(fired.get(name, 0) for name in FAMILIES)
+
+
+def run(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    with torch.no_grad():
+        out = module(*inputs)
+    assert isinstance(out, torch.Tensor)
+    return out
+
+
+@pytest.mark.parametrize("name", ["conv2d_relu", "ffn_stack_2_3d", "resnet_like_2"])
+def test_where_float_is_faster_every_layer_stays_float_with_the_reference_values(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(costcheck, "wall_clock", slow("kernel"))
+    model, inputs = build(name)
+    gm = quantize_pt2e(model, inputs)
+    lowered, report = lower_with_report(gm, inputs, cost="measure")
+    assert fused(report.fired) == 0, report.summary()
+    by_cost = [r for r in report.refused if r.cause == "cost"]
+    assert by_cost and all("faster in float" in r.reason for r in by_cost)
+    assert report.cost.refused == len(by_cost) and report.cost.measured > 0
+    assert_outputs_close(run(gm, inputs), run(lowered, inputs), quant_step=None, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["conv2d_relu", "ffn_stack_2_3d", "resnet_like_2"])
+def test_where_the_kernel_is_faster_the_lowering_is_what_it_is_without_the_check(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(costcheck, "wall_clock", slow("float"))
+    model, inputs = build(name)
+    gm = quantize_pt2e(model, inputs)
+    _, measured = lower_with_report(gm, inputs, cost="measure")
+    _, unchecked = lower_with_report(gm, inputs)
+    assert dict(measured.fired) == dict(unchecked.fired) and fused(measured.fired) > 0
+    assert not [r for r in measured.refused if r.cause == "cost"]
+    assert measured.cost.measured > 0 and measured.cost.refused == 0
+    assert unchecked.cost.mode == "off" and unchecked.cost.measured == 0
+
+
+def test_a_signature_is_timed_once_then_served_from_the_cache(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    calls: list[Side] = []
+
+    def counting(side: Side, call: Callable[[], object]) -> float:
+        calls.append(side)
+        return slow("float")(side, call)
+
+    monkeypatch.setattr(costcheck, "wall_clock", counting)
+    model, inputs = build("ffn_stack_2_3d")
+    gm = quantize_pt2e(model, inputs)
+    _, first = lower_with_report(gm, inputs, cost="measure")
+    timed = len(calls)
+    _, second = lower_with_report(gm, inputs, cost="measure")
+    assert timed > 0 and len(calls) == timed  # nothing timed again
+    assert second.cost.measured == 0 and second.cost.cached == first.cost.measured + (
+        first.cost.cached
+    )
+
+
+def test_a_float_side_slower_than_a_kernel_ever_is_timed_once() -> None:
+    calls: list[Side] = []
+
+    def clock(side: Side, call: Callable[[], object]) -> float:
+        calls.append(side)
+        return 1.0 if side == "float" else 1e-5
+
+    check = CostCheck("measure", CostStats(), clock=clock)
+    timing = check._measure([lambda: None], [lambda: None])
+    assert calls == ["float", "kernel"] and not timing.float_is_faster
+
+
+def test_sides_close_together_are_timed_again_and_the_fastest_calls_count() -> None:
+    times = iter([3e-5, 2e-5, 1e-5, 4e-5] + [5e-5, 5e-5] * 10)
+
+    def clock(side: Side, call: Callable[[], object]) -> float:
+        return next(times)
+
+    check = CostCheck("measure", CostStats(), clock=clock)
+    timing = check._measure([lambda: None], [lambda: None])
+    assert (timing.float_seconds, timing.kernel_seconds) == (1e-5, 2e-5)
+    assert timing.float_is_faster
+
+
+def test_timing_decides_by_the_margin() -> None:
+    assert Timing(1e-5, 2e-5).float_is_faster
+    assert not Timing(2e-5, 2e-5).float_is_faster  # a tie goes to the kernel
+    assert not Timing(3e-5, 2e-5).float_is_faster
+
+
+def test_on_the_real_clock_the_decision_follows_the_timing_measured(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    seen: list[Timing] = []
+    measure = CostCheck._measure
+
+    def recording(self: CostCheck, *sides: list[Callable[[], object]]) -> Timing:
+        timing = measure(self, *sides)
+        seen.append(timing)
+        return timing
+
+    monkeypatch.setattr(CostCheck, "_measure", recording)
+    model, inputs = build("ffn_stack_2_3d")
+    gm = quantize_pt2e(model, inputs)
+    lowered, report = lower_with_report(gm, inputs, cost="measure")
+    assert seen and all(t.float_seconds > 0 and t.kernel_seconds > 0 for t in seen)
+    assert report.cost.measured == len(seen)
+    by_cost = [r for r in report.refused if r.cause == "cost"]
+    assert len(by_cost) == report.cost.refused
+    # each refusal comes from a timing that said float (measured now, or its cached copy)
+    assert bool(by_cost) == any(t.float_is_faster for t in seen)
+    assert report.cost.refused <= report.cost.measured + report.cost.cached
+    (step,) = output_quant_steps(gm)
+    assert_outputs_close(run(gm, inputs), run(lowered, inputs), quant_step=step)
+
+
+def test_an_unknown_cost_mode_is_a_clear_error() -> None:
+    model, inputs = build("conv2d_relu")
+    gm = quantize_pt2e(model, inputs)
+    with pytest.raises(LoweringError, match="cost must be one of"):
+        lower_with_report(gm, inputs, cost="fast")  # type: ignore[arg-type]
+    with pytest.raises(UnsupportedGraphError, match=COST_OPTION):
+        backend(gm, list(inputs), options={COST_OPTION: "fast"})
+
+
+def test_under_compile_a_layer_left_float_computes_the_reference(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    torch._dynamo.reset()
+    monkeypatch.setattr(costcheck, "wall_clock", slow("kernel"))
+    model, inputs = build("ffn_stack_2_3d")
+    gm = quantize_pt2e(model, inputs)
+    compiled = compile(gm, inputs)  # cost="measure" is the default under compile
+    (report,) = compiled.reports
+    assert fused(report.lowering.fired) == 0
+    assert {r.cause for r in report.lowering.refused} >= {"cost"}
+    assert report.inductor_quant_fusions == {}  # nor did Inductor's patterns fuse them
+    assert_outputs_close(run(gm, inputs), run(compiled, inputs), quant_step=None, rtol=1e-5)
+    torch._dynamo.reset()
