@@ -301,9 +301,10 @@ def ratio(num: float | None, den: float | None) -> str:
 def compile_table(results: list[dict[str, Any]]) -> list[str]:
     lines = [
         "| model | batch | Inductor compile | qalgebra compile (its pass) | qalgebra / Inductor "
-        "| fused oneDNN conv/linear: Inductor | qalgebra (+ left float by the cost check) "
-        "| qalgebra, cost off | Inductor's quant. fusions under qalgebra |",
-        "|---|--:|--:|--:|--:|--:|--:|--:|--:|",
+        "| cost off: compile, / Inductor | fused oneDNN conv/linear: Inductor "
+        "| qalgebra (+ left float by the cost check) | qalgebra, cost off "
+        "| Inductor's quant. fusions under qalgebra |",
+        "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
     for r in results:
         ind, qa = r.get("Inductor compiled", {}), r.get("qalgebra compiled", {})
@@ -312,6 +313,7 @@ def compile_table(results: list[dict[str, Any]]) -> list[str]:
             f"| {r['model']} | {r['batch']} | {fmt(ind.get('seconds'), ' s')} "
             f"| {fmt(qa.get('seconds'), ' s')} ({fmt(qa.get('pass_seconds'), ' s')}) "
             f"| {ratio(qa.get('seconds'), ind.get('seconds'))} "
+            f"| {fmt(off.get('seconds'), ' s')}, {ratio(off.get('seconds'), ind.get('seconds'))} "
             f"| {ind.get('fused', 'n/a')} | {qa.get('fused', 'n/a')} "
             f"(+{qa.get('left_float', 'n/a')}) | {off.get('fused', 'n/a')} "
             f"| {qa.get('inductor_quant_fusions', 'n/a')} |"

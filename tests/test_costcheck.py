@@ -106,6 +106,29 @@ def test_a_signature_is_timed_once_then_served_from_the_cache(
     )
 
 
+def test_quantize_ops_a_rewrite_writes_are_not_timed_its_kernels_and_copies_are() -> None:
+    # Inductor compiles a quantize into the C++ kernels around the layer on either path; run
+    # eagerly it is a Python decomposition that would weigh against the kernel.
+    graph = torch.fx.Graph()
+    x = graph.placeholder("x")
+    q = graph.call_function(
+        torch.ops.quantized_decomposed.quantize_per_tensor.default,
+        (x, 0.1, 0, 0, 255, torch.uint8),
+    )
+    copy = graph.call_function(torch.ops.aten.clone.default, (q,))
+    pool = graph.call_function(
+        torch.ops.quantized.max_pool2d.default, (copy, [2, 2], [2, 2], [0, 0], [1, 1], False)
+    )
+    weight = graph.get_attr("w")
+    assert [costcheck._timed(n) for n in (x, q, copy, pool, weight)] == [
+        False,
+        False,
+        True,
+        True,
+        False,
+    ]
+
+
 def test_a_float_side_slower_than_a_kernel_ever_is_timed_once() -> None:
     calls: list[Side] = []
 
@@ -119,21 +142,23 @@ def test_a_float_side_slower_than_a_kernel_ever_is_timed_once() -> None:
 
 
 def test_sides_close_together_are_timed_again_and_the_fastest_calls_count() -> None:
-    times = iter([3e-5, 2e-5, 1e-5, 4e-5] + [5e-5, 5e-5] * 10)
+    times = iter([3e-5, 4e-5, 1e-5, 5e-5] + [6e-5, 6e-5] * 10)
 
     def clock(side: Side, call: Callable[[], object]) -> float:
         return next(times)
 
     check = CostCheck("measure", CostStats(), clock=clock)
     timing = check._measure([lambda: None], [lambda: None])
-    assert (timing.float_seconds, timing.kernel_seconds) == (1e-5, 2e-5)
+    assert (timing.float_seconds, timing.kernel_seconds) == (1e-5, 4e-5)
     assert timing.float_is_faster
 
 
-def test_timing_decides_by_the_margin() -> None:
-    assert Timing(1e-5, 2e-5).float_is_faster
+def test_timing_decides_by_the_margin_and_the_gain() -> None:
+    assert Timing(1e-5, 3e-5).float_is_faster
     assert not Timing(2e-5, 2e-5).float_is_faster  # a tie goes to the kernel
     assert not Timing(3e-5, 2e-5).float_is_faster
+    assert not Timing(2e-5, 2.4e-5).float_is_faster  # within the margin
+    assert not Timing(1e-6, 5e-6).float_is_faster  # 5x, but 4 us a call
 
 
 def test_on_the_real_clock_the_decision_follows_the_timing_measured(
