@@ -408,5 +408,6 @@ def random_value(node: fx.Node, generator: torch.Generator) -> object:
         return torch.randn(dims, generator=generator).to(dtype)
     if dtype in (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64):
         low, high = int_range(node, dtype)
-        return torch.randint(low, high + 1, dims, generator=generator, dtype=torch.int64).to(dtype)
+        # drawn in the dtype itself (the range fits it): no int64 tensor 8x the size to convert
+        return torch.randint(low, high + 1, dims, generator=generator, dtype=dtype)
     raise Skip(f"an input of dtype {dtype}")

@@ -35,11 +35,12 @@ def fresh_timings() -> Iterator[None]:
 
 
 def slow(loser: Side) -> Callable[[Side, Callable[[], object]], float]:
-    """A clock under which ``loser``'s side takes 1 ms a call and the other 1 us."""
+    """A clock under which each op of ``loser``'s side takes 20 us (a kernel side of up to five
+    ops stays in the fixed-cost regime) and each of the other's 0.1 us."""
 
     def clock(side: Side, call: Callable[[], object]) -> float:
         call()
-        return 1e-3 if side == loser else 1e-6
+        return 20e-6 if side == loser else 0.1e-6
 
     return clock
 
@@ -129,20 +130,24 @@ def test_quantize_ops_a_rewrite_writes_are_not_timed_its_kernels_and_copies_are(
     ]
 
 
-def test_a_float_side_slower_than_a_kernel_ever_is_timed_once() -> None:
+def test_a_kernel_beyond_the_fixed_cost_regime_is_kept_without_timing_the_float_side() -> None:
     calls: list[Side] = []
 
     def clock(side: Side, call: Callable[[], object]) -> float:
         calls.append(side)
-        return 1.0 if side == "float" else 1e-5
+        return 1e-6 if side == "float" else 2 * costcheck.MAX_KERNEL_SECONDS
 
     check = CostCheck("measure", CostStats(), clock=clock)
     timing = check._measure([lambda: None], [lambda: None])
-    assert calls == ["float", "kernel"] and not timing.float_is_faster
+    assert calls == ["kernel"] and not timing.float_is_faster
+    assert "float not timed" in timing.describe()
+    # Timed anyway, such a kernel would not lose to a float side 100x faster.
+    assert not Timing(1e-6, 2 * costcheck.MAX_KERNEL_SECONDS).float_is_faster
 
 
 def test_sides_close_together_are_timed_again_and_the_fastest_calls_count() -> None:
-    times = iter([3e-5, 4e-5, 1e-5, 5e-5] + [6e-5, 6e-5] * 10)
+    # kernel first, then float; then the rounds, float before kernel
+    times = iter([4e-5, 3e-5, 1e-5, 5e-5] + [6e-5, 6e-5] * 10)
 
     def clock(side: Side, call: Callable[[], object]) -> float:
         return next(times)
