@@ -11,13 +11,13 @@ sides of each fusion that would call a kernel, once per kernel *signature* (as t
 caches verdicts: shapes, dtypes, geometry, post-op; not weight values) and thread count, and
 refuses the fusion (:class:`~qalgebra.errors.Refusal`, cause ``"cost"``) when the float side
 is faster by :data:`MARGIN` and :data:`MIN_GAIN_SECONDS` a call -- for kernels in the
-fixed-cost regime only (:data:`MAX_KERNEL_SECONDS`).
+fixed-cost regime only (:data:`MAX_FLOPS`).
 
 What is timed: the match's float compute ops (:data:`FLOAT_COMPUTE`: convolution, matmuls) on
 the match's own values, against the ops the rewrite wrote (the kernel calls, and the copy of
 an accumulator an in-place sum needs), on theirs -- random inputs of the real shapes
-(:mod:`qalgebra.trial`), at the caller's thread count, after a warm-up call: the kernel once
-first (a longer one is kept untimed further), both once when the sides are
+(:mod:`qalgebra.trial`), at the caller's thread count, after a warm-up call (the float side's
+counts its operations: a larger layer is not timed), both once when the sides are
 :data:`CLEAR_RATIO` apart, else alternating, the fastest of :data:`REPEATS`.
 Quantize/dequantize ops are left out on both sides (Inductor compiles them into the C++
 kernels around the layer either way); the float op runs eagerly, without the weight
@@ -69,7 +69,7 @@ __all__ = [
     "CLEAR_RATIO",
     "FLOAT_COMPUTE",
     "MARGIN",
-    "MAX_KERNEL_SECONDS",
+    "MAX_FLOPS",
     "MIN_GAIN_SECONDS",
     "MODES",
     "REPEATS",
@@ -119,13 +119,16 @@ MIN_GAIN_SECONDS = 10e-6
 REPEATS = 7
 #: A first timed call this many times faster on one side decides at once.
 CLEAR_RATIO = 3.0
-#: The float side is considered only for kernel calls at most this long: where a call's fixed
-#: cost decides. Beyond it, timing one op alone does not predict the compiled model: a layer
-#: left float also moves fp32 activations through the quantize/dequantize kernels around it and
-#: may change their layout (measured: MobileNet-V2 with the layers whose kernels took 185 us to
-#: 5.5 ms, and whose float op timed 1.3-1.7x faster, left float ran 1.12x (batch 1) and 1.39x
-#: (batch 8) as long as with every layer fused). Longer kernels are timed once, and kept.
-MAX_KERNEL_SECONDS = 100e-6
+#: The float side is considered only for layers of at most this many floating-point operations
+#: (2 per multiply-add; counted by ``torch.utils.flop_counter``): where a call's fixed cost
+#: decides. Beyond it, timing one op alone does not predict the compiled model: a layer left
+#: float also moves fp32 activations through the quantize/dequantize kernels around it and may
+#: change their layout (measured: MobileNet-V2 with the layers whose kernels took 185 us to
+#: 5.5 ms, 20 MFLOPs and more, and whose float op timed 1.3-1.7x faster, left float ran 1.12x
+#: (batch 1) and 1.39x (batch 8) as long as with every layer fused). A count, not a time: a
+#: bound on the kernel's time, tried first, moved with the load of the compile it runs in
+#: (``ffn_stack(8, 3d)``'s 0.26 MFLOP linears timed over 100 us there, 60 us alone).
+MAX_FLOPS = 4_000_000
 
 Side: TypeAlias = Literal["float", "kernel"]
 Clock: TypeAlias = Callable[[Side, Callable[[], object]], float]
@@ -167,8 +170,7 @@ class Timing:
     def float_is_faster(self) -> bool:
         """Whether the float side wins by :data:`MARGIN` and :data:`MIN_GAIN_SECONDS`."""
         return (
-            self.kernel_seconds <= MAX_KERNEL_SECONDS
-            and self.float_seconds * MARGIN < self.kernel_seconds
+            self.float_seconds * MARGIN < self.kernel_seconds
             and self.kernel_seconds - self.float_seconds >= MIN_GAIN_SECONDS
         )
 
@@ -178,12 +180,12 @@ class Timing:
         return high >= CLEAR_RATIO * low
 
     def describe(self) -> str:
-        float_side = (
-            "not timed"
-            if math.isinf(self.float_seconds)
-            else (f"{self.float_seconds * 1e6:.1f} us")
+        if math.isinf(self.float_seconds):
+            return f"not timed: over {MAX_FLOPS / 1e6:g} MFLOPs, the kernel's fixed cost is small"
+        return (
+            f"float {self.float_seconds * 1e6:.1f} us against the fused kernel's "
+            f"{self.kernel_seconds * 1e6:.1f} us"
         )
-        return f"float {float_side} against the fused kernel's {self.kernel_seconds * 1e6:.1f} us"
 
 
 _TIMINGS: dict[Hashable, Timing] = {}
@@ -278,14 +280,11 @@ class CostCheck:
             return sum(self.clock(side, call) for call in calls)
 
         with _threads(self.threads), torch.no_grad():
+            if _flops(float_side) > MAX_FLOPS:  # also the float side's warm-up call
+                return Timing(math.inf, math.inf)  # beyond the fixed-cost regime: not timed
             for call in kernel_side:
                 call()  # untimed: a kernel's first call creates its primitive
-            kernel = total("kernel", kernel_side)
-            if kernel > MAX_KERNEL_SECONDS:
-                return Timing(math.inf, kernel)  # the float side is not timed
-            for call in float_side:
-                call()
-            first = Timing(total("float", float_side), kernel)
+            first = Timing(total("float", float_side), total("kernel", kernel_side))
             if first.clear():
                 return first
             best_float, best_kernel = first.float_seconds, first.kernel_seconds
@@ -293,6 +292,16 @@ class CostCheck:
                 best_float = min(best_float, total("float", float_side))
                 best_kernel = min(best_kernel, total("kernel", kernel_side))
         return Timing(best_float, best_kernel)
+
+
+def _flops(calls: Sequence[Callable[[], object]]) -> int:
+    """The floating-point operations of one run of ``calls`` (which runs them)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        for call in calls:
+            call()
+    return int(counter.get_total_flops())
 
 
 def _timed(node: fx.Node) -> bool:
