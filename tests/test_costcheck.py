@@ -9,6 +9,7 @@ timing it measured.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 import torch
@@ -45,6 +46,16 @@ def slow(loser: Side) -> Callable[[Side, Callable[[], object]], float]:
     return clock
 
 
+#: Small registry models with convs, a binary conv and 3-D linears.
+MODELS = ("conv2d_relu", "ffn_stack_2_3d", "resnet_like_2")
+
+
+def quantized(name: str) -> tuple[torch.fx.GraphModule, tuple[torch.Tensor, ...]]:
+    """The registry model ``name`` quantized, and its inputs."""
+    model, inputs = build(name)
+    return quantize_pt2e(model, inputs), inputs
+
+
 def fused(fired: dict[str, int]) -> int:
     return sum(fired.get(name, 0) for name in FAMILIES)
 
@@ -56,13 +67,12 @@ def run(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> torch.Tens
     return out
 
 
-@pytest.mark.parametrize("name", ["conv2d_relu", "ffn_stack_2_3d", "resnet_like_2"])
+@pytest.mark.parametrize("name", MODELS)
 def test_where_float_is_faster_every_layer_stays_float_with_the_reference_values(
     name: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(costcheck, "wall_clock", slow("kernel"))
-    model, inputs = build(name)
-    gm = quantize_pt2e(model, inputs)
+    gm, inputs = quantized(name)
     lowered, report = lower_with_report(gm, inputs, cost="measure")
     assert fused(report.fired) == 0, report.summary()
     by_cost = [r for r in report.refused if r.cause == "cost"]
@@ -71,13 +81,12 @@ def test_where_float_is_faster_every_layer_stays_float_with_the_reference_values
     assert_outputs_close(run(gm, inputs), run(lowered, inputs), quant_step=None, rtol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["conv2d_relu", "ffn_stack_2_3d", "resnet_like_2"])
+@pytest.mark.parametrize("name", MODELS)
 def test_where_the_kernel_is_faster_the_lowering_is_what_it_is_without_the_check(
     name: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(costcheck, "wall_clock", slow("float"))
-    model, inputs = build(name)
-    gm = quantize_pt2e(model, inputs)
+    gm, inputs = quantized(name)
     _, measured = lower_with_report(gm, inputs, cost="measure")
     _, unchecked = lower_with_report(gm, inputs)
     assert dict(measured.fired) == dict(unchecked.fired) and fused(measured.fired) > 0
@@ -96,8 +105,7 @@ def test_a_signature_is_timed_once_then_served_from_the_cache(
         return slow("float")(side, call)
 
     monkeypatch.setattr(costcheck, "wall_clock", counting)
-    model, inputs = build("ffn_stack_2_3d")
-    gm = quantize_pt2e(model, inputs)
+    gm, inputs = quantized("ffn_stack_2_3d")
     _, first = lower_with_report(gm, inputs, cost="measure")
     timed = len(calls)
     _, second = lower_with_report(gm, inputs, cost="measure")
@@ -180,8 +188,7 @@ def test_on_the_real_clock_the_decision_follows_the_timing_measured(
         return timing
 
     monkeypatch.setattr(CostCheck, "_measure", recording)
-    model, inputs = build("ffn_stack_2_3d")
-    gm = quantize_pt2e(model, inputs)
+    gm, inputs = quantized("ffn_stack_2_3d")
     lowered, report = lower_with_report(gm, inputs, cost="measure")
     assert seen and all(t.float_seconds > 0 and t.kernel_seconds > 0 for t in seen)
     assert report.cost.measured == len(seen)
@@ -195,10 +202,10 @@ def test_on_the_real_clock_the_decision_follows_the_timing_measured(
 
 
 def test_an_unknown_cost_mode_is_a_clear_error() -> None:
-    model, inputs = build("conv2d_relu")
-    gm = quantize_pt2e(model, inputs)
+    gm, inputs = quantized("conv2d_relu")
+    unknown: Any = "fast"  # what an untyped caller might pass
     with pytest.raises(LoweringError, match="cost must be one of"):
-        lower_with_report(gm, inputs, cost="fast")  # type: ignore[arg-type]
+        lower_with_report(gm, inputs, cost=unknown)
     with pytest.raises(UnsupportedGraphError, match=COST_OPTION):
         backend(gm, list(inputs), options={COST_OPTION: "fast"})
 
@@ -208,8 +215,7 @@ def test_under_compile_a_layer_left_float_computes_the_reference(
 ) -> None:
     torch._dynamo.reset()
     monkeypatch.setattr(costcheck, "wall_clock", slow("kernel"))
-    model, inputs = build("ffn_stack_2_3d")
-    gm = quantize_pt2e(model, inputs)
+    gm, inputs = quantized("ffn_stack_2_3d")
     compiled = compile(gm, inputs)  # cost="measure" is the default under compile
     (report,) = compiled.reports
     assert fused(report.lowering.fired) == 0
