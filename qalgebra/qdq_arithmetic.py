@@ -23,6 +23,7 @@ quantization patterns, which match the ops only, leave alone what qalgebra left 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -60,6 +61,7 @@ def respell_as_arithmetic(
     *,
     single_clamp: bool = False,
     drop_zero_zp: bool = True,
+    qparam: Callable[[float, torch.dtype], Any] | None = None,
 ) -> fx.Node:
     """Insert the arithmetic ``node`` computes before it; return the node holding the result.
 
@@ -67,22 +69,28 @@ def respell_as_arithmetic(
     bf16/fp16 quantize input is converted to fp32 first, as the op does). ``single_clamp``
     writes one ``clamp(_, qmin, qmax)`` instead of ``clamp_min`` then ``clamp_max``;
     ``drop_zero_zp`` leaves out the ``add``/``sub`` of a zero point 0 (the spelling that made
-    Inductor miss fusions). ``node`` itself is left in place for the caller to replace.
+    Inductor miss fusions). ``qparam(value, dtype)`` gives the argument that carries a scale
+    (its reciprocal, for a quantize) or zero point into arithmetic run in ``dtype``; by default
+    the number itself. ``node`` itself is left in place for the caller to replace.
     """
     if node.op != "call_function" or node.target not in RESPELLABLE:
         raise ValueError(f"{node.name}: not a per-tensor quantize/dequantize: {node.target}")
     graph = node.graph
     b = bound_args(node)
     scale, zp = float(b["scale"]), int(b["zero_point"])
+
+    def operand(value: float, dtype: torch.dtype) -> Any:
+        return value if qparam is None else qparam(value, dtype)
+
     with graph.inserting_before(node):
         if node.target is qd.quantize_per_tensor.default:
             x = b["input"]
             if input_dtype in (torch.bfloat16, torch.float16):
                 x = graph.call_function(prims.convert_element_type.default, (x, torch.float32))
-            y = graph.call_function(aten.mul.Tensor, (x, 1.0 / scale))
+            y = graph.call_function(aten.mul.Tensor, (x, operand(1.0 / scale, torch.float32)))
             y = graph.call_function(aten.round.default, (y,))
             if zp != 0 or not drop_zero_zp:
-                y = graph.call_function(aten.add.Tensor, (y, zp))
+                y = graph.call_function(aten.add.Tensor, (y, operand(zp, torch.float32)))
             if single_clamp:
                 y = graph.call_function(aten.clamp.default, (y, b["quant_min"], b["quant_max"]))
             else:
@@ -92,5 +100,5 @@ def respell_as_arithmetic(
         out_dtype = b.get("out_dtype") or torch.float32
         y = graph.call_function(prims.convert_element_type.default, (b["input"], out_dtype))
         if zp != 0 or not drop_zero_zp:
-            y = graph.call_function(aten.sub.Tensor, (y, zp))
-        return graph.call_function(aten.mul.Tensor, (y, scale))
+            y = graph.call_function(aten.sub.Tensor, (y, operand(zp, out_dtype)))
+        return graph.call_function(aten.mul.Tensor, (y, operand(scale, out_dtype)))

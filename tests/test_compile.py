@@ -33,7 +33,7 @@ from qalgebra.compile import (
 )
 from qalgebra.errors import LoweringError
 from qalgebra.fusions.conv import QCONV
-from qalgebra.inductor_prep import decompose, functional_clamps, respell_unfused
+from qalgebra.inductor_prep import decompose, fetch, functional_clamps, respell_unfused
 from qalgebra.lower import LoweringReport, lower_with_report
 from qalgebra.testing.forms import to_decomposed, to_tensor_qparams
 from qalgebra.testing.models import build
@@ -103,6 +103,51 @@ def test_respelled_quant_nodes_compute_the_same_values_with_no_quant_op_left(for
     ]
     assert hidden and not left, (hidden, left)
     assert torch.equal(run(respelled, inputs), run(gm, inputs))  # bit-exact: same arithmetic
+
+
+def test_respelled_qparams_are_tensor_constants_where_inductor_would_write_numbers() -> None:
+    """fp32 arithmetic on a tensor of rank 2 or more reads its scale and zero point from
+    shared (1,)*rank constants (so C++ kernels differing only in qparams have one source);
+    a 1-d input and a bf16 dequantize keep numbers (broadcasting would change the shape, a
+    tensor operand the dtype); the values are the op's, bit for bit."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    qd = torch.ops.quantized_decomposed
+
+    def model(x4: torch.Tensor, x1: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        outs = []
+        for x in (x4, x1):
+            q = qd.quantize_per_tensor.default(x, 0.02, 3, 0, 255, torch.uint8)
+            outs.append(qd.dequantize_per_tensor.default(q, 0.02, 3, 0, 255, torch.uint8))
+        q = qd.quantize_per_tensor.default(x4, 0.02, 3, 0, 255, torch.uint8)
+        outs.append(
+            qd.dequantize_per_tensor.default(
+                q, 0.02, 3, 0, 255, torch.uint8, out_dtype=torch.bfloat16
+            )
+        )
+        return tuple(outs)
+
+    inputs = (torch.randn(2, 3, 4, 5) * 3, torch.randn(7) * 3)
+    gm = make_fx(model, tracing_mode="fake")(*inputs)  # fake meta vals, as under compile
+    expected = model(*inputs)
+    respell_unfused(gm)
+    constants = {
+        str(n.target): fetch(gm, str(n.target)) for n in gm.graph.find_nodes(op="get_attr")
+    }
+    assert sorted(float(c) for c in constants.values()) == pytest.approx(sorted([0.02, 3.0, 50.0]))
+    assert {c.shape for c in constants.values()} == {(1, 1, 1, 1)}
+    assert {c.dtype for c in constants.values()} == {torch.float32}
+    numbers = [
+        a
+        for n in gm.graph.nodes
+        if n.target in (aten.mul.Tensor, aten.add.Tensor, aten.sub.Tensor)
+        for a in n.args[1:]
+        if isinstance(a, float | int)
+    ]
+    assert sorted(numbers) == pytest.approx(sorted([50.0, 3, 3, 0.02, 3, 0.02]))
+    for got, want in zip(gm(*inputs), expected, strict=True):
+        assert got.shape == want.shape and got.dtype == want.dtype
+        assert torch.equal(got, want)
 
 
 def test_leftover_post_ops_are_decomposed_by_inductors_table() -> None:

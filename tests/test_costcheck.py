@@ -223,3 +223,35 @@ def test_under_compile_a_layer_left_float_computes_the_reference(
     assert report.inductor_quant_fusions == {}  # nor did Inductor's patterns fuse them
     assert_outputs_close(run(gm, inputs), run(compiled, inputs), quant_step=None, rtol=1e-5)
     torch._dynamo.reset()
+
+
+def test_layers_left_float_that_differ_only_in_qparams_share_their_cpp_kernels(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Every FFN of a stack has the same shapes and its own scales. Read from tensor constants
+    rather than written into the C++ source, the scales no longer make each FFN's kernels new
+    sources: eight FFNs left float compile fewer kernels than there are FFNs (each FFN brought
+    two or more of its own before), and the numbers stay the reference's."""
+    from torch._inductor.utils import run_and_get_code
+
+    from qalgebra.ops import quantized_decomposed as qd
+    from qalgebra.testing.models import ffn_stack
+
+    monkeypatch.setattr(costcheck, "wall_clock", slow("kernel"))
+    torch._dynamo.reset()
+    model, inputs = ffn_stack(8, True)()
+    gm = quantize_pt2e(model, inputs)
+    compiled, sources = run_and_get_code(lambda: compile(gm, inputs))
+    (report,) = compiled.reports
+    assert fused(report.lowering.fired) == 0  # every linear left float
+    assert_outputs_close(run(gm, inputs), run(compiled, inputs), quant_step=None, rtol=1e-5)
+    kernels = sum(source.count("async_compile.cpp_pybinding(") for source in sources)
+    assert 0 < kernels < 8
+    scales = {
+        float(n.args[1])
+        for n in gm.graph.find_nodes(op="call_function", target=qd.quantize_per_tensor.default)
+    }
+    assert len(scales) > 8
+    written = {s for s in scales if any(repr(v) in "".join(sources) for v in (s, 1.0 / s))}
+    assert written == set()
+    torch._dynamo.reset()
