@@ -37,6 +37,7 @@ from qalgebra.costcheck import CostMode
 from qalgebra.errors import LoweringError
 from qalgebra.fusions import Fusion
 from qalgebra.inductor_prep import (
+    convolutions_as_timed,
     decompose,
     fetch,
     fresh_name,
@@ -159,6 +160,7 @@ class CatalogPass(CustomGraphPass):
             )
             hidden = respell_unfused(lowered)
             functional_clamps(lowered.graph)
+            convolutions_as_timed(lowered.graph)
         propagate_vals(lowered)  # under the compile's fake mode, as the rest
         decompose(lowered.graph)
         _transplant(graph, lowered)

@@ -66,6 +66,7 @@ from qalgebra.trial import (
 )
 
 __all__ = [
+    "AS_TIMED_KEY",
     "CLEAR_RATIO",
     "FLOAT_COMPUTE",
     "MARGIN",
@@ -104,6 +105,13 @@ FLOAT_COMPUTE: frozenset[Any] = frozenset(
         aten.matmul.default,
     }
 )
+
+#: ``node.meta`` key set on the convolutions of a match left float: compiled, they must run the
+#: call that was timed (ATen's own convolution, which picks its algorithm by shape: at batch 1
+#: and few channels a direct convolution) rather than the oneDNN call Inductor's freezing
+#: would prepack a constant weight for (``resnet_like(8)``'s 16-channel convs at batch 1: 29-46
+#: us direct, 60-120 us prepacked). :func:`qalgebra.inductor_prep.convolutions_as_timed` reads it.
+AS_TIMED_KEY = "qalgebra_float_as_timed"
 
 #: The float side must be this many times faster to be chosen ...
 MARGIN = 1.25
@@ -241,6 +249,8 @@ class CostCheck:
             self.stats.seconds += time.perf_counter() - start
         if timing.float_is_faster:
             self.stats.refused += 1
+            for anchor in anchors:
+                anchor.meta[AS_TIMED_KEY] = True
             raise Refusal(
                 f"cost: faster in float here ({timing.describe()}, {self.threads} thread(s))",
                 cause="cost",

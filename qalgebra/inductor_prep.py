@@ -33,6 +33,7 @@ import torch
 from torch import fx
 from torch._guards import detect_fake_mode
 
+from qalgebra.costcheck import AS_TIMED_KEY
 from qalgebra.match import node_dtype
 from qalgebra.ops import quantized_decomposed as qd
 from qalgebra.qdq_arithmetic import RESPELLABLE, bound_args, respell_as_arithmetic
@@ -43,6 +44,7 @@ __all__ = [
     "VECTOR_POOL_CHANNELS",
     "TensorQparams",
     "compile_decompositions",
+    "convolutions_as_timed",
     "decompose",
     "fetch",
     "fresh_name",
@@ -258,6 +260,29 @@ def functional_clamps(graph: fx.Graph) -> int:
         if functional is None or not isinstance(source, fx.Node) or len(source.users) != 1:
             continue
         node.target = functional
+        count += 1
+    return count
+
+
+def convolutions_as_timed(graph: fx.Graph) -> int:
+    """Each convolution the cost check left float becomes ``aten._convolution``; returns how many.
+
+    Inductor lowers ``_convolution`` to the same ATen call as ``convolution``, but its freezing
+    passes only prepack ``convolution`` nodes for oneDNN: so the layer runs the call the cost
+    check timed (:data:`qalgebra.costcheck.AS_TIMED_KEY`).
+    """
+    count = 0
+    for node in graph.find_nodes(op="call_function", target=aten.convolution.default):
+        if not node.meta.get(AS_TIMED_KEY) or node.kwargs or len(node.args) != 9:
+            continue
+        with graph.inserting_before(node):
+            # benchmark, deterministic, cudnn_enabled, allow_tf32: inert on CPU
+            timed = graph.call_function(
+                aten._convolution.default, (*node.args, False, False, True, True)
+            )
+        timed.meta = {k: v for k, v in node.meta.items() if k != TRACED_KEY}
+        node.replace_all_uses_with(timed)
+        graph.erase_node(node)
         count += 1
     return count
 

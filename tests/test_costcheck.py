@@ -255,3 +255,24 @@ def test_layers_left_float_that_differ_only_in_qparams_share_their_cpp_kernels(
     written = {s for s in scales if any(repr(v) in "".join(sources) for v in (s, 1.0 / s))}
     assert written == set()
     torch._dynamo.reset()
+
+
+def test_a_conv_left_float_runs_atens_convolution_as_timed_not_a_prepacked_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The check timed ATen's convolution (which picks its algorithm by shape); compiled, the
+    layer calls it too, rather than the oneDNN convolution Inductor's freezing prepacks a
+    constant weight for."""
+    from torch._inductor.utils import run_and_get_code
+
+    monkeypatch.setattr(costcheck, "wall_clock", slow("kernel"))
+    torch._dynamo.reset()
+    gm, inputs = quantized("conv2d_relu")
+    compiled, sources = run_and_get_code(lambda: compile(gm, inputs))
+    (report,) = compiled.reports
+    assert fused(report.lowering.fired) == 0
+    code = "".join(sources)
+    assert "extern_kernels.convolution(" in code
+    assert "_convolution_pointwise" not in code
+    assert_outputs_close(run(gm, inputs), run(compiled, inputs), quant_step=None, rtol=1e-5)
+    torch._dynamo.reset()
