@@ -276,3 +276,48 @@ def test_a_conv_left_float_runs_atens_convolution_as_timed_not_a_prepacked_one(
     assert "_convolution_pointwise" not in code
     assert_outputs_close(run(gm, inputs), run(compiled, inputs), quant_step=None, rtol=1e-5)
     torch._dynamo.reset()
+
+
+def test_a_layers_flops_are_counted_from_the_shapes_it_carries_without_computing() -> None:
+    graph = torch.fx.Graph()
+    a, b = graph.placeholder("a"), graph.placeholder("b")
+    mm = graph.call_function(torch.ops.aten.mm.default, (a, b))
+    a.meta["val"] = torch.empty(128, 256, device="meta")
+    b.meta["val"] = torch.empty(256, 128, device="meta")
+    assert costcheck._counted_flops([mm], torch.nn.Module()) == 2 * 128 * 256 * 128
+    del b.meta["val"]  # an unknown shape: the timing counts on real values instead
+    assert costcheck._counted_flops([mm], torch.nn.Module()) is None
+
+
+def test_under_compile_a_large_layer_is_decided_without_inputs_or_timing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A 75 MFLOP conv: its shapes say it is beyond the fixed-cost regime, so the check makes
+    no random inputs and times nothing; the conv is fused."""
+    from qalgebra.trial import random_inputs as real_inputs
+
+    made: list[object] = []
+
+    def counting_inputs(*args: Any) -> Any:
+        made.append(args)
+        return real_inputs(*args)
+
+    clocked: list[Side] = []
+
+    def clock(side: Side, call: Callable[[], object]) -> float:
+        clocked.append(side)
+        return 1.0 if side == "kernel" else 1e-9  # float would win if it were timed
+
+    monkeypatch.setattr(costcheck, "random_inputs", counting_inputs)
+    monkeypatch.setattr(costcheck, "wall_clock", clock)
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(64, 64, 3, padding=1), torch.nn.ReLU()).eval()
+    inputs = (torch.randn(1, 64, 32, 32),)
+    gm = quantize_pt2e(model, inputs)
+    compiled = compile(gm, inputs)
+    (report,) = compiled.reports
+    assert fused(report.lowering.fired) == 1
+    assert report.lowering.cost.measured == 1
+    assert made == [] and clocked == []
+    torch._dynamo.reset()
