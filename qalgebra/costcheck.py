@@ -17,7 +17,8 @@ What is timed: the match's float compute ops (:data:`FLOAT_COMPUTE`: convolution
 the match's own values, against the ops the rewrite wrote (the kernel calls, and the copy of
 an accumulator an in-place sum needs), on theirs -- random inputs of the real shapes
 (:mod:`qalgebra.trial`), at the caller's thread count, after a warm-up call (the float side's
-counts its operations: a larger layer is not timed), both once when the sides are
+counts its operations: a larger layer is not timed; under compile the shapes the nodes carry
+count them first, and a larger layer gets no inputs at all), both once when the sides are
 :data:`CLEAR_RATIO` apart, else alternating, the fastest of :data:`REPEATS`.
 Quantize/dequantize ops are left out on both sides (Inductor compiles them into the C++
 kernels around the layer either way); the float op runs eagerly, without the weight
