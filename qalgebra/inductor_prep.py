@@ -197,12 +197,12 @@ class TensorQparams:
         self.gm = gm
         self._made: dict[tuple[float, int], fx.Node] = {}
 
-    def for_input(self, source: object) -> Callable[[float, torch.dtype], Any]:
+    def for_input(self, source: object) -> Callable[[float, torch.dtype], float | fx.Node]:
         """The ``qparam`` hook of :func:`respell_as_arithmetic` for arithmetic on ``source``."""
         val = source.meta.get("val") if isinstance(source, fx.Node) else None
         rank = val.dim() if isinstance(val, torch.Tensor) else 0
 
-        def qparam(value: float, dtype: torch.dtype) -> Any:
+        def qparam(value: float, dtype: torch.dtype) -> float | fx.Node:
             if rank < 2 or dtype != torch.float32:
                 return value
             return self.constant(float(value), rank)

@@ -61,7 +61,7 @@ def respell_as_arithmetic(
     *,
     single_clamp: bool = False,
     drop_zero_zp: bool = True,
-    qparam: Callable[[float, torch.dtype], Any] | None = None,
+    qparam: Callable[[float, torch.dtype], float | fx.Node] | None = None,
 ) -> fx.Node:
     """Insert the arithmetic ``node`` computes before it; return the node holding the result.
 
@@ -79,7 +79,7 @@ def respell_as_arithmetic(
     b = bound_args(node)
     scale, zp = float(b["scale"]), int(b["zero_point"])
 
-    def operand(value: float, dtype: torch.dtype) -> Any:
+    def operand(value: float, dtype: torch.dtype) -> float | fx.Node:
         return value if qparam is None else qparam(value, dtype)
 
     with graph.inserting_before(node):
