@@ -117,12 +117,13 @@ AS_TIMED_KEY = "qalgebra_float_as_timed"
 
 #: The float side must be this many times faster to be chosen ...
 MARGIN = 1.25
-#: ... and faster by this much a call. A layer left float costs the compile a generated C++
-#: kernel for the quantize/dequantize arithmetic around it (0.3-0.6 s of compile each on the
-#: 2-core machine measured: ``ffn_stack(8, 3d)`` all float compiled in 10.9 s, all fused in
-#: 5.4 s), and a few microseconds is within what the eager timing cannot tell apart from how
-#: Inductor runs the float op (``resnet_like(8)``'s 16x32x32 convs at batch 1: the float conv
-#: 70-90 us timed alone, 52 us as Inductor's ATen call, 76 us as its prepacked oneDNN call).
+#: ... and faster by this much a call. A layer left float costs the compile the C++ kernels
+#: for the quantize/dequantize arithmetic around it (0.3-0.6 s of compile each on the 2-core
+#: machine measured, before layers differing only in qparams shared them:
+#: ``ffn_stack(8, 3d)`` all float compiled in 10.9 s, all fused in 5.4 s; shared, 4.4-5.3 s),
+#: and a few microseconds is within what the eager timing cannot tell apart from how Inductor
+#: runs the float op (``resnet_like(8)``'s 16x32x32 convs at batch 1: the float conv 70-90 us
+#: timed alone, 52 us as Inductor's ATen call inside the compiled model).
 MIN_GAIN_SECONDS = 10e-6
 #: Timed calls of each side (the fastest counts), after one warm-up call, when the first
 #: timed call is not :data:`CLEAR_RATIO` apart.

@@ -43,6 +43,7 @@ __all__ = [
     "TRACED_KEY",
     "VECTOR_POOL_CHANNELS",
     "TensorQparams",
+    "add_constant",
     "compile_decompositions",
     "convolutions_as_timed",
     "decompose",
@@ -176,6 +177,8 @@ def _respelled(node: fx.Node, gm: fx.GraphModule, constants: TensorQparams) -> f
     input_dtype = node_dtype(source) if isinstance(source, fx.Node) else None
     if input_dtype is None:
         return None  # a bf16 quantize input must be converted first: the dtype must be known
+    # a zero point of 0 keeps its add/sub: the arithmetic, hence the C++ kernel, is then the
+    # same whatever the zero point, and a tensor constant 0 costs one vector add
     return respell_as_arithmetic(
         node, input_dtype, drop_zero_zp=False, qparam=constants.for_input(source)
     )
@@ -214,12 +217,9 @@ class TensorQparams:
         made = self._made.get((value, rank))
         if made is not None:
             return made
-        name = fresh_name(self.gm, "_qalgebra_qparam_")
-        setattr(self.gm, name, torch.full((1,) * rank, value, dtype=torch.float32))
-        graph = self.gm.graph
-        first = next(n for n in graph.nodes if n.op != "placeholder")
-        with graph.inserting_before(first):
-            node = graph.create_node("get_attr", name)
+        first = next(n for n in self.gm.graph.nodes if n.op != "placeholder")
+        constant = torch.full((1,) * rank, value, dtype=torch.float32)
+        node = add_constant(self.gm, "_qalgebra_qparam_", constant, before=first)
         self._made[(value, rank)] = node
         return node
 
@@ -241,9 +241,14 @@ def _folded_dequantize_per_channel(node: fx.Node, gm: fx.GraphModule) -> fx.Node
         b["dtype"],
         out_dtype=b["out_dtype"],
     )
-    name = fresh_name(gm, "_qalgebra_dequantized_")
+    return add_constant(gm, "_qalgebra_dequantized_", value, before=node)
+
+
+def add_constant(gm: fx.GraphModule, stem: str, value: torch.Tensor, *, before: fx.Node) -> fx.Node:
+    """A ``get_attr`` node, before ``before``, of ``value`` set on ``gm`` under a fresh name."""
+    name = fresh_name(gm, stem)
     setattr(gm, name, value)
-    with gm.graph.inserting_before(node):
+    with gm.graph.inserting_before(before):
         return gm.graph.create_node("get_attr", name)
 
 

@@ -1,5 +1,5 @@
-"""Test-wide configuration: the Hypothesis profiles, and the ``one_thread``, ``pairs_saturate``
-and ``onednn_bf16`` fixtures.
+"""Test-wide configuration: the Hypothesis profiles, and the ``one_thread``, ``fresh_dynamo``,
+``pairs_saturate`` and ``onednn_bf16`` fixtures.
 
 ``QALGEBRA_HYPOTHESIS_PROFILE`` picks one (an unknown name is an error); without it the profile is
 ``ci`` when the ``CI`` variable is set, else ``dev``:
@@ -72,6 +72,15 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def fresh_dynamo() -> Iterator[None]:
+    """For a test that compiles its own module: drop what dynamo cached for earlier ones,
+    before and after."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
 
 
 @pytest.fixture(params=[True, False], ids=["saturating", "vnni"])

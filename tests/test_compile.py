@@ -14,7 +14,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import os
-from collections.abc import Iterator
 from importlib.metadata import entry_points
 
 import pytest
@@ -43,15 +42,7 @@ from qalgebra.testing.quantize import quantize_pt2e
 aten = torch.ops.aten
 FAMILIES = ("qconv", "qconv_binary", "qlinear", "qlinear_binary")
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(autouse=True)
-def fresh_dynamo() -> Iterator[None]:
-    """Each test compiles its own module; drop what dynamo cached for the earlier ones."""
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("one_thread", "fresh_dynamo")
 
 
 def the_step(gm: fx.GraphModule) -> float | None:

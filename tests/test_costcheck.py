@@ -210,10 +210,10 @@ def test_an_unknown_cost_mode_is_a_clear_error() -> None:
         backend(gm, list(inputs), options={COST_OPTION: "fast"})
 
 
+@pytest.mark.usefixtures("fresh_dynamo")
 def test_under_compile_a_layer_left_float_computes_the_reference(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    torch._dynamo.reset()
     monkeypatch.setattr(costcheck, "wall_clock", slow("kernel"))
     gm, inputs = quantized("ffn_stack_2_3d")
     compiled = compile(gm, inputs)  # cost="measure" is the default under compile
@@ -222,9 +222,9 @@ def test_under_compile_a_layer_left_float_computes_the_reference(
     assert {r.cause for r in report.lowering.refused} >= {"cost"}
     assert report.inductor_quant_fusions == {}  # nor did Inductor's patterns fuse them
     assert_outputs_close(run(gm, inputs), run(compiled, inputs), quant_step=None, rtol=1e-5)
-    torch._dynamo.reset()
 
 
+@pytest.mark.usefixtures("fresh_dynamo")
 def test_layers_left_float_that_differ_only_in_qparams_share_their_cpp_kernels(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -238,7 +238,6 @@ def test_layers_left_float_that_differ_only_in_qparams_share_their_cpp_kernels(
     from qalgebra.testing.models import ffn_stack
 
     monkeypatch.setattr(costcheck, "wall_clock", slow("kernel"))
-    torch._dynamo.reset()
     model, inputs = ffn_stack(8, True)()
     gm = quantize_pt2e(model, inputs)
     compiled, sources = run_and_get_code(lambda: compile(gm, inputs))
@@ -254,9 +253,9 @@ def test_layers_left_float_that_differ_only_in_qparams_share_their_cpp_kernels(
     assert len(scales) > 8
     written = {s for s in scales if any(repr(v) in "".join(sources) for v in (s, 1.0 / s))}
     assert written == set()
-    torch._dynamo.reset()
 
 
+@pytest.mark.usefixtures("fresh_dynamo")
 def test_a_conv_left_float_runs_atens_convolution_as_timed_not_a_prepacked_one(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -266,7 +265,6 @@ def test_a_conv_left_float_runs_atens_convolution_as_timed_not_a_prepacked_one(
     from torch._inductor.utils import run_and_get_code
 
     monkeypatch.setattr(costcheck, "wall_clock", slow("kernel"))
-    torch._dynamo.reset()
     gm, inputs = quantized("conv2d_relu")
     compiled, sources = run_and_get_code(lambda: compile(gm, inputs))
     (report,) = compiled.reports
@@ -275,7 +273,6 @@ def test_a_conv_left_float_runs_atens_convolution_as_timed_not_a_prepacked_one(
     assert "extern_kernels.convolution(" in code
     assert "_convolution_pointwise" not in code
     assert_outputs_close(run(gm, inputs), run(compiled, inputs), quant_step=None, rtol=1e-5)
-    torch._dynamo.reset()
 
 
 def test_a_layers_flops_are_counted_from_the_shapes_it_carries_without_computing() -> None:
@@ -289,6 +286,7 @@ def test_a_layers_flops_are_counted_from_the_shapes_it_carries_without_computing
     assert costcheck._counted_flops([mm], torch.nn.Module()) is None
 
 
+@pytest.mark.usefixtures("fresh_dynamo")
 def test_under_compile_a_large_layer_is_decided_without_inputs_or_timing(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -310,7 +308,6 @@ def test_under_compile_a_large_layer_is_decided_without_inputs_or_timing(
 
     monkeypatch.setattr(costcheck, "random_inputs", counting_inputs)
     monkeypatch.setattr(costcheck, "wall_clock", clock)
-    torch._dynamo.reset()
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(64, 64, 3, padding=1), torch.nn.ReLU()).eval()
     inputs = (torch.randn(1, 64, 32, 32),)
@@ -320,4 +317,3 @@ def test_under_compile_a_large_layer_is_decided_without_inputs_or_timing(
     assert fused(report.lowering.fired) == 1
     assert report.lowering.cost.measured == 1
     assert made == [] and clocked == []
-    torch._dynamo.reset()
