@@ -122,8 +122,8 @@ MARGIN = 1.25
 #: machine measured, before layers differing only in qparams shared them:
 #: ``ffn_stack(8, 3d)`` all float compiled in 10.9 s, all fused in 5.4 s; shared, 4.4-5.3 s),
 #: and a few microseconds is within what the eager timing cannot tell apart from how Inductor
-#: runs the float op (``resnet_like(8)``'s 16x32x32 convs at batch 1: the float conv 70-90 us
-#: timed alone, 52 us as Inductor's ATen call inside the compiled model).
+#: runs the float op (``resnet_like(8)``'s 16-channel 16x16 convs at batch 1: the float conv
+#: 44-47 us timed, 28-32 us as Inductor's ATen call inside the compiled model).
 MIN_GAIN_SECONDS = 10e-6
 #: Timed calls of each side (the fastest counts), after one warm-up call, when the first
 #: timed call is not :data:`CLEAR_RATIO` apart.
