@@ -278,8 +278,15 @@ def evaluate(
             raise Skip(f"cannot evaluate a {node.op} node")
 
 
-def bound_call(node: fx.Node, env: dict[fx.Node, object], module: Any) -> Callable[[], object]:
-    """A thunk calling ``node``'s op on its arguments' values in ``env`` (computed already)."""
+def bound_call(
+    node: fx.Node,
+    env: dict[fx.Node, object],
+    module: Any,
+    *,
+    call_as: Callable[..., object] | None = None,
+) -> Callable[[], object]:
+    """A thunk calling ``node``'s op on its arguments' values in ``env`` (computed already);
+    ``call_as``: another binding of the same op to call instead (the same arguments)."""
 
     def value(arg: fx.Node) -> object:
         if arg not in env:
@@ -292,7 +299,7 @@ def bound_call(node: fx.Node, env: dict[fx.Node, object], module: Any) -> Callab
         raise Skip(f"cannot call a {node.op} node")
     args = substitute(node.args, value, False)
     kwargs = {k: substitute(v, value, False) for k, v in node.kwargs.items()}
-    target = cast(Callable[..., object], node.target)
+    target = cast(Callable[..., object], node.target) if call_as is None else call_as
     return lambda: target(*args, **kwargs)
 
 

@@ -342,3 +342,47 @@ def test_under_compile_the_sides_are_timed_as_eager_code_runs_without_the_python
     assert report.lowering.cost.measured >= 1
     assert dispatcher_on and not any(dispatcher_on)
     assert fused(report.lowering.fired) == 0  # the forced clock still decides
+
+
+@pytest.mark.parametrize("op", sorted(costcheck.FLOAT_COMPUTE, key=str))
+def test_each_float_op_is_timed_through_a_binding_computing_the_same(op: Any) -> None:
+    """The float side is timed through the Python binding the compiled model calls; each must
+    take the graph's arguments as they are and compute what the graph's op computes."""
+    torch.manual_seed(0)
+    x4, w4, b = torch.randn(1, 8, 6, 6), torch.randn(4, 8, 3, 3), torch.randn(4)
+    a, m, bm = torch.randn(5, 8), torch.randn(8, 4), torch.randn(2, 5, 8)
+    args: dict[Any, tuple[object, ...]] = {
+        torch.ops.aten.convolution.default: (x4, w4, b, [1, 1], [1, 1], [1, 1], False, [0, 0], 1),
+        torch.ops.aten.conv1d.default: (x4[:, :, 0], w4[..., 0], b, [1], [1], [1], 1),
+        torch.ops.aten.conv2d.default: (x4, w4, b, [2, 2], [0, 0], [1, 1], 1),
+        torch.ops.aten.conv3d.default: (x4[:, :, None], w4[:, :, None], b, [1] * 3, [0, 1, 1]),
+        torch.ops.aten.linear.default: (a, m.t(), b),
+        torch.ops.aten.addmm.default: (b, a, m),
+        torch.ops.aten.mm.default: (a, m),
+        torch.ops.aten.bmm.default: (bm, torch.randn(2, 8, 3)),
+        torch.ops.aten.baddbmm.default: (torch.randn(2, 5, 3), bm, torch.randn(2, 8, 3)),
+        torch.ops.aten.matmul.default: (bm, m),
+    }
+    expected = op(*args[op])
+    assert costcheck.COMPILED_CALL[op] is not op
+    torch.testing.assert_close(costcheck.COMPILED_CALL[op](*args[op]), expected)
+
+
+@pytest.mark.usefixtures("fresh_dynamo")
+def test_under_compile_the_float_side_is_timed_through_the_binding_the_compiled_model_calls(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    calls: list[int] = []
+
+    def convolution(*args: Any, **kwargs: Any) -> object:
+        calls.append(1)
+        return torch.convolution(*args, **kwargs)
+
+    monkeypatch.setitem(costcheck.COMPILED_CALL, torch.ops.aten.convolution.default, convolution)
+    monkeypatch.setattr(costcheck, "wall_clock", slow("kernel"))
+    gm, inputs = quantized("conv2d_relu")
+    compiled = compile(gm, inputs)
+    (report,) = compiled.reports
+    assert report.lowering.cost.measured >= 1
+    assert calls  # the timed float side, not the graph's OpOverload
+    assert_outputs_close(run(gm, inputs), run(compiled, inputs), quant_step=None, rtol=1e-5)
