@@ -44,7 +44,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Callable, Hashable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, TypeAlias, get_args
 
@@ -102,7 +102,7 @@ aten = torch.ops.aten
 #: batch 1, one thread: 29-31 us against 34-37 us) -- at the size where the check decides, a
 #: sixth of the float side. The kernel side is timed through its ``OpOverload``, as the
 #: wrapper code calls it.
-COMPILED_CALL: dict[Any, Callable[..., object]] = {
+COMPILED_CALL: Mapping[Any, Callable[..., object]] = {
     aten.convolution.default: torch.convolution,
     aten.conv1d.default: torch.conv1d,
     aten.conv2d.default: torch.conv2d,
