@@ -15,8 +15,8 @@ fixed-cost regime only (:data:`MAX_FLOPS`).
 
 What is timed: the match's float compute ops (:data:`FLOAT_COMPUTE`: convolution, matmuls),
 called as the compiled model calls them (:data:`COMPILED_CALL`) on the match's own values,
-against the ops the rewrite wrote (the kernel calls, and the copy of
-an accumulator an in-place sum needs), on theirs -- random inputs of the real shapes
+against the ops the rewrite wrote (the kernel calls, and the copy of an accumulator an
+in-place sum needs), on theirs -- random inputs of the real shapes
 (:mod:`qalgebra.trial`), at the caller's thread count, after a warm-up call (the float side's
 counts its operations: a larger layer is not timed; under compile the shapes the nodes carry
 count them first, and a larger layer gets no inputs at all), both once when the sides are
