@@ -387,3 +387,25 @@ def test_under_compile_the_float_side_is_timed_through_the_binding_the_compiled_
     assert report.lowering.cost.measured >= 1
     assert calls  # the timed float side, not the graph's OpOverload
     assert_outputs_close(run(gm, inputs), run(compiled, inputs), quant_step=None, rtol=1e-5)
+
+
+def test_nothing_is_timed_while_probes_decide_for_another_cpu(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With a probe forced to another CPU's answer the lowering emits that CPU's kernels,
+    which this one may compute wrongly or crash on: the check neither runs nor refuses them.
+    Forced to this CPU's own answer, it times as usual (the same verdict on either CPU)."""
+    from qalgebra import isa
+
+    monkeypatch.setattr(costcheck, "wall_clock", slow("kernel"))
+    gm, inputs = quantized("conv2d_relu")  # fp32 and no binary conv: fused under either answer
+    other = not isa.measured("qconv_binary_emits_bf16")
+    with isa.forced(qconv_binary_emits_bf16=other):
+        _, report = lower_with_report(gm, inputs, cost="measure")
+    assert report.cost.measured == 0 and report.cost.refused == 0, report.summary()
+    assert list(report.cost.skipped) == ["probes forced to another CPU's answers"]
+    assert fused(report.fired) > 0
+    with isa.forced(qconv_binary_emits_bf16=not other):
+        _, report = lower_with_report(gm, inputs, cost="measure")
+    assert report.cost.measured > 0 and report.cost.refused > 0, report.summary()
+    assert fused(report.fired) == 0
