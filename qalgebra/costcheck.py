@@ -11,7 +11,7 @@ sides of each fusion that would call a kernel, once per kernel *signature* (as t
 caches verdicts: shapes, dtypes, geometry, post-op; not weight values) and thread count, and
 refuses the fusion (:class:`~qalgebra.errors.Refusal`, cause ``"cost"``) when the float side
 is faster by :data:`MARGIN` and :data:`MIN_GAIN_SECONDS` a call -- for kernels in the
-fixed-cost regime only (:data:`MAX_FLOPS`).
+fixed-cost regime only (:data:`MAX_FLOPS`, :data:`MAX_ACTIVATION`).
 
 What is timed: the match's float compute ops (:data:`FLOAT_COMPUTE`: convolution, matmuls),
 called as the compiled model calls them (:data:`COMPILED_CALL`) on the match's own values,
@@ -76,6 +76,7 @@ __all__ = [
     "COMPILED_CALL",
     "FLOAT_COMPUTE",
     "MARGIN",
+    "MAX_ACTIVATION",
     "MAX_FLOPS",
     "MIN_GAIN_SECONDS",
     "MODES",
@@ -149,6 +150,17 @@ CLEAR_RATIO = 3.0
 #: bound on the kernel's time, tried first, moved with the load of the compile it runs in
 #: (``ffn_stack(8, 3d)``'s 0.26 MFLOP linears timed over 100 us there, 60 us alone).
 MAX_FLOPS = 4_000_000
+#: Nor for layers whose largest activation -- the float op's non-constant input or its output
+#: -- has more elements than this. Left float, a layer reads and writes its activations as
+#: fp32 (4 bytes an element, against 1 for uint8) through quantize/dequantize kernels the
+#: timing leaves out, a kernel of its own where a fused neighbour reads the same input. Measured
+#: on the bench models: every layer whose float choice paid off under compile moves at most
+#: 2**15 (``ffn_stack(8, 3d)`` at batch 8, [8, 64, 64] in or out: 0.82x Inductor's runtime
+#: against 1.06x all fused; ``resnet_like(8)`` at batch 1, [1, 16, 32, 32]: 0.74x against
+#: 1.00x); those beyond did not: GoogLeNet's 1x1 reductions of [1, 480, 14, 14] and
+#: [1, 832, 7, 7] at batch 1, timed 1.7-3x faster in float, ran 1.002x left float against
+#: 0.979x fused, and cost 5 C++ kernels more to compile.
+MAX_ACTIVATION = 32_768
 
 Side: TypeAlias = Literal["float", "kernel"]
 Clock: TypeAlias = Callable[[Side, Callable[[], object]], float]
@@ -201,7 +213,10 @@ class Timing:
 
     def describe(self) -> str:
         if math.isinf(self.float_seconds):
-            return f"not timed: over {MAX_FLOPS / 1e6:g} MFLOPs, the kernel's fixed cost is small"
+            return (
+                f"not timed: over {MAX_FLOPS / 1e6:g} MFLOPs or {MAX_ACTIVATION} activation "
+                "elements, the kernel's fixed cost is small"
+            )
         return (
             f"float {self.float_seconds * 1e6:.1f} us against the fused kernel's "
             f"{self.kernel_seconds * 1e6:.1f} us"
@@ -277,7 +292,8 @@ class CostCheck:
         if cached is not None:
             self.stats.cached += 1
             return cached
-        if (_counted_flops(anchors, rw.module) or 0) > MAX_FLOPS:
+        counted = _counted_size(anchors, rw.module, self._constant)
+        if counted is not None and _beyond(*counted):
             timing = Timing(math.inf, math.inf)  # beyond the fixed-cost regime: nothing run
             self.stats.measured += 1
             _TIMINGS[key] = timing
@@ -294,7 +310,8 @@ class CostCheck:
                 for n in anchors
             ]
             kernel_side = [bound_call(n, kernel_env, rw.module) for n in ops.candidate if _timed(n)]
-            timing = self._measure(float_side, kernel_side)
+            inputs = _largest_input(anchors, float_env, self._constant)
+            timing = self._measure(float_side, kernel_side, inputs)
         except (RuntimeError, TypeError, ValueError, IndexError) as exc:
             raise Skip(f"a side raised {type(exc).__name__} on random inputs") from exc
         self.stats.measured += 1
@@ -305,12 +322,15 @@ class CostCheck:
         self,
         float_side: Sequence[Callable[[], object]],
         kernel_side: Sequence[Callable[[], object]],
+        inputs: int,
     ) -> Timing:
+        """The two sides timed; ``inputs``: the float side's largest non-constant input."""
         def total(side: Side, calls: Sequence[Callable[[], object]]) -> float:
             return sum(self.clock(side, call) for call in calls)
 
         with _threads(self.threads), torch.no_grad():
-            if _flops(float_side) > MAX_FLOPS:  # also the float side's warm-up call
+            flops, outputs = _size(float_side)  # also the float side's warm-up call
+            if _beyond(flops, max(inputs, outputs)):
                 return Timing(math.inf, math.inf)  # beyond the fixed-cost regime: not timed
             for call in kernel_side:
                 call()  # untimed: a kernel's first call creates its primitive
@@ -324,10 +344,13 @@ class CostCheck:
         return Timing(best_float, best_kernel)
 
 
-def _counted_flops(anchors: Sequence[fx.Node], module: Any) -> int | None:
-    """The anchors' floating-point operations from the shapes their inputs carry
-    (``meta["val"]``, as under compile), on meta tensors: nothing is computed. None where an
-    input's shape is unknown or symbolic; the timing then counts on real values.
+def _counted_size(
+    anchors: Sequence[fx.Node], module: Any, is_constant: ConstantMemo
+) -> tuple[int, int] | None:
+    """The anchors' floating-point operations and largest activation (:func:`_size`), from the
+    shapes their inputs carry (``meta["val"]``, as under compile), on meta tensors: nothing is
+    computed. None where an input's shape is unknown or symbolic; the timing then counts on
+    real values.
 
     Measured on ResNet-50 at batch 8, whose layers are all beyond :data:`MAX_FLOPS`: random
     inputs and two full-size float convolutions a signature, only to count, were a quarter of
@@ -344,19 +367,43 @@ def _counted_flops(anchors: Sequence[fx.Node], module: Any) -> int | None:
                 tuple(val.shape), tuple(val.stride()), dtype=val.dtype, device="meta"
             )
     try:
-        return _flops([bound_call(anchor, env, module) for anchor in anchors])
+        flops, outputs = _size([bound_call(anchor, env, module) for anchor in anchors])
     except (RuntimeError, TypeError, ValueError, IndexError, NotImplementedError, Skip):
         return None
+    return flops, max(_largest_input(anchors, env, is_constant), outputs)
 
 
-def _flops(calls: Sequence[Callable[[], object]]) -> int:
-    """The floating-point operations of one run of ``calls`` (which runs them)."""
+def _beyond(flops: int, activation: int) -> bool:
+    """Whether a layer is beyond the fixed-cost regime (:data:`MAX_FLOPS`,
+    :data:`MAX_ACTIVATION`)."""
+    return flops > MAX_FLOPS or activation > MAX_ACTIVATION
+
+
+def _size(calls: Sequence[Callable[[], object]]) -> tuple[int, int]:
+    """The floating-point operations of one run of ``calls`` (which runs them), and the
+    elements of the largest tensor they return."""
     from torch.utils.flop_counter import FlopCounterMode
 
+    largest = 0
     with FlopCounterMode(display=False) as counter:
         for call in calls:
-            call()
-    return int(counter.get_total_flops())
+            out = call()
+            if isinstance(out, torch.Tensor):
+                largest = max(largest, out.numel())
+    return int(counter.get_total_flops()), largest
+
+
+def _largest_input(
+    anchors: Sequence[fx.Node], values: Mapping[fx.Node, object], is_constant: ConstantMemo
+) -> int:
+    """The elements of the anchors' largest input that is not computed from constants."""
+    sizes = [
+        value.numel()
+        for anchor in anchors
+        for arg in anchor.all_input_nodes
+        if not is_constant(arg) and isinstance(value := values.get(arg), torch.Tensor)
+    ]
+    return max(sizes, default=0)
 
 
 def _timed(node: fx.Node) -> bool:

@@ -147,11 +147,19 @@ def test_a_layer_beyond_the_fixed_cost_regime_is_kept_without_timing() -> None:
 
     a, b = torch.randn(128, 256), torch.randn(256, 128)  # 8.4 MFLOPs
     check = CostCheck("measure", CostStats(), clock=clock)
-    timing = check._measure([lambda: torch.mm(a, b)], [lambda: None])
+    timing = check._measure([lambda: torch.mm(a, b)], [lambda: None], a.numel())
     assert calls == [] and not timing.float_is_faster
     assert "not timed" in timing.describe()
-    small, square = torch.randn(32, 64), torch.randn(64, 64)  # 0.26 MFLOPs: timed; float wins
-    timing = check._measure([lambda: torch.mm(small, square)], [lambda: None])
+    # few FLOPs, but an activation over MAX_ACTIVATION elements: out, then in
+    column, one = torch.randn(costcheck.MAX_ACTIVATION + 1, 1), torch.randn(1, 1)
+    timing = check._measure([lambda: torch.mm(column, one)], [lambda: None], column.numel())
+    assert calls == [] and not timing.float_is_faster
+    row = torch.randn(1, costcheck.MAX_ACTIVATION + 1)
+    timing = check._measure([lambda: torch.mm(one, one)], [lambda: None], row.numel())
+    assert calls == [] and not timing.float_is_faster
+    # 0.26 MFLOPs and 2**12 elements at most: timed; float wins
+    small, square = torch.randn(32, 64), torch.randn(64, 64)
+    timing = check._measure([lambda: torch.mm(small, square)], [lambda: None], square.numel())
     assert calls and timing.float_is_faster
 
 
@@ -163,7 +171,7 @@ def test_sides_close_together_are_timed_again_and_the_fastest_calls_count() -> N
         return next(times)
 
     check = CostCheck("measure", CostStats(), clock=clock)
-    timing = check._measure([lambda: None], [lambda: None])
+    timing = check._measure([lambda: None], [lambda: None], 0)
     assert (timing.float_seconds, timing.kernel_seconds) == (1e-5, 3e-5)
     assert timing.float_is_faster
 
@@ -275,15 +283,29 @@ def test_a_conv_left_float_runs_atens_convolution_as_timed_not_a_prepacked_one(
     assert_outputs_close(run(gm, inputs), run(compiled, inputs), quant_step=None, rtol=1e-5)
 
 
-def test_a_layers_flops_are_counted_from_the_shapes_it_carries_without_computing() -> None:
+def test_a_layers_size_is_counted_from_the_shapes_it_carries_without_computing() -> None:
+    """FLOPs, and the largest activation: a constant operand (the weight) does not count."""
+    from qalgebra.trial import ConstantMemo
+
+    module = torch.nn.Module()
+    module.weight = torch.nn.Parameter(torch.empty(256, 64))
     graph = torch.fx.Graph()
     a, b = graph.placeholder("a"), graph.placeholder("b")
     mm = graph.call_function(torch.ops.aten.mm.default, (a, b))
     a.meta["val"] = torch.empty(128, 256, device="meta")
     b.meta["val"] = torch.empty(256, 128, device="meta")
-    assert costcheck._counted_flops([mm], torch.nn.Module()) == 2 * 128 * 256 * 128
+    size = costcheck._counted_size([mm], module, ConstantMemo())
+    assert size == (2 * 128 * 256 * 128, 128 * 256)
+    b.meta["val"] = torch.empty(256, 512, device="meta")
+    assert costcheck._counted_size([mm], module, ConstantMemo()) == (2 * 128 * 256 * 512, 256 * 512)
+    weight = graph.get_attr("weight")
+    by_weight = graph.call_function(torch.ops.aten.mm.default, (a, weight))
+    assert costcheck._counted_size([by_weight], module, ConstantMemo()) == (
+        2 * 128 * 256 * 64,
+        128 * 256,  # the input; not the weight, larger still
+    )
     del b.meta["val"]  # an unknown shape: the timing counts on real values instead
-    assert costcheck._counted_flops([mm], torch.nn.Module()) is None
+    assert costcheck._counted_size([mm], module, ConstantMemo()) is None
 
 
 @pytest.mark.usefixtures("fresh_dynamo")
