@@ -11,7 +11,7 @@ sides of each fusion that would call a kernel, once per kernel *signature* (as t
 caches verdicts: shapes, dtypes, geometry, post-op; not weight values) and thread count, and
 refuses the fusion (:class:`~qalgebra.errors.Refusal`, cause ``"cost"``) when the float side
 is faster by :data:`MARGIN` and :data:`MIN_GAIN_SECONDS` a call -- for kernels in the
-fixed-cost regime only (:data:`MAX_FLOPS`, :data:`MAX_ACTIVATION`).
+fixed-cost regime only (:data:`MAX_FLOPS`, :data:`MAX_ELEMENTS`).
 
 What is timed: the match's float compute ops (:data:`FLOAT_COMPUTE`: convolution, matmuls),
 called as the compiled model calls them (:data:`COMPILED_CALL`) on the match's own values,
@@ -76,7 +76,7 @@ __all__ = [
     "COMPILED_CALL",
     "FLOAT_COMPUTE",
     "MARGIN",
-    "MAX_ACTIVATION",
+    "MAX_ELEMENTS",
     "MAX_FLOPS",
     "MIN_GAIN_SECONDS",
     "MODES",
@@ -150,17 +150,20 @@ CLEAR_RATIO = 3.0
 #: bound on the kernel's time, tried first, moved with the load of the compile it runs in
 #: (``ffn_stack(8, 3d)``'s 0.26 MFLOP linears timed over 100 us there, 60 us alone).
 MAX_FLOPS = 4_000_000
-#: Nor for layers whose largest activation -- the float op's non-constant input or its output
-#: -- has more elements than this. Left float, a layer reads and writes its activations as
-#: fp32 (4 bytes an element, against 1 for uint8) through quantize/dequantize kernels the
-#: timing leaves out, a kernel of its own where a fused neighbour reads the same input. Measured
-#: on the bench models: every layer whose float choice paid off under compile moves at most
-#: 2**15 (``ffn_stack(8, 3d)`` at batch 8, [8, 64, 64] in or out: 0.82x Inductor's runtime
-#: against 1.06x all fused; ``resnet_like(8)`` at batch 1, [1, 16, 32, 32]: 0.74x against
-#: 1.00x); those beyond did not: GoogLeNet's 1x1 reductions of [1, 480, 14, 14] and
-#: [1, 832, 7, 7] at batch 1, timed 1.7-3x faster in float, ran 1.002x left float against
-#: 0.979x fused, and cost 5 C++ kernels more to compile.
-MAX_ACTIVATION = 32_768
+#: Nor for layers whose largest tensor -- the float op's input, weight or output -- has more
+#: elements than this. The timing runs the op on the same tensors over and over, so they sit in
+#: cache; left float in the model, the layer fetches its weight as fp32 (4 bytes an element,
+#: against 1 for int8) and moves its activations as fp32 through quantize/dequantize kernels
+#: the timing leaves out, a kernel of its own where a fused neighbour reads the same input.
+#: Measured on the bench models: every layer whose float choice paid off under compile has
+#: tensors of at most 2**15 elements (``ffn_stack(8, 3d)`` at batch 8, [8, 64, 64]: 0.82x
+#: Inductor's runtime against 1.06x all fused; ``resnet_like(8)`` at batch 1, [1, 16, 32, 32]:
+#: 0.74x against 1.00x); GoogLeNet's 1x1 reductions of [1, 480, 14, 14] and [1, 832, 7, 7]
+#: at batch 1, timed 1.7-3x faster in float, ran 1.002x left float against 0.979x fused and
+#: cost 5 C++ kernels more to compile; EfficientNet-B0's depthwise convs over [1, 480, 14, 14]
+#: (timed 1.34x faster) and MobileNet-V3's squeeze-excitation convs with 960x240 weights were
+#: left float to no gain.
+MAX_ELEMENTS = 32_768
 
 Side: TypeAlias = Literal["float", "kernel"]
 Clock: TypeAlias = Callable[[Side, Callable[[], object]], float]
@@ -214,7 +217,7 @@ class Timing:
     def describe(self) -> str:
         if math.isinf(self.float_seconds):
             return (
-                f"not timed: over {MAX_FLOPS / 1e6:g} MFLOPs or {MAX_ACTIVATION} activation "
+                f"not timed: over {MAX_FLOPS / 1e6:g} MFLOPs or a tensor of {MAX_ELEMENTS} "
                 "elements, the kernel's fixed cost is small"
             )
         return (
@@ -292,7 +295,7 @@ class CostCheck:
         if cached is not None:
             self.stats.cached += 1
             return cached
-        counted = _counted_size(anchors, rw.module, self._constant)
+        counted = _counted_size(anchors, rw.module)
         if counted is not None and _beyond(*counted):
             timing = Timing(math.inf, math.inf)  # beyond the fixed-cost regime: nothing run
             self.stats.measured += 1
@@ -310,7 +313,7 @@ class CostCheck:
                 for n in anchors
             ]
             kernel_side = [bound_call(n, kernel_env, rw.module) for n in ops.candidate if _timed(n)]
-            inputs = _largest_input(anchors, float_env, self._constant)
+            inputs = _largest_input(anchors, float_env)
             timing = self._measure(float_side, kernel_side, inputs)
         except (RuntimeError, TypeError, ValueError, IndexError) as exc:
             raise Skip(f"a side raised {type(exc).__name__} on random inputs") from exc
@@ -324,7 +327,7 @@ class CostCheck:
         kernel_side: Sequence[Callable[[], object]],
         inputs: int,
     ) -> Timing:
-        """The two sides timed; ``inputs``: the float side's largest non-constant input."""
+        """The two sides timed; ``inputs``: the elements of the float side's largest input."""
         def total(side: Side, calls: Sequence[Callable[[], object]]) -> float:
             return sum(self.clock(side, call) for call in calls)
 
@@ -344,9 +347,7 @@ class CostCheck:
         return Timing(best_float, best_kernel)
 
 
-def _counted_size(
-    anchors: Sequence[fx.Node], module: Any, is_constant: ConstantMemo
-) -> tuple[int, int] | None:
+def _counted_size(anchors: Sequence[fx.Node], module: Any) -> tuple[int, int] | None:
     """The anchors' floating-point operations and largest activation (:func:`_size`), from the
     shapes their inputs carry (``meta["val"]``, as under compile), on meta tensors: nothing is
     computed. None where an input's shape is unknown or symbolic; the timing then counts on
@@ -370,13 +371,13 @@ def _counted_size(
         flops, outputs = _size([bound_call(anchor, env, module) for anchor in anchors])
     except (RuntimeError, TypeError, ValueError, IndexError, NotImplementedError, Skip):
         return None
-    return flops, max(_largest_input(anchors, env, is_constant), outputs)
+    return flops, max(_largest_input(anchors, env), outputs)
 
 
 def _beyond(flops: int, activation: int) -> bool:
     """Whether a layer is beyond the fixed-cost regime (:data:`MAX_FLOPS`,
-    :data:`MAX_ACTIVATION`)."""
-    return flops > MAX_FLOPS or activation > MAX_ACTIVATION
+    :data:`MAX_ELEMENTS`)."""
+    return flops > MAX_FLOPS or activation > MAX_ELEMENTS
 
 
 def _size(calls: Sequence[Callable[[], object]]) -> tuple[int, int]:
@@ -393,15 +394,13 @@ def _size(calls: Sequence[Callable[[], object]]) -> tuple[int, int]:
     return int(counter.get_total_flops()), largest
 
 
-def _largest_input(
-    anchors: Sequence[fx.Node], values: Mapping[fx.Node, object], is_constant: ConstantMemo
-) -> int:
-    """The elements of the anchors' largest input that is not computed from constants."""
+def _largest_input(anchors: Sequence[fx.Node], values: Mapping[fx.Node, object]) -> int:
+    """The elements of the anchors' largest tensor input (weights included)."""
     sizes = [
         value.numel()
         for anchor in anchors
         for arg in anchor.all_input_nodes
-        if not is_constant(arg) and isinstance(value := values.get(arg), torch.Tensor)
+        if isinstance(value := values.get(arg), torch.Tensor)
     ]
     return max(sizes, default=0)
 

@@ -150,17 +150,33 @@ def test_a_layer_beyond_the_fixed_cost_regime_is_kept_without_timing() -> None:
     timing = check._measure([lambda: torch.mm(a, b)], [lambda: None], a.numel())
     assert calls == [] and not timing.float_is_faster
     assert "not timed" in timing.describe()
-    # few FLOPs, but an activation over MAX_ACTIVATION elements: out, then in
-    column, one = torch.randn(costcheck.MAX_ACTIVATION + 1, 1), torch.randn(1, 1)
-    timing = check._measure([lambda: torch.mm(column, one)], [lambda: None], column.numel())
+    # few FLOPs, but a tensor over MAX_ELEMENTS elements: the output, then an input
+    column, one = torch.randn(costcheck.MAX_ELEMENTS + 1, 1), torch.randn(1, 1)
+    timing = check._measure([lambda: torch.mm(column, one)], [lambda: None], 0)
     assert calls == [] and not timing.float_is_faster
-    row = torch.randn(1, costcheck.MAX_ACTIVATION + 1)
-    timing = check._measure([lambda: torch.mm(one, one)], [lambda: None], row.numel())
+    timing = check._measure([lambda: torch.mm(one, one)], [lambda: None], column.numel())
     assert calls == [] and not timing.float_is_faster
     # 0.26 MFLOPs and 2**12 elements at most: timed; float wins
     small, square = torch.randn(32, 64), torch.randn(64, 64)
     timing = check._measure([lambda: torch.mm(small, square)], [lambda: None], square.numel())
     assert calls and timing.float_is_faster
+
+
+@pytest.mark.parametrize(("features", "timed"), [(128, True), (256, False)])
+def test_a_linear_whose_weight_is_over_the_bound_is_fused_untimed(
+    features: int, timed: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Batch 1, few FLOPs either way: a 128x128 weight (2**14 elements) is timed and left
+    float under a slow kernel; a 256x256 one (2**16) is over :data:`MAX_ELEMENTS` -- in the
+    model it is fetched from memory as fp32, where the timing has it in cache -- so fused."""
+    monkeypatch.setattr(costcheck, "wall_clock", slow("kernel"))
+    model = torch.nn.Sequential(torch.nn.Linear(features, features), torch.nn.ReLU()).eval()
+    inputs = (torch.randn(1, features),)
+    gm = quantize_pt2e(model, inputs)
+    lowered, report = lower_with_report(gm, inputs, cost="measure")
+    assert report.cost.measured == 1 and report.cost.refused == int(timed), report.summary()
+    assert fused(report.fired) == int(not timed), report.summary()
+    assert_outputs_close(run(gm, inputs), run(lowered, inputs), quant_step=None, rtol=1e-5)
 
 
 def test_sides_close_together_are_timed_again_and_the_fastest_calls_count() -> None:
@@ -190,8 +206,13 @@ def test_on_the_real_clock_the_decision_follows_the_timing_measured(
     seen: list[Timing] = []
     measure = CostCheck._measure
 
-    def recording(self: CostCheck, *sides: list[Callable[[], object]]) -> Timing:
-        timing = measure(self, *sides)
+    def recording(
+        self: CostCheck,
+        float_side: list[Callable[[], object]],
+        kernel_side: list[Callable[[], object]],
+        inputs: int,
+    ) -> Timing:
+        timing = measure(self, float_side, kernel_side, inputs)
         seen.append(timing)
         return timing
 
@@ -284,28 +305,23 @@ def test_a_conv_left_float_runs_atens_convolution_as_timed_not_a_prepacked_one(
 
 
 def test_a_layers_size_is_counted_from_the_shapes_it_carries_without_computing() -> None:
-    """FLOPs, and the largest activation: a constant operand (the weight) does not count."""
-    from qalgebra.trial import ConstantMemo
-
+    """FLOPs, and the elements of the largest tensor read or written, the weight included."""
     module = torch.nn.Module()
-    module.weight = torch.nn.Parameter(torch.empty(256, 64))
+    module.weight = torch.nn.Parameter(torch.empty(256, 1024))
     graph = torch.fx.Graph()
     a, b = graph.placeholder("a"), graph.placeholder("b")
     mm = graph.call_function(torch.ops.aten.mm.default, (a, b))
     a.meta["val"] = torch.empty(128, 256, device="meta")
     b.meta["val"] = torch.empty(256, 128, device="meta")
-    size = costcheck._counted_size([mm], module, ConstantMemo())
-    assert size == (2 * 128 * 256 * 128, 128 * 256)
-    b.meta["val"] = torch.empty(256, 512, device="meta")
-    assert costcheck._counted_size([mm], module, ConstantMemo()) == (2 * 128 * 256 * 512, 256 * 512)
-    weight = graph.get_attr("weight")
-    by_weight = graph.call_function(torch.ops.aten.mm.default, (a, weight))
-    assert costcheck._counted_size([by_weight], module, ConstantMemo()) == (
-        2 * 128 * 256 * 64,
-        128 * 256,  # the input; not the weight, larger still
-    )
+    assert costcheck._counted_size([mm], module) == (2 * 128 * 256 * 128, 128 * 256)
+    a.meta["val"] = torch.empty(512, 32, device="meta")  # the output is the largest
+    b.meta["val"] = torch.empty(32, 512, device="meta")
+    assert costcheck._counted_size([mm], module) == (2 * 512 * 32 * 512, 512 * 512)
+    by_weight = graph.call_function(torch.ops.aten.mm.default, (b, graph.get_attr("weight")))
+    b.meta["val"] = torch.empty(8, 256, device="meta")  # the weight is the largest
+    assert costcheck._counted_size([by_weight], module) == (2 * 8 * 256 * 1024, 256 * 1024)
     del b.meta["val"]  # an unknown shape: the timing counts on real values instead
-    assert costcheck._counted_size([mm], module, ConstantMemo()) is None
+    assert costcheck._counted_size([mm], module) is None
 
 
 @pytest.mark.usefixtures("fresh_dynamo")
