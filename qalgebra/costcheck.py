@@ -348,7 +348,7 @@ class CostCheck:
 
 
 def _counted_size(anchors: Sequence[fx.Node], module: Any) -> tuple[int, int] | None:
-    """The anchors' floating-point operations and largest activation (:func:`_size`), from the
+    """The anchors' floating-point operations and the elements of their largest tensor, from the
     shapes their inputs carry (``meta["val"]``, as under compile), on meta tensors: nothing is
     computed. None where an input's shape is unknown or symbolic; the timing then counts on
     real values.
@@ -374,10 +374,10 @@ def _counted_size(anchors: Sequence[fx.Node], module: Any) -> tuple[int, int] | 
     return flops, max(_largest_input(anchors, env), outputs)
 
 
-def _beyond(flops: int, activation: int) -> bool:
-    """Whether a layer is beyond the fixed-cost regime (:data:`MAX_FLOPS`,
-    :data:`MAX_ELEMENTS`)."""
-    return flops > MAX_FLOPS or activation > MAX_ELEMENTS
+def _beyond(flops: int, elements: int) -> bool:
+    """Whether a layer of ``flops`` whose largest tensor has ``elements`` is beyond the
+    fixed-cost regime (:data:`MAX_FLOPS`, :data:`MAX_ELEMENTS`)."""
+    return flops > MAX_FLOPS or elements > MAX_ELEMENTS
 
 
 def _size(calls: Sequence[Callable[[], object]]) -> tuple[int, int]:
