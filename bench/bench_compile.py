@@ -6,7 +6,8 @@ Per model and batch, one child process quantizes the model (torchao's PT2E flow,
 X86InductorQuantizer) and measures, side by side:
 
 - compile time (wall time of the first call: dynamo, AOT autograd, the passes, code generation
-  and the C++ compiler, each compile in a fresh Inductor cache) of ``torch.compile(gm,
+  and the C++ compiler, each compile in a fresh Inductor cache and with qalgebra's check caches
+  empty) of ``torch.compile(gm,
   backend="qalgebra")`` (its cost check on: layers faster in float stay float) and of
   ``torch.compile(gm)`` with freezing (Inductor's own quantization patterns), and the backend
   with ``cost="off"`` (every layer the catalog can fuse, fused), after one untimed warm-up
@@ -155,12 +156,20 @@ def fresh(inputs: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
 def compile_once(
     gm: nn.Module, inputs: tuple[Tensor, ...], backend: str | Callable[..., Any]
 ) -> dict[str, Any]:
-    """Compile a copy of ``gm`` (freezing on, fresh cache), run it once; time and inspect."""
+    """Compile a copy of ``gm`` (freezing on, fresh cache), run it once; time and inspect.
+
+    qalgebra's per-process caches (the self-check's verdicts, the cost check's timings) are
+    emptied first: the eager lowering measured before, or an earlier compile of the same model,
+    would otherwise have paid for this compile's checks, which a compile in a fresh process pays.
+    """
     from torch._inductor import config
     from torch._inductor.utils import fresh_cache
 
+    from qalgebra import costcheck, selfcheck
     from qalgebra.compile import inductor_quant_fusions, recording
 
+    selfcheck.clear_cache()
+    costcheck.clear_cache()
     model = copy.deepcopy(gm)
     before = inductor_quant_fusions()
     with (
@@ -401,7 +410,8 @@ def header(command: str, args: Args, load: tuple[str, str]) -> list[str]:
         "machine: ratios measured side by side in one process mean more than absolutes.",
         f"- method: one child process per model and batch; runtime = median of {args.runs} "
         f"calls after {args.warmup} warm-up calls, the modules taking turns; compile time = "
-        "first call (dynamo + AOT + passes + codegen + C++ compiler), fresh Inductor cache, "
+        "first call (dynamo + AOT + passes + codegen + C++ compiler), fresh Inductor cache "
+        "and qalgebra's self-check and cost-check caches emptied, "
         "after one warm-up compile of resnet_like(1) with each backend.",
         "",
     ]
