@@ -7,8 +7,8 @@ X86InductorQuantizer) and measures, side by side:
 
 - compile time (wall time of the first call: dynamo, AOT autograd, the passes, code generation
   and the C++ compiler, each compile in a fresh Inductor cache and with qalgebra's check caches
-  empty) of ``torch.compile(gm,
-  backend="qalgebra")`` (its cost check on: layers faster in float stay float) and of
+  empty) of ``torch.compile(gm, backend="qalgebra")`` (its cost check on: layers faster in
+  float stay float) and of
   ``torch.compile(gm)`` with freezing (Inductor's own quantization patterns), and the backend
   with ``cost="off"`` (every layer the catalog can fuse, fused), after one untimed warm-up
   compile of a small model with each, so that neither pays the process's one-time costs
