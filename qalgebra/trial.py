@@ -22,6 +22,7 @@ from torch import fx
 from torch.fx.experimental.symbolic_shapes import optimization_hint
 
 from qalgebra.combinators import quantize_per_tensor
+from qalgebra.draws import random_floats, random_ints
 from qalgebra.fusions.common import QUANT_RANGE_KEY
 from qalgebra.match import match_node, node_dtype
 from qalgebra.pattern import Match, ignored
@@ -411,10 +412,20 @@ def random_value(node: fx.Node, generator: torch.Generator) -> object:
     dtype = node_dtype(node)
     if dtype is None:
         raise Skip("an input's dtype is unknown")
+    strides = _strides(val, len(dims))
     if dtype.is_floating_point:
-        return torch.randn(dims, generator=generator).to(dtype)
+        return random_floats(dims, strides, dtype, generator)
     if dtype in (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64):
         low, high = int_range(node, dtype)
-        # drawn in the dtype itself (the range fits it): no int64 tensor 8x the size to convert
-        return torch.randint(low, high + 1, dims, generator=generator, dtype=dtype)
+        return random_ints(dims, strides, low, high, dtype, generator)
     raise Skip(f"an input of dtype {dtype}")
+
+
+def _strides(val: object, rank: int) -> list[int] | None:
+    """The recorded value's strides at their hints, or None (unknown: contiguous)."""
+    if not isinstance(val, torch.Tensor) or val.dim() != rank:
+        return None
+    try:
+        return [hint(s) for s in val.stride()]
+    except Skip:
+        return None
