@@ -27,6 +27,7 @@ False
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Hashable, Iterable
 from dataclasses import dataclass
@@ -35,6 +36,7 @@ from typing import Any, Literal, TypeAlias, get_args
 import torch
 from torch import fx
 
+from qalgebra.draws import dense_strides
 from qalgebra.errors import LoweringError, Refusal
 from qalgebra.isa import foreign_answers
 from qalgebra.match import node_dtype
@@ -192,12 +194,18 @@ def _run_check(m: Match, module: Any, ops: Operands, new: fx.Node) -> _Verdict:
         return _Verdict(
             False, f"the fused op raised {type(exc).__name__} on random inputs: {first}"
         )
+    fused = new_env[new]
+    # only the float bound reads the subgraph's largest value: a quantized output skips the
+    # pass over every value the reference computed
+    magnitude = 0.0
+    if any(t.is_floating_point() for t in _tensors(fused) or []):
+        magnitude = _largest_float(ref_env[n] for n in m.nodes if n in ref_env)
     return agreement(
         ref_env[m.root],
-        new_env[new],
+        fused,
         dtype=node_dtype(m.root),
         bf16=_computes_bf16(m.nodes),
-        magnitude=_largest_float(ref_env[n] for n in m.nodes if n in ref_env),
+        magnitude=magnitude,
     )
 
 
@@ -206,7 +214,8 @@ def _largest_float(values: Iterable[object]) -> float:
     largest = 0.0
     for value in values:
         if isinstance(value, torch.Tensor) and value.is_floating_point() and value.numel():
-            low, high = torch.aminmax(value.detach())  # no |value| copy of a full-size tensor
+            # no |value| copy of a full-size tensor; memory read in order
+            low, high = torch.aminmax(_in_memory_order(value.detach()))
             largest = max(largest, abs(float(low)), abs(float(high)))
     return largest
 
@@ -247,22 +256,79 @@ def agreement(
         for r, f in zip(refs, fuseds, strict=True)
     ]
     rtol = BF16_RTOL if bf16 else FP32_RTOL
-    result = compare_outputs(
-        refs, fuseds, quant_step=None, max_steps=MAX_STEPS, rtol=rtol,
-        atol=FLOAT_ATOL + rtol * magnitude,
-    )  # fmt: skip
-    if not result.ok:
-        return _Verdict(False, result.message)
-    for i, (ref, out) in enumerate(zip(refs, fuseds, strict=True)):
+    bound = FLOAT_ATOL + rtol * magnitude
+    pairs = [_aligned(r, f) for r, f in zip(refs, fuseds, strict=True)]
+    if all(_surely_within(r, f, rtol, bound) for r, f in pairs):
+        message = f"within {MAX_STEPS} step(s) or rtol {rtol:g} (quick check)"
+    else:
+        result = compare_outputs(
+            refs, fuseds, quant_step=None, max_steps=MAX_STEPS, rtol=rtol, atol=bound
+        )
+        if not result.ok:
+            return _Verdict(False, result.message)
+        message = result.message
+    for i, (ref, out) in enumerate(pairs):
         if ref.dtype in (torch.uint8, torch.int8) and ref.numel():
             equal = int(torch.count_nonzero(ref == out)) / ref.numel()
             if equal < MIN_AGREEMENT:
                 return _Verdict(
                     False,
                     f"output {i}: only {equal:.3f} of the quantized elements equal the reference "
-                    f"(need {MIN_AGREEMENT}); {result.message}",
+                    f"(need {MIN_AGREEMENT}); {message}",
                 )
-    return _Verdict(True, result.message)
+    return _Verdict(True, message)
+
+
+def _surely_within(ref: torch.Tensor, out: torch.Tensor, rtol: float, atol: float) -> bool:
+    """Whether ``out`` is within the bound of ``ref`` by a cheap test; False: look closer.
+
+    :func:`compare_outputs` reports where and by how much two outputs differ, in float64 and
+    with NaN/inf cases: on a batch-8 model's full-size tensors that was half of the check's
+    time. Nearly every kernel agrees exactly (quantized) or well inside the bound (float), which
+    a few reductions settle: ``torch.equal`` or the int16 difference's extremes (quantized),
+    the float32 difference's maximum against the bound shrunk by the subtraction's rounding
+    (float). Anything else -- a larger step, NaN, inf, a difference near the bound -- goes to
+    the full comparison.
+    """
+    if ref.dtype != out.dtype or ref.shape != out.shape:
+        return False
+    if ref.dtype in (torch.uint8, torch.int8):
+        if torch.equal(ref, out):
+            return True
+        low, high = torch.aminmax(torch.sub(out.to(torch.int16), ref.to(torch.int16)))
+        return max(-int(low), int(high)) <= MAX_STEPS
+    if not ref.is_floating_point() or ref.numel() == 0:
+        return False
+    low, high = torch.aminmax(ref)
+    largest = max(abs(float(low)), abs(float(high)))  # NaN stays NaN, inf stays inf
+    if not math.isfinite(largest):  # the full comparison's bound reads finite values only
+        return False
+    worst = float(torch.sub(out.float(), ref.float()).abs_().max())
+    return worst <= (atol + rtol * largest) * (1 - 1e-6)  # False for NaN and inf
+
+
+def _in_memory_order(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` as a 1-D view in memory order, or unchanged if its layout is not dense.
+
+    A whole-tensor reduction over a channels-last ``[8, 96, 112, 112]`` tensor took 24 ms,
+    over the same memory read in order 1.8 ms.
+    """
+    if dense_strides(tensor.shape, tensor.stride()) is None:
+        return tensor
+    return tensor.as_strided((tensor.numel(),), (1,))
+
+
+def _aligned(ref: torch.Tensor, out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both in ``out``'s memory order, flat (``ref`` copied into ``out``'s layout if it has
+    another): elementwise comparisons then pair the same elements and read memory in order.
+    Unchanged when ``out`` is not dense or the two differ in shape or dtype."""
+    ref, out = ref.detach(), out.detach()
+    flat_out = _in_memory_order(out)
+    if flat_out is out or ref.shape != out.shape or ref.dtype != out.dtype:
+        return ref, out
+    if ref.stride() != out.stride() or ref.storage_offset() != out.storage_offset():
+        ref = torch.empty_strided(out.shape, out.stride(), dtype=ref.dtype).copy_(ref)
+    return ref.as_strided((ref.numel(),), (1,)), flat_out
 
 
 def _tensors(value: object) -> list[torch.Tensor] | None:

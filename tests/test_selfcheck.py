@@ -7,11 +7,15 @@ oneDNN rejects). Verdicts are cached per process: every test starts from an empt
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import fx
 from typer.testing import CliRunner
 
@@ -25,6 +29,7 @@ from qalgebra.lower import lower_with_report
 from qalgebra.pattern import Match
 from qalgebra.selfcheck import MIN_AGREEMENT, agreement, emits_kernel
 from qalgebra.testing.models import build
+from qalgebra.testing.oracle import BF16_RTOL, FLOAT_ATOL, FP32_RTOL
 from qalgebra.testing.properties import check_example, check_numerics, flat_outputs
 from qalgebra.testing.quantize import quantize_pt2e
 from qalgebra.testing.strategies import (
@@ -269,6 +274,79 @@ def test_agreement_rejects_other_dtypes_and_shapes() -> None:
     assert not agreement(ref, torch.zeros(2, 3), dtype=torch.bfloat16).ok
     assert not agreement(ref, torch.zeros(2, 3, dtype=torch.uint8)).ok
     assert not agreement(ref, (ref, ref)).ok
+
+
+@st.composite
+def _output_pairs(draw: st.DrawFn) -> tuple[torch.Tensor, torch.Tensor, bool, float]:
+    """A reference output and a kernel's output near it: steps, noise around the float bound,
+    NaN or inf, in channels-last or transposed layouts; plus ``bf16`` and ``magnitude``."""
+    dims = draw(st.tuples(*[st.integers(1, 4)] * 2, *[st.integers(2, 5)] * 2))
+    dtype = draw(st.sampled_from([torch.uint8, torch.int8, torch.float32, torch.bfloat16]))
+    gen = torch.Generator().manual_seed(draw(st.integers(0, 2**16)))
+    if dtype.is_floating_point:
+        ref = torch.randn(dims, generator=gen) * draw(st.sampled_from([1e-3, 1.0, 1e4]))
+        ref = ref.to(dtype)
+    else:
+        ref = torch.randint(-128 if dtype == torch.int8 else 0, 128, dims, generator=gen)
+        ref = ref.to(dtype)
+    out = ref.clone()
+    flat = out.view(-1)
+    bf16, magnitude = dtype == torch.bfloat16, draw(st.sampled_from([0.0, 0.0, 3.0]))
+    for _ in range(draw(st.integers(0, 3))):
+        at = draw(st.integers(0, flat.numel() - 1))
+        if dtype.is_floating_point:
+            rtol = BF16_RTOL if bf16 else FP32_RTOL
+            bound = FLOAT_ATOL + rtol * (magnitude + float(ref.float().abs().max()))
+            kind = draw(st.sampled_from(["near", "near", "nan", "inf", "inf in ref", "both"]))
+            nudge = draw(st.sampled_from([0.5, 0.999999, 1.0, 1.000001, 2.0])) * bound
+            if kind != "inf in ref":
+                flat[at] = {"near": float(flat[at]) + nudge, "nan": math.nan}.get(kind, math.inf)
+            if kind in ("inf in ref", "both"):
+                ref.view(-1)[at] = math.inf
+        else:
+            info = torch.iinfo(dtype)
+            stepped = int(flat[at]) + draw(st.sampled_from([-2, -1, 1, 2]))
+            flat[at] = min(max(stepped, info.min), info.max)
+    layout = draw(st.sampled_from(["same", "out channels last", "ref transposed"]))
+    if layout == "out channels last":
+        out = out.contiguous(memory_format=torch.channels_last)
+    elif layout == "ref transposed":
+        ref = ref.transpose(1, 2).contiguous().transpose(1, 2)
+    return ref, out, bf16, magnitude
+
+
+@settings(max_examples=300, deadline=None)
+@given(case=_output_pairs())
+def test_the_quick_check_never_changes_a_verdict(
+    case: tuple[torch.Tensor, torch.Tensor, bool, float],
+) -> None:
+    # it only skips the full comparison where that would pass: the same verdict without it
+    ref, out, bf16, magnitude = case
+    quick = agreement(ref, out, bf16=bf16, magnitude=magnitude)
+    with mock.patch.object(selfcheck, "_surely_within", lambda *_: False):
+        full = agreement(ref, out, bf16=bf16, magnitude=magnitude)
+    assert quick.ok == full.ok, (quick.message, full.message)
+
+
+def test_the_quick_check_pairs_elements_across_layouts() -> None:
+    ref = torch.arange(2 * 3 * 4 * 5, dtype=torch.float32).reshape(2, 3, 4, 5)
+    same_values = ref.contiguous(memory_format=torch.channels_last)
+    assert agreement(ref, same_values).ok
+    # the same memory read with channels-last strides: other values at each index
+    scrambled = ref.clone().as_strided(ref.shape, same_values.stride())
+    assert not agreement(ref, scrambled).ok
+    q = torch.randint(0, 255, (2, 3, 4, 5), dtype=torch.uint8)
+    assert not agreement(q, q.clone().as_strided(q.shape, same_values.stride())).ok
+
+
+def test_the_quick_check_leaves_nan_and_near_misses_to_the_full_comparison() -> None:
+    ref = torch.ones(4, 4)
+    assert not selfcheck._surely_within(ref, ref.clone().fill_(math.nan), FP32_RTOL, 0.0)
+    assert not selfcheck._surely_within(ref, ref + 2e-5, FP32_RTOL, 0.0)  # beyond: look closer
+    assert selfcheck._surely_within(ref, ref + 5e-6, FP32_RTOL, 0.0)
+    q = _u8([3, 4, 5])
+    assert selfcheck._surely_within(q, _u8([4, 4, 5]), FP32_RTOL, 0.0)
+    assert not selfcheck._surely_within(q, _u8([5, 4, 5]), FP32_RTOL, 0.0)
 
 
 def test_the_cli_takes_the_mode(tmp_path: Path) -> None:
