@@ -1,6 +1,7 @@
 """qalgebra under torch.compile vs Inductor's own quantization path, side by side.
 
-    python bench/bench_compile.py [--quick] [--models a,b] [--batches 1,8] [--out FILE]
+    python bench/bench_compile.py [--quick] [--models a,b] [--batches 1,8] [--compiles N]
+                                  [--out FILE]
 
 Per model and batch, one child process quantizes the model (torchao's PT2E flow,
 X86InductorQuantizer) and measures, side by side:
@@ -206,6 +207,15 @@ def compile_once(
     }
 
 
+def summarize_compiles(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """One backend's compiles: the first's counts, the medians of its times, each time."""
+    summary = dict(rounds[0])
+    for key in ("seconds", "pass_seconds"):
+        summary[key] = statistics.median(r[key] for r in rounds)
+    summary["seconds each"] = [r["seconds"] for r in rounds]
+    return summary
+
+
 def warm_up() -> None:
     """One compile of a small quantized model with each backend (process one-time costs)."""
     from qalgebra.testing.quantize import quantize_pt2e
@@ -216,7 +226,7 @@ def warm_up() -> None:
         compile_once(gm, inputs, backend)
 
 
-def child(name: str, batch: int, runs: int, warmup: int) -> dict[str, Any]:
+def child(name: str, batch: int, runs: int, warmup: int, compiles: int = 1) -> dict[str, Any]:
     from qalgebra.lower import lower
     from qalgebra.testing.forms import to_decomposed
     from qalgebra.testing.quantize import quantize_pt2e, torchao_lower
@@ -241,19 +251,32 @@ def child(name: str, batch: int, runs: int, warmup: int) -> dict[str, Any]:
     from qalgebra.compile import backend as qalgebra_backend
 
     all_fused = functools.partial(qalgebra_backend, cost="off")
-    for who, backend in (
+    backends: list[tuple[str, str | Callable[..., Any]]] = [
         ("Inductor compiled", "inductor"),
         ("qalgebra compiled", "qalgebra"),
         (ALL_FUSED, all_fused),
-    ):
-        log(f"{name} batch {batch}: compiling with {backend}")
-        try:
-            done = compile_once(gm, inputs, backend)
-        except Exception as exc:
-            result[f"{who} error"] = f"{type(exc).__name__}: {exc}"[:300]
-            continue
-        modules[who] = done.pop("module")
-        result[who] = {k: v for k, v in done.items() if k != "out"}
+    ]
+    rounds: dict[str, list[dict[str, Any]]] = {who: [] for who, _ in backends}
+    for round_ in range(compiles):  # the order rotates: no backend always compiles first
+        turn = round_ % len(backends)
+        for who, backend in backends[turn:] + backends[:turn]:
+            log(f"{name} batch {batch}: compiling with {backend} ({round_ + 1}/{compiles})")
+            try:
+                done = compile_once(gm, inputs, backend)
+            except Exception as exc:
+                result[f"{who} error"] = f"{type(exc).__name__}: {exc}"[:300]
+                continue
+            modules.setdefault(who, done.pop("module"))
+            rounds[who].append({k: v for k, v in done.items() if k not in ("out", "module")})
+    for who, done_rounds in rounds.items():
+        if done_rounds:
+            result[who] = summarize_compiles(done_rounds)
+    for who in ("qalgebra compiled", ALL_FUSED):
+        ours, theirs = rounds[who], rounds["Inductor compiled"]
+        if ours and len(ours) == len(theirs):
+            result[f"{who} compile ratios"] = [
+                a["seconds"] / b["seconds"] for a, b in zip(ours, theirs, strict=True)
+            ]
     diffs = {}
     for who, module in modules.items():
         with torch.no_grad():
@@ -283,6 +306,7 @@ class Args:
     runs: int
     warmup: int
     threads: int
+    compiles: int
     timeout: float
     out: Path | None
 
@@ -290,6 +314,7 @@ class Args:
 def run_child(args: Args, name: str, batch: int) -> dict[str, Any]:
     cmd = [sys.executable, __file__, "--child", name, "--batches", str(batch)]
     cmd += ["--runs", str(args.runs), "--warmup", str(args.warmup), "--threads", str(args.threads)]
+    cmd += ["--compiles", str(args.compiles)]
     try:
         done = subprocess.run(
             cmd, capture_output=True, text=True, timeout=args.timeout, check=False
@@ -307,6 +332,17 @@ def ratio(num: float | None, den: float | None) -> str:
     return f"{num / den:.2f}x" if num and den else "n/a"
 
 
+def compile_ratio(result: dict[str, Any], who: str) -> str:
+    """``who``'s compile time / Inductor's: the median of the per-round ratios and their range
+    when there were several rounds, else the one ratio."""
+    ratios = result.get(f"{who} compile ratios") or []
+    if len(ratios) > 1:
+        low, high = min(ratios), max(ratios)
+        return f"{statistics.median(ratios):.2f}x ({low:.2f}-{high:.2f})"
+    seconds = result.get(who, {}).get("seconds")
+    return ratio(seconds, result.get("Inductor compiled", {}).get("seconds"))
+
+
 def compile_table(results: list[dict[str, Any]]) -> list[str]:
     lines = [
         "| model | batch | Inductor compile | qalgebra compile (its pass) | qalgebra / Inductor "
@@ -321,14 +357,13 @@ def compile_table(results: list[dict[str, Any]]) -> list[str]:
         lines.append(
             f"| {r['model']} | {r['batch']} | {fmt(ind.get('seconds'), ' s')} "
             f"| {fmt(qa.get('seconds'), ' s')} ({fmt(qa.get('pass_seconds'), ' s')}) "
-            f"| {ratio(qa.get('seconds'), ind.get('seconds'))} "
-            f"| {fmt(off.get('seconds'), ' s')}, {ratio(off.get('seconds'), ind.get('seconds'))} "
+            f"| {compile_ratio(r, 'qalgebra compiled')} "
+            f"| {fmt(off.get('seconds'), ' s')}, {compile_ratio(r, ALL_FUSED)} "
             f"| {ind.get('fused', 'n/a')} | {qa.get('fused', 'n/a')} "
             f"(+{qa.get('left_float', 'n/a')}) | {off.get('fused', 'n/a')} "
             f"| {qa.get('inductor_quant_fusions', 'n/a')} |"
         )
     return lines
-
 
 
 RUNTIME_COLUMNS = (
@@ -412,7 +447,13 @@ def header(command: str, args: Args, load: tuple[str, str]) -> list[str]:
         f"calls after {args.warmup} warm-up calls, the modules taking turns; compile time = "
         "first call (dynamo + AOT + passes + codegen + C++ compiler), fresh Inductor cache "
         "and qalgebra's self-check and cost-check caches emptied, "
-        "after one warm-up compile of resnet_like(1) with each backend.",
+        "after one warm-up compile of resnet_like(1) with each backend"
+        + (
+            f"; {args.compiles} compiles per backend, the order rotating, times and ratios "
+            "the medians (per-round ratios, their range in brackets)."
+            if args.compiles > 1
+            else "; one compile per backend."
+        ),
         "",
     ]
 
@@ -425,6 +466,12 @@ def parse_args(argv: list[str] | None) -> tuple[Args, str | None]:
     parser.add_argument("--runs", type=int, default=None, help="timed rounds (default 30)")
     parser.add_argument("--warmup", type=int, default=None, help="warm-up rounds (default 5)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    parser.add_argument(
+        "--compiles",
+        type=int,
+        default=1,
+        help="compiles per backend, the order rotating; times are medians (default 1)",
+    )
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per child")
     parser.add_argument("--out", type=Path, help="also write the markdown report here")
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -439,14 +486,18 @@ def parse_args(argv: list[str] | None) -> tuple[Args, str | None]:
     batches = [int(b) for b in (ns.batches or ("1" if ns.quick else "1,8")).split(",")]
     runs = ns.runs if ns.runs is not None else (10 if ns.quick else 30)
     warmup = ns.warmup if ns.warmup is not None else (2 if ns.quick else 5)
-    return Args(models, batches, runs, warmup, ns.threads, ns.timeout, ns.out), ns.child
+    if ns.compiles < 1:
+        parser.error("--compiles must be at least 1")
+    args = Args(models, batches, runs, warmup, ns.threads, ns.compiles, ns.timeout, ns.out)
+    return args, ns.child
 
 
 def main(argv: list[str] | None = None) -> int:
     args, child_model = parse_args(argv)
     torch.set_num_threads(args.threads)
     if child_model is not None:
-        print(json.dumps(child(child_model, args.batches[0], args.runs, args.warmup)))
+        result = child(child_model, args.batches[0], args.runs, args.warmup, args.compiles)
+        print(json.dumps(result))
         return 0
     command = "python bench/bench_compile.py " + shlex.join(sys.argv[1:] if argv is None else argv)
     start_load = " / ".join(f"{x:.2f}" for x in os.getloadavg())
