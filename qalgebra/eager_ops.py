@@ -30,14 +30,15 @@ from __future__ import annotations
 import operator
 from collections.abc import Callable, Mapping
 from types import MappingProxyType
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import fx
 
+from qalgebra.fusions.pointwise import LOW_MEMORY_MAX_POOL
 from qalgebra.ops import quantized_decomposed as qd
 
-__all__ = ["EAGER", "dequantize_per_tensor", "quantize_per_tensor", "values_only"]
+__all__ = ["EAGER", "dequantize_per_tensor", "eager_call", "quantize_per_tensor", "values_only"]
 
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 _INTEGERS = (torch.uint8, torch.int8)
@@ -110,9 +111,6 @@ def dequantize_per_tensor(
     return scratch
 
 
-_LOW_MEMORY_MAX_POOL = "prims._low_memory_max_pool_with_offsets.default"
-
-
 def _max_pool_values(
     input: torch.Tensor,
     kernel_size: list[int],
@@ -135,12 +133,19 @@ def _max_pool_values(
 def values_only(node: fx.Node) -> Callable[..., object] | None:
     """A cheaper equivalent of ``node``'s op given what the graph reads of its outputs: the
     values alone of a low-memory max pool whose offsets no user reads; else None."""
-    # named, not imported: Inductor registers the prim only once torch._inductor is imported
-    if str(node.target) != _LOW_MEMORY_MAX_POOL:
+    if node.target != LOW_MEMORY_MAX_POOL:  # by name: registered once torch._inductor loads
         return None
     if all(u.target is operator.getitem and u.args[1] == 0 for u in node.users):
         return _max_pool_values
     return None
+
+
+def eager_call(node: fx.Node) -> Callable[..., object]:
+    """What :func:`qalgebra.trial.evaluate` calls for ``node``: its op, or a faster equivalent
+    computing the same numbers (:func:`values_only`, :data:`EAGER`)."""
+    target = cast(Callable[..., object], node.target)
+    faster = values_only(node)
+    return EAGER.get(target, target) if faster is None else faster
 
 
 #: Op overload -> its in-place equivalent, for :func:`qalgebra.trial.evaluate`.

@@ -23,7 +23,7 @@ from torch.fx.experimental.symbolic_shapes import optimization_hint
 
 from qalgebra.combinators import quantize_per_tensor
 from qalgebra.draws import random_floats, random_ints
-from qalgebra.eager_ops import EAGER, values_only
+from qalgebra.eager_ops import eager_call
 from qalgebra.fusions.common import QUANT_RANGE_KEY
 from qalgebra.match import match_node, node_dtype
 from qalgebra.pattern import Match, ignored
@@ -272,11 +272,7 @@ def evaluate(
         args = substitute(node.args, value, promote)
         kwargs = {k: substitute(v, value, promote) for k, v in node.kwargs.items()}
         if node.op == "call_function":
-            target = cast(Callable[..., object], node.target)
-            call = values_only(node)  # the same numbers, faster
-            if call is None:
-                call = EAGER.get(target, target)
-            env[node] = call(*args, **kwargs)
+            env[node] = eager_call(node)(*args, **kwargs)  # the op, or the same numbers faster
         elif node.op == "call_method":
             self_arg, *rest = args
             env[node] = getattr(self_arg, str(node.target))(*rest, **kwargs)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import operator
+from dataclasses import dataclass
 from types import MappingProxyType
 
 import pytest
@@ -39,55 +40,63 @@ def _layout(t: torch.Tensor) -> list[tuple[int, int]]:
     return [(n, s) for n, s in zip(t.shape, t.stride(), strict=True) if n > 1]
 
 
+@dataclass(frozen=True)
+class _Case:
+    """What both ops' properties draw: a seeded shape in a layout, qparams and a range."""
+
+    seed: int
+    shape: tuple[int, ...]
+    layout: str
+    scale: float
+    zero_point: int
+    dtype: torch.dtype
+    low: int
+    high: int
+
+    @property
+    def args(self) -> tuple[float, int, int, int, torch.dtype]:
+        return (self.scale, self.zero_point, self.low, self.high, self.dtype)
+
+
 @st.composite
-def _ranges(draw: st.DrawFn) -> tuple[torch.dtype, int, int]:
+def _cases(draw: st.DrawFn) -> _Case:
     dtype = draw(st.sampled_from([torch.uint8, torch.int8]))
     info = torch.iinfo(dtype)
     low = draw(st.integers(info.min, info.max))
-    high = draw(st.integers(low, info.max))
-    return dtype, low, high
-
-
-_SCALES = st.floats(1e-6, 1e3, allow_nan=False).map(float)
+    return _Case(
+        seed=draw(st.integers(0, 2**16)),
+        shape=draw(st.tuples(*[st.integers(1, 5)] * 2, *[st.integers(2, 6)] * 2)),
+        layout=draw(st.sampled_from(_LAYOUTS)),
+        scale=draw(st.floats(1e-6, 1e3, allow_nan=False).map(float)),
+        zero_point=draw(st.integers(-200, 200)),
+        dtype=dtype,
+        low=low,
+        high=draw(st.integers(low, info.max)),
+    )
 
 
 @settings(max_examples=150, deadline=None)
 @given(
-    seed=st.integers(0, 2**16),
-    shape=st.tuples(*[st.integers(1, 5)] * 2, *[st.integers(2, 6)] * 2),
-    layout=st.sampled_from(_LAYOUTS),
+    case=_cases(),
     in_dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
     spread=st.sampled_from([1.0, 100.0, 1e6]),
     specials=st.booleans(),
-    scale=_SCALES,
-    zero_point=st.integers(-200, 200),
-    qrange=_ranges(),
 )
 def test_quantize_is_bit_exact(
-    seed: int,
-    shape: tuple[int, ...],
-    layout: str,
-    in_dtype: torch.dtype,
-    spread: float,
-    specials: bool,
-    scale: float,
-    zero_point: int,
-    qrange: tuple[torch.dtype, int, int],
+    case: _Case, in_dtype: torch.dtype, spread: float, specials: bool
 ) -> None:
-    dtype, low, high = qrange
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(shape, generator=gen) * spread
+    gen = torch.Generator().manual_seed(case.seed)
+    x = torch.randn(case.shape, generator=gen) * spread
     if specials:  # inputs at rounding edges, signed zeros, infinities and NaN
         flat = x.view(-1)
-        flat[:4] = torch.tensor([0.5, 1.5, -0.5, -2.5]) * scale  # shapes hold >= 4 elements
+        flat[:4] = torch.tensor([0.5, 1.5, -0.5, -2.5]) * case.scale  # shapes hold >= 4
         flat[-1] = -0.0
         flat[len(flat) // 2] = math.inf
         flat[len(flat) // 3] = -math.inf
         flat[len(flat) // 4] = math.nan
-    x = _laid_out(x.to(in_dtype), layout)
-    args = (scale, zero_point, low, high, dtype)
-    expected = qd.quantize_per_tensor.default(x, *args)
-    got = quantize_per_tensor(x, *args)
+    x = _laid_out(x.to(in_dtype), case.layout)
+    expected = qd.quantize_per_tensor.default(x, *case.args)
+    got = quantize_per_tensor(x, *case.args)
     assert got.dtype == expected.dtype
     assert torch.equal(got, expected)
     assert _layout(got) == _layout(expected)
@@ -95,30 +104,15 @@ def test_quantize_is_bit_exact(
 
 @settings(max_examples=150, deadline=None)
 @given(
-    seed=st.integers(0, 2**16),
-    shape=st.tuples(*[st.integers(1, 5)] * 2, *[st.integers(2, 6)] * 2),
-    layout=st.sampled_from(_LAYOUTS),
+    case=_cases(),
     out_dtype=st.sampled_from([None, torch.float32, torch.bfloat16, torch.float16]),
-    scale=_SCALES,
-    zero_point=st.integers(-200, 200),
-    qrange=_ranges(),
 )
-def test_dequantize_is_bit_exact(
-    seed: int,
-    shape: tuple[int, ...],
-    layout: str,
-    out_dtype: torch.dtype | None,
-    scale: float,
-    zero_point: int,
-    qrange: tuple[torch.dtype, int, int],
-) -> None:
-    dtype, low, high = qrange
-    gen = torch.Generator().manual_seed(seed)
-    q = torch.randint(low, high + 1, shape, generator=gen).to(dtype)
-    q = _laid_out(q, layout)
-    args = (scale, zero_point, low, high, dtype)
-    expected = qd.dequantize_per_tensor.default(q, *args, out_dtype=out_dtype)
-    got = dequantize_per_tensor(q, *args, out_dtype=out_dtype)
+def test_dequantize_is_bit_exact(case: _Case, out_dtype: torch.dtype | None) -> None:
+    gen = torch.Generator().manual_seed(case.seed)
+    q = torch.randint(case.low, case.high + 1, case.shape, generator=gen).to(case.dtype)
+    q = _laid_out(q, case.layout)
+    expected = qd.dequantize_per_tensor.default(q, *case.args, out_dtype=out_dtype)
+    got = dequantize_per_tensor(q, *case.args, out_dtype=out_dtype)
     assert got.dtype == expected.dtype
     assert torch.equal(got, expected)
     assert _layout(got) == _layout(expected)
