@@ -446,7 +446,8 @@ def lower(
         typer.Option(
             "--selfcheck",
             help="on: run each distinct fused kernel call once on random inputs against the "
-            "subgraph it replaces and leave unfused what disagrees; off: trust the kernels.",
+            "subgraph it replaces (on sampled rows of the batch where that is exact) and leave "
+            "unfused what disagrees; full: compare every row; off: trust the kernels.",
         ),
     ] = "on",
     out: Annotated[

@@ -435,8 +435,9 @@ def lower(
     fusion and the node, chained to the cause) instead.
 
     ``selfcheck`` (:mod:`qalgebra.selfcheck`): ``"on"`` runs each distinct fused kernel call
-    once per process on random inputs against the subgraph it replaces, and leaves unfused
-    what disagrees; ``"off"`` trusts the kernels.
+    once per process on random inputs against the subgraph it replaces (the reference on
+    sampled rows of the batch where that is exact), and leaves unfused what disagrees;
+    ``"full"`` compares every row; ``"off"`` trusts the kernels.
     """
     return lower_with_report(
         gm, example_inputs, fusions=fusions, strict=strict, selfcheck=selfcheck

@@ -22,7 +22,7 @@ the lowering then emits what another CPU runs, which this CPU may compute wrongl
 >>> SelfCheck("off", stats).enabled
 False
 >>> sorted(MODES)
-['off', 'on']
+['full', 'off', 'on']
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ from qalgebra.isa import foreign_answers
 from qalgebra.match import node_dtype
 from qalgebra.pattern import Match
 from qalgebra.rewriter import Rewriter
+from qalgebra.row_sample import sampled_reference, take_rows
 from qalgebra.testing.oracle import BF16_RTOL, FLOAT_ATOL, FP32_RTOL, compare_outputs
 from qalgebra.trial import (
     CheckStats,
@@ -67,8 +68,10 @@ __all__ = [
     "is_kernel",
 ]
 
-SelfCheckMode: TypeAlias = Literal["off", "on"]
-"""``"on"``: check each new signature once per process; ``"off"``: never."""
+SelfCheckMode: TypeAlias = Literal["off", "on", "full"]
+"""``"on"``: check each new signature once per process, the reference on sampled rows of the
+batch where that is exact (:mod:`qalgebra.row_sample`); ``"full"``: the same on every row;
+``"off"``: never."""
 MODES: tuple[str, ...] = get_args(SelfCheckMode)
 
 #: Namespaces whose ops are kernels the check distrusts; plus the single aten kernels below.
@@ -91,13 +94,15 @@ class SelfCheckStats(CheckStats):
 
     #: Signatures run now (not in the cache before this lowering).
     ran: int = 0
+    #: Of those, how many ran the reference on sampled rows of the batch.
+    sampled: int = 0
 
     def summary(self) -> str:
         """One line for people."""
         return (
             f"self-check ({self.mode}): {self.ran} signature(s) run in {self.seconds * 1e3:.1f} "
-            f"ms, {self.cached} served from the cache, {self.refused} refused, "
-            + self.skipped_text()
+            f"ms ({self.sampled} on sampled rows), {self.cached} served from the cache, "
+            f"{self.refused} refused, " + self.skipped_text()
         )
 
 
@@ -105,6 +110,8 @@ class SelfCheckStats(CheckStats):
 class _Verdict:
     ok: bool
     message: str
+    #: The reference ran on sampled rows (:mod:`qalgebra.row_sample`).
+    sampled: bool = False
 
 
 _VERDICTS: dict[Hashable, _Verdict] = {}
@@ -132,6 +139,7 @@ class SelfCheck:
         if mode not in MODES:
             raise LoweringError(f"lower: selfcheck must be one of {MODES}, got {mode!r}")
         self.enabled = mode != "off"
+        self.sample = mode == "on"
         self.stats = stats
         stats.mode = mode
         self._constant = ConstantMemo()
@@ -159,13 +167,14 @@ class SelfCheck:
 
     def _verdict(self, fusion: str, m: Match, rw: Rewriter, new: fx.Node) -> _Verdict:
         ops = operands(m, rw, new, self._constant)
-        key = (fusion, ops.key(rw.module))
+        key = (fusion, self.sample, ops.key(rw.module))
         cached = _VERDICTS.get(key)
         if cached is not None:
             self.stats.cached += 1
             return cached
-        verdict = _run_check(m, rw.module, ops, new)
+        verdict = _run_check(m, rw.module, ops, new, sample=self.sample)
         self.stats.ran += 1
+        self.stats.sampled += verdict.sampled
         _VERDICTS[key] = verdict
         return verdict
 
@@ -174,11 +183,22 @@ class SelfCheck:
 # Running both sides
 
 
-def _run_check(m: Match, module: Any, ops: Operands, new: fx.Node) -> _Verdict:
+def _run_check(m: Match, module: Any, ops: Operands, new: fx.Node, *, sample: bool) -> _Verdict:
     base = random_inputs(ops, module)
+    order = ancestors(m.root, set(m.nodes))
     try:
-        ref_env = {n: promoted(v) for n, v in base.items()}
-        evaluate(ancestors(m.root, set(m.nodes)), ref_env, module, promote=True)
+        sampled = (
+            sampled_reference(order, base, module, drawn=set(ops.external), promote=True)
+            if sample
+            else None
+        )
+        if sampled is not None and m.root not in sampled.batched:
+            sampled = None  # an output that does not depend on the batch: compare it whole
+        if sampled is None:
+            ref_env = {n: promoted(v) for n, v in base.items()}
+            evaluate(order, ref_env, module, promote=True)
+        else:
+            ref_env = sampled.env
     except (RuntimeError, TypeError, ValueError, IndexError) as exc:
         raise Skip(f"the reference raised {type(exc).__name__}") from exc
     readable = set(base) | set(ops.candidate)
@@ -195,18 +215,35 @@ def _run_check(m: Match, module: Any, ops: Operands, new: fx.Node) -> _Verdict:
             False, f"the fused op raised {type(exc).__name__} on random inputs: {first}"
         )
     fused = new_env[new]
+    if sampled is not None:
+        if not _rows_of(fused, sampled.batch):
+            return _Verdict(
+                False,
+                f"the fused op returns {_kind(fused)}, the reference {sampled.batch} rows",
+            )
+        fused = take_rows(fused, sampled.rows)
     # only the float bound reads the subgraph's largest value: a quantized output skips the
     # pass over every value the reference computed
     magnitude = 0.0
     if any(t.is_floating_point() for t in _tensors(fused) or []):
         magnitude = _largest_float(ref_env[n] for n in m.nodes if n in ref_env)
-    return agreement(
+    verdict = agreement(
         ref_env[m.root],
         fused,
         dtype=node_dtype(m.root),
         bf16=_computes_bf16(m.nodes),
         magnitude=magnitude,
     )
+    if sampled is None:
+        return verdict
+    rows = sampled.rows.tolist()
+    return _Verdict(verdict.ok, f"{verdict.message} (rows {rows} of {sampled.batch})", True)
+
+
+def _rows_of(value: object, batch: int) -> bool:
+    """Whether ``value`` is a tensor, or tensors, of ``batch`` rows along dim 0."""
+    tensors = _tensors(value)
+    return bool(tensors) and all(t.dim() > 0 and t.shape[0] == batch for t in tensors or [])
 
 
 def _largest_float(values: Iterable[object]) -> float:

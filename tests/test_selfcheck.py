@@ -80,12 +80,12 @@ def _with_wrong_scale(fusion: Fusion, factor: float) -> Fusion:
 
 
 def _conv_example(
-    returns: Returns = "quantized",
+    returns: Returns = "quantized", batch: int = 2
 ) -> tuple[fx.GraphModule, tuple[torch.Tensor, ...]]:
     conv = ConvSpec(8, 8, (3, 3), padding=(1, 1))
     out_q = OUT_Q if returns == "quantized" else None
     spec = GraphSpec(
-        "qconv", (2, 8, 6, 6), Q, Layer(conv, seed=4), output_quant=out_q, returns=returns
+        "qconv", (batch, 8, 6, 6), Q, Layer(conv, seed=4), output_quant=out_q, returns=returns
     )
     example = build_example(spec)
     return example.gm, example.inputs
@@ -121,6 +121,48 @@ def test_a_wrong_kernel_is_refused_and_the_model_still_runs_right() -> None:
     blind, report = lower_with_report(gm, inputs, fusions=(wrong,), selfcheck="off")
     assert report.fired["wrong_qconv"] == 1
     assert (blind(*inputs).int() - reference.int()).abs().max() > 1
+
+
+def _wrong_in_row(fusion: Fusion, row: int, batch: int) -> Fusion:
+    """``fusion`` whose quantized output is 7 levels off in one row of the batch."""
+
+    def rewrite(m: Match, rw: Rewriter) -> fx.Node:
+        new = fusion.rewrite(m, rw)
+        delta = torch.zeros(batch, 1, 1, 1, dtype=torch.uint8)
+        delta[row] = 7
+        return rw.call(torch.ops.aten.add.Tensor, self=new, other=rw.constant("delta", delta))
+
+    return Fusion(f"wrong_row{row}_{fusion.name}", fusion.family, fusion.pattern, rewrite)
+
+
+def test_at_batch_8_the_reference_runs_on_sampled_rows_and_still_refuses_a_wrong_kernel() -> None:
+    gm, inputs = _conv_example(batch=8)
+    lowered, report = lower_with_report(gm, inputs, fusions=(_with_wrong_scale(QCONV, 2.0),))
+    (refusal,) = report.refused
+    assert refusal.cause == "selfcheck" and refusal.reason.endswith("(rows [0, 7] of 8)")
+    assert (report.selfcheck.ran, report.selfcheck.sampled) == (1, 1)
+    assert torch.equal(lowered(*inputs), gm(*inputs))
+    _, report = lower_with_report(gm, inputs)  # the right kernel passes on the same rows
+    assert report.fired["qconv"] == 1 and report.selfcheck.sampled == 1
+
+
+@pytest.mark.parametrize("row", [0, 7])
+def test_a_kernel_wrong_in_the_first_or_last_row_is_refused(row: int) -> None:
+    gm, inputs = _conv_example(batch=8)
+    _, report = lower_with_report(gm, inputs, fusions=(_wrong_in_row(QCONV, row, 8),))
+    assert report.selfcheck.refused == 1 and report.selfcheck.sampled == 1, report.summary()
+
+
+def test_full_mode_checks_every_row_and_on_mode_only_the_sampled_ones() -> None:
+    # the documented limit of sampling: row 3 of 8 is not among the rows checked
+    gm, inputs = _conv_example(batch=8)
+    wrong = (_wrong_in_row(QCONV, 3, 8),)
+    _, report = lower_with_report(gm, inputs, fusions=wrong, selfcheck="full")
+    assert report.selfcheck.refused == 1 and report.selfcheck.sampled == 0
+    assert "MISMATCH" in report.refused[0].reason
+    _, report = lower_with_report(gm, inputs, fusions=wrong, selfcheck="on")
+    assert report.selfcheck.refused == 0 and report.selfcheck.sampled == 1
+    assert report.fired["wrong_row3_qconv"] == 1
 
 
 def test_a_kernel_that_rejects_its_arguments_is_refused() -> None:

@@ -1785,7 +1785,7 @@ def _input_shape(draw: st.DrawFn, op: ConvSpec | LinearSpec) -> tuple[int, ...]:
     for k, p, d in zip(op.kernel, op.padding, op.dilation, strict=True):
         least = max(1, d * (k - 1) + 1 - 2 * p)
         sizes.append(draw(st.integers(least, least + 7)))
-    return (draw(st.integers(1, 2)), op.in_channels, *sizes)
+    return (draw(st.integers(1, 4)), op.in_channels, *sizes)  # 3+: a sampled self-check
 
 
 _BINARY_FAMILIES = ("qconv_binary", "qlinear_binary")
