@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from torch import fx
 from torch._guards import detect_fake_mode
+from torch._subclasses.fake_tensor import FakeTensor
 
 from qalgebra.costcheck import AS_TIMED_KEY
 from qalgebra.match import node_dtype
@@ -325,6 +326,7 @@ def propagate_vals(gm: fx.GraphModule) -> int:
     fake_mode = detect_fake_mode([v for v in vals if isinstance(v, torch.Tensor)])
     if fake_mode is None:
         return 0
+    mode = fake_mode  # narrowed, for the class below
     changed: set[fx.Node] = set()
     ran = 0
 
@@ -339,6 +341,16 @@ def propagate_vals(gm: fx.GraphModule) -> int:
                 and not any(a in changed for a in n.all_input_nodes)
             ):
                 return old
+            if n.op == "get_attr":
+                # a constant a rewrite made: its fake value, converted once, is what the
+                # readers get (else each reader's op converts the real tensor again)
+                value = self.fetch_attr(str(n.target))
+                if isinstance(value, torch.Tensor) and not isinstance(value, FakeTensor):
+                    fake = mode.from_tensor(value, static_shapes=True)
+                    n.meta["val"] = fake
+                    changed.add(n)
+                    ran += 1
+                    return fake
             result = super().run_node(n)
             ran += n.op not in ("placeholder", "output")
             if n.op != "placeholder" and _layout(old) != _layout(n.meta.get("val")):

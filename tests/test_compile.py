@@ -15,6 +15,8 @@ import copy
 import dataclasses
 import os
 from importlib.metadata import entry_points
+from typing import Any
+from unittest import mock
 
 import pytest
 import torch
@@ -218,6 +220,41 @@ def test_propagate_vals_reruns_new_nodes_and_what_reads_them_only() -> None:
     unchanged = make_fx(model, tracing_mode="fake")(torch.randn(4, 4))
     mark_traced(unchanged.graph)
     assert propagate_vals(unchanged) == 0
+
+
+def test_propagate_vals_converts_a_new_constant_once_for_all_its_readers() -> None:
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorConverter
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from qalgebra.inductor_prep import mark_traced, propagate_vals
+
+    def model(x: torch.Tensor) -> torch.Tensor:
+        return (x * 2).relu() + x
+
+    gm = make_fx(model, tracing_mode="fake")(torch.randn(4, 4))
+    mark_traced(gm.graph)
+    gm.register_buffer("offset", torch.randn(4, 4).t())  # transposed strides
+    mul = gm.graph.find_nodes(op="call_function", target=aten.mul.Tensor)[0]
+    (relu,) = mul.users
+    with gm.graph.inserting_before(relu):
+        offset = gm.graph.get_attr("offset")
+        shifted = gm.graph.call_function(aten.add.Tensor, (mul, offset))
+        doubled = gm.graph.call_function(aten.mul.Tensor, (offset, 2))
+        both = gm.graph.call_function(aten.add.Tensor, (shifted, doubled))
+    relu.replace_input_with(mul, both)
+    conversions: list[tuple[int, ...]] = []
+    original = FakeTensorConverter.from_real_tensor
+
+    def counting(self: FakeTensorConverter, *args: Any, **kwargs: Any) -> FakeTensor:
+        conversions.append(tuple(args[1].stride()))  # (fake_mode, tensor, ...)
+        return original(self, *args, **kwargs)
+
+    with mock.patch.object(FakeTensorConverter, "from_real_tensor", counting):
+        assert propagate_vals(gm) == 5  # the constant, the 3 new nodes, relu (layout unchanged)
+    assert conversions == [(1, 4)]  # once, though two ops read it
+    val = offset.meta["val"]
+    assert isinstance(val, FakeTensor) and val.stride() == (1, 4) and val.shape == (4, 4)
+    assert all(isinstance(n.meta.get("val"), FakeTensor) for n in (shifted, doubled, both))
 
 
 def test_in_place_clamps_of_an_owned_tensor_become_functional() -> None:
