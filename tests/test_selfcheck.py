@@ -235,19 +235,21 @@ def test_bf16_graphs_pass_against_the_float32_reference() -> None:
     assert outcome.report.selfcheck.ran == 1 and not outcome.report.refused
 
 
-def test_the_check_alone_catches_the_one_column_conv_where_this_cpu_has_it() -> None:
+@pytest.mark.parametrize("batch", [1, 8])  # 8: the reference on sampled rows
+def test_the_check_alone_catches_the_one_column_conv_where_this_cpu_has_it(batch: int) -> None:
     conv = ConvSpec(8, 2, (2, 2), stride=(1, 2), groups=2)  # the conv
-    example = build_example(GraphSpec("qconv", (1, 8, 6, 2), Q, Layer(conv, seed=5)))
+    example = build_example(GraphSpec("qconv", (batch, 8, 6, 2), Q, Layer(conv, seed=5)))
     # with a trusted static shape the lowering cuts the one column out (exact, no kernel at
     # fault); a result shape that contradicts the conv makes the shapes untrusted, so the conv
     # is emitted strided as written, the kernel this CPU may get wrong
     (root,) = next(n for n in example.gm.graph.nodes if n.op == "output").all_input_nodes
-    root.meta["val"] = torch.empty(1, 2, 6, 7, device="meta")
+    root.meta["val"] = torch.empty(batch, 2, 6, 7, device="meta")
     with isa.forced():
         wrong_here = isa.qconv_single_column_stride_wrong()
     with isa.forced(qconv_single_column_stride_wrong=False):  # no probe refusal
         lowered, report = lower_with_report(example.gm, example.inputs)
     assert report.selfcheck.refused == int(wrong_here), report.summary()
+    assert report.selfcheck.sampled == int(batch > 2)
     assert report.fired["qconv"] == int(not wrong_here)
     reference = flat_outputs(example.gm(*example.inputs))
     check_numerics(example.expected.outputs, reference, flat_outputs(lowered(*example.inputs)))
