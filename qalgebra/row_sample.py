@@ -249,13 +249,11 @@ def _rank(env: Mapping[fx.Node, object], arg: object) -> int:
     return value.dim() if isinstance(value, torch.Tensor) else -1
 
 
-def _operand_nodes(args: object) -> list[fx.Node]:
-    """Every node among ``args`` (inside lists and tuples too), in order."""
-    if isinstance(args, fx.Node):
-        return [args]
-    if isinstance(args, list | tuple):
-        return [n for a in args for n in _operand_nodes(a)]
-    return []
+def _operand_nodes(args: fx.node.Argument) -> list[fx.Node]:
+    """Every node among ``args`` (inside lists, tuples and dicts too), in order."""
+    found: list[fx.Node] = []
+    fx.node.map_arg(args, found.append)
+    return found
 
 
 def _broadcast_free(value: object, rank: int) -> bool:
@@ -269,7 +267,7 @@ def _broadcast_by_rows(
     node: fx.Node, env: Mapping[fx.Node, object], state: Mapping[fx.Node, _State], rank: int
 ) -> bool:
     """A pointwise op: batched operands have the output's rank, the others broadcast."""
-    for arg in _operand_nodes((node.args, tuple(node.kwargs.values()))):
+    for arg in _operand_nodes((node.args, node.kwargs)):
         if state.get(arg) == "rows":
             if _rank(env, arg) != rank:
                 return False
@@ -280,7 +278,7 @@ def _broadcast_by_rows(
 
 def _only_first_rows(node: fx.Node, state: Mapping[fx.Node, _State]) -> bool:
     first, *rest = node.args
-    others = _operand_nodes((rest, tuple(node.kwargs.values())))
+    others = _operand_nodes((tuple(rest), node.kwargs))
     return _is_rows(first, state) and not any(state.get(a) == "rows" for a in others)
 
 

@@ -146,31 +146,19 @@ LIN_W = torch.randn(5, 6)
 @pytest.mark.parametrize(
     ("fn", "shapes"),
     [
-        (lambda x: F.max_pool2d(x, 2, return_indices=True), [(5, 3, 6, 6)]),
-        (lambda x: F.adaptive_avg_pool2d(x, 1), [(5, 3, 6, 6)]),
-        (lambda x: x.mean([-1, -2], keepdim=True), [(5, 3, 6, 6)]),
-        (lambda x: torch.softmax(x, -1), [(5, 3, 6)]),
-        (lambda x: torch.addmm(BIAS, x, LIN_W.t()), [(7, 6)]),
-        (lambda x, y: torch.bmm(x, y), [(4, 3, 6), (4, 6, 2)]),
-        (lambda x, y: torch.cat([x, y], 1), [(4, 3, 2), (4, 5, 2)]),
-        (lambda x, y: x * y + BIAS, [(4, 1, 5), (4, 3, 1)]),
-        (lambda x: x + torch.ones(1, 5), [(4, 5)]),  # a constant of one row broadcasts
-        (
-            lambda x: _per_channel_round_trip(x, 1),
-            [(4, 3, 2)],
+        pytest.param(
+            lambda x: F.max_pool2d(x, 2, return_indices=True), [(5, 3, 6, 6)], id="max_pool_indices"
         ),
-    ],
-    ids=[
-        "max_pool_indices",
-        "adaptive_pool",
-        "mean_hw",
-        "softmax",
-        "addmm",
-        "bmm",
-        "cat_dim1",
-        "broadcast",
-        "one_row_constant",
-        "per_channel_axis1",
+        pytest.param(lambda x: F.adaptive_avg_pool2d(x, 1), [(5, 3, 6, 6)], id="adaptive_pool"),
+        pytest.param(lambda x: x.mean([-1, -2], keepdim=True), [(5, 3, 6, 6)], id="mean_hw"),
+        pytest.param(lambda x: torch.softmax(x, -1), [(5, 3, 6)], id="softmax"),
+        pytest.param(lambda x: torch.addmm(BIAS, x, LIN_W.t()), [(7, 6)], id="addmm"),
+        pytest.param(lambda x, y: torch.bmm(x, y), [(4, 3, 6), (4, 6, 2)], id="bmm"),
+        pytest.param(lambda x, y: torch.cat([x, y], 1), [(4, 3, 2), (4, 5, 2)], id="cat_dim1"),
+        pytest.param(lambda x, y: x * y + BIAS, [(4, 1, 5), (4, 3, 1)], id="broadcast"),
+        # a constant of one row broadcasts
+        pytest.param(lambda x: x + torch.ones(1, 5), [(4, 5)], id="one_row_constant"),
+        pytest.param(lambda x: _per_channel_round_trip(x, 1), [(4, 3, 2)], id="per_channel_axis1"),
     ],
 )
 def test_ops_that_keep_rows_apart_are_sampled(
@@ -197,44 +185,31 @@ ROWS4 = torch.randn(4, 5)
 @pytest.mark.parametrize(
     ("fn", "shapes"),
     [
-        (lambda x: x.mean([0]), [(4, 5)]),
-        (lambda x: x.sum(), [(4, 5)]),
-        (lambda x: torch.softmax(x, 0), [(4, 5)]),
-        (lambda x: x.view(2, 10), [(4, 5)]),
-        (lambda x: x.reshape(-1), [(4, 5)]),
-        (lambda x: x.t(), [(4, 5)]),
-        (lambda x: torch.flip(x, [0]), [(4, 5)]),
-        (lambda x, y: torch.cat([x, y]), [(4, 5), (4, 5)]),
-        (lambda x: x + ROWS4, [(4, 5)]),  # a constant with rows of its own
-        (lambda x: torch.mm(ROWS4.t(), x), [(4, 5)]),  # the batch as the reduced dim
-        (lambda x: torch.addmm(ROWS4, x, LIN_W.t()[:5]), [(4, 5)]),  # a bias with rows
-        (lambda x: torch.bmm(x, torch.randn(4, 5, 2)), [(4, 3, 5)]),
-        (
-            lambda x: _per_channel_round_trip(x, 0),
-            [(4, 3)],
+        pytest.param(lambda x: x.mean([0]), [(4, 5)], id="mean_dim0"),
+        pytest.param(lambda x: x.sum(), [(4, 5)], id="sum_all"),
+        pytest.param(lambda x: torch.softmax(x, 0), [(4, 5)], id="softmax_dim0"),
+        pytest.param(lambda x: x.view(2, 10), [(4, 5)], id="view"),
+        pytest.param(lambda x: x.reshape(-1), [(4, 5)], id="reshape"),
+        pytest.param(lambda x: x.t(), [(4, 5)], id="transpose"),
+        pytest.param(lambda x: torch.flip(x, [0]), [(4, 5)], id="flip_rows"),
+        pytest.param(lambda x, y: torch.cat([x, y]), [(4, 5), (4, 5)], id="cat_dim0"),
+        # a constant with rows of its own
+        pytest.param(lambda x: x + ROWS4, [(4, 5)], id="constant_with_rows"),
+        # the batch as the reduced dim
+        pytest.param(lambda x: torch.mm(ROWS4.t(), x), [(4, 5)], id="mm_rows_reduced"),
+        # a bias with rows
+        pytest.param(
+            lambda x: torch.addmm(ROWS4, x, LIN_W.t()[:5]), [(4, 5)], id="addmm_bias_rows"
         ),
-        (
+        pytest.param(lambda x: torch.bmm(x, torch.randn(4, 5, 2)), [(4, 3, 5)], id="bmm_free_rows"),
+        pytest.param(lambda x: _per_channel_round_trip(x, 0), [(4, 3)], id="per_channel_axis0"),
+        pytest.param(
             lambda x: torch.ops.quantized_decomposed.choose_qparams.tensor(
                 x, 0, 255, 1e-5, torch.uint8
             ),
             [(4, 5)],
+            id="dynamic_qparams",
         ),
-    ],
-    ids=[
-        "mean_dim0",
-        "sum_all",
-        "softmax_dim0",
-        "view",
-        "reshape",
-        "transpose",
-        "flip_rows",
-        "cat_dim0",
-        "constant_with_rows",
-        "mm_rows_reduced",
-        "addmm_bias_rows",
-        "bmm_free_rows",
-        "per_channel_axis0",
-        "dynamic_qparams",
     ],
 )
 def test_ops_that_mix_rows_are_not_sampled(
