@@ -387,12 +387,12 @@ def run_child(args: Args, name: str, batch: int) -> dict[str, Any]:
     cmd += ["--compiles", str(args.compiles), "--timeout", str(args.timeout)]
     if args.same_process:
         cmd.append("--same-process-compiles")
+    # the child runs its timed compiles in processes of their own, each given --timeout
+    timeout = args.timeout * (1 + (0 if args.same_process else 3 * args.compiles))
     try:
-        done = subprocess.run(
-            cmd, capture_output=True, text=True, timeout=args.timeout, check=False
-        )
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
     except subprocess.TimeoutExpired:
-        return {"model": name, "batch": batch, "error": f"timed out after {args.timeout:.0f} s"}
+        return {"model": name, "batch": batch, "error": f"timed out after {timeout:.0f} s"}
     if done.returncode != 0:
         last = (done.stderr.strip().splitlines() or ["?"])[-1]
         return {"model": name, "batch": batch, "error": last[:300]}
@@ -549,7 +549,13 @@ def parse_args(argv: list[str] | None) -> tuple[Args, str | tuple[str, str] | No
         default=1,
         help="compiles per backend, the order rotating; times are medians (default 1)",
     )
-    parser.add_argument("--timeout", type=float, default=1800, help="seconds per child")
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=1800,
+        help="seconds per child and per compile process (a child gets it once more for each "
+        "of the compiles it starts)",
+    )
     parser.add_argument("--out", type=Path, help="also write the markdown report here")
     parser.add_argument(
         "--same-process-compiles",
