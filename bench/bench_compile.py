@@ -48,7 +48,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from unittest import mock
 
 REPO = Path(__file__).resolve().parent.parent
@@ -57,7 +57,7 @@ if str(REPO) not in sys.path:  # runnable from a checkout without `pip install -
 
 import torch  # noqa: E402
 from bench_lowering import cpu_model, fmt, git_revision, log  # noqa: E402
-from torch import Tensor, nn  # noqa: E402
+from torch import Tensor, fx, nn  # noqa: E402
 
 from qalgebra.measure import (  # noqa: E402
     max_abs_diff,
@@ -69,6 +69,7 @@ from qalgebra.measure import (  # noqa: E402
 from qalgebra.testing.models import ffn_stack, resnet_like  # noqa: E402
 
 Factory = Callable[[int], tuple[nn.Module, tuple[Tensor, ...]]]
+T = TypeVar("T")
 
 #: Fused oneDNN conv/linear calls in Inductor's generated wrapper code.
 FUSED_CALL = re.compile(r"torch\.ops\.onednn\.(qconv\w*|qlinear\w*)\.\w+\(")
@@ -229,7 +230,7 @@ def warm_up() -> None:
         compile_once(gm, inputs, backend)
 
 
-def quantized(name: str, batch: int) -> tuple[nn.Module, nn.Module, tuple[Tensor, ...]]:
+def quantized(name: str, batch: int) -> tuple[nn.Module, fx.GraphModule, tuple[Tensor, ...]]:
     """The float model, its PT2E-quantized graph (decomposed for ``[decomposed]`` names), inputs."""
     from qalgebra.testing.forms import to_decomposed
     from qalgebra.testing.quantize import quantize_pt2e
@@ -277,12 +278,28 @@ def compile_in_fresh_process(name: str, batch: int, who: str, timeout: float) ->
     """
     cmd = [sys.executable, __file__, "--compile-child", name, "--backend", who]
     cmd += ["--batches", str(batch), "--threads", str(torch.get_num_threads())]
+    out = run_for_json(cmd, timeout)
+    if isinstance(out, str):
+        raise RuntimeError(f"compile process failed: {out}")
+    return out
+
+
+def run_for_json(cmd: list[str], timeout: float) -> dict[str, Any] | str:
+    """The JSON dict ``cmd`` prints last, or the last line of its stderr when it fails."""
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
     if done.returncode != 0:
-        last = (done.stderr.strip().splitlines() or ["?"])[-1]
-        raise RuntimeError(f"compile process failed: {last[:300]}")
+        return (done.stderr.strip().splitlines() or ["?"])[-1][:300]
     data: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
     return data
+
+
+def rotated(items: list[T], rounds: int) -> Iterator[tuple[int, T]]:
+    """``(round, item)`` for ``rounds`` rounds over ``items``, each round starting one item
+    later: no item always comes first."""
+    for round_ in range(rounds):
+        turn = round_ % len(items)
+        for item in items[turn:] + items[:turn]:
+            yield round_, item
 
 
 def child(
@@ -313,30 +330,26 @@ def child(
     compiled = backends()
     rounds: dict[str, list[dict[str, Any]]] = {who: [] for who, _ in compiled}
     if not same_process:
-        for round_ in range(compiles):  # the order rotates: no backend always compiles first
-            turn = round_ % len(compiled)
-            for who, _ in compiled[turn:] + compiled[:turn]:
-                log(f"{name} batch {batch}: compiling with {who} ({round_ + 1}/{compiles})")
-                try:
-                    rounds[who].append(compile_in_fresh_process(name, batch, who, timeout))
-                except Exception as exc:
-                    result[f"{who} error"] = f"{type(exc).__name__}: {exc}"[:300]
-    warm_up()
-    # the modules timed below; with --same-process-compiles, also the timed compiles
-    for round_ in range(compiles if same_process else 1):
-        turn = round_ % len(compiled)
-        for who, backend in compiled[turn:] + compiled[:turn]:
-            if not same_process and f"{who} error" in result:
-                continue
-            log(f"{name} batch {batch}: compiling with {who} in this process")
+        for round_, (who, _) in rotated(compiled, compiles):
+            log(f"{name} batch {batch}: compiling with {who} ({round_ + 1}/{compiles})")
             try:
-                done = compile_once(gm, inputs, backend)
+                rounds[who].append(compile_in_fresh_process(name, batch, who, timeout))
             except Exception as exc:
                 result[f"{who} error"] = f"{type(exc).__name__}: {exc}"[:300]
-                continue
-            modules.setdefault(who, done.pop("module"))
-            if same_process:
-                rounds[who].append({k: v for k, v in done.items() if k != "out"})
+    warm_up()
+    # the modules timed below; with --same-process-compiles, also the timed compiles
+    for _, (who, backend) in rotated(compiled, compiles if same_process else 1):
+        if not same_process and f"{who} error" in result:
+            continue
+        log(f"{name} batch {batch}: compiling with {who} in this process")
+        try:
+            done = compile_once(gm, inputs, backend)
+        except Exception as exc:
+            result[f"{who} error"] = f"{type(exc).__name__}: {exc}"[:300]
+            continue
+        modules.setdefault(who, done.pop("module"))
+        if same_process:
+            rounds[who].append({k: v for k, v in done.items() if k != "out"})
     for who, done_rounds in rounds.items():
         if done_rounds:
             result[who] = summarize_compiles(done_rounds)
@@ -388,16 +401,12 @@ def run_child(args: Args, name: str, batch: int) -> dict[str, Any]:
     if args.same_process:
         cmd.append("--same-process-compiles")
     # the child runs its timed compiles in processes of their own, each given --timeout
-    timeout = args.timeout * (1 + (0 if args.same_process else 3 * args.compiles))
+    timeout = args.timeout * (1 + (0 if args.same_process else len(backends()) * args.compiles))
     try:
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
+        out = run_for_json(cmd, timeout)
     except subprocess.TimeoutExpired:
         return {"model": name, "batch": batch, "error": f"timed out after {timeout:.0f} s"}
-    if done.returncode != 0:
-        last = (done.stderr.strip().splitlines() or ["?"])[-1]
-        return {"model": name, "batch": batch, "error": last[:300]}
-    data: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
-    return data
+    return out if isinstance(out, dict) else {"model": name, "batch": batch, "error": out}
 
 
 def ratio(num: float | None, den: float | None) -> str:
