@@ -9,6 +9,11 @@ that time went to three ops:
   operations, in the same order and dtypes, on one scratch tensor: bit-exact and about 3x
   faster on a ``[8, 96, 112, 112]`` activation. Anything outside the plain case (another
   device, dtype or range) calls the op itself, so errors stay the op's own.
+- ``quantized_decomposed.dequantize_per_channel`` (the weight side of each reference)
+  subtracts the zero points in int64, a full-size tensor eight times the weight's bytes, before
+  the float multiply. Where the scales are float32 and the zero points integers below 2**24,
+  that difference is exact in float32 too, so one float32 scratch gives the same bits:
+  8x faster on a ``[2048, 512, 1, 1]`` int8 weight (6.4 ms against 0.8 ms, one thread).
 - ``prims._low_memory_max_pool_with_offsets`` computes the pooled values with
   ``max_pool2d_with_indices`` and then each maximum's offset in its window, with int64
   arithmetic over the whole output (80 ms of a 120 ms call on ``[8, 64, 112, 112]``). Where
@@ -38,7 +43,14 @@ from torch import fx
 from qalgebra.fusions.pointwise import LOW_MEMORY_MAX_POOL
 from qalgebra.ops import quantized_decomposed as qd
 
-__all__ = ["EAGER", "dequantize_per_tensor", "eager_call", "quantize_per_tensor", "values_only"]
+__all__ = [
+    "EAGER",
+    "dequantize_per_channel",
+    "dequantize_per_tensor",
+    "eager_call",
+    "quantize_per_tensor",
+    "values_only",
+]
 
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 _INTEGERS = (torch.uint8, torch.int8)
@@ -111,6 +123,69 @@ def dequantize_per_tensor(
     return scratch
 
 
+#: Integers up to this magnitude are exact in float32 (a 24-bit significand).
+_EXACT_IN_FLOAT32 = 2**24
+
+
+def _exact_zero_points(zero_points: torch.Tensor | None, channels: int) -> bool:
+    if zero_points is None:
+        return True
+    return (
+        zero_points.device.type == "cpu"
+        and not zero_points.is_floating_point()
+        and not zero_points.is_complex()
+        and zero_points.dim() == 1
+        and zero_points.shape[0] == channels
+        and (zero_points.numel() == 0 or int(zero_points.abs().max()) < _EXACT_IN_FLOAT32)
+    )
+
+
+def dequantize_per_channel(
+    input: torch.Tensor,
+    scales: torch.Tensor,
+    zero_points: torch.Tensor | None,
+    axis: int,
+    quant_min: int,
+    quant_max: int,
+    dtype: torch.dtype,
+    *,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """``quantized_decomposed.dequantize_per_channel.default`` on one float32 scratch.
+
+    The op computes ``(input - zero_points) * scales`` with the difference in int64; here the
+    difference is taken in float32, exact for 8-bit values and zero points below 2**24, and
+    the product is the same float32 multiply. Anything else calls the op itself.
+    """
+    target = torch.float32 if out_dtype is None else out_dtype
+    if not (
+        isinstance(input, torch.Tensor)
+        and input.device.type == "cpu"
+        and input.dtype == dtype
+        and input.numel() > 0  # an empty one: the op's own strides
+        and _in_range(quant_min, quant_max, dtype)
+        and type(axis) is int
+        and 0 <= axis < input.dim()
+        and isinstance(scales, torch.Tensor)
+        and scales.device.type == "cpu"
+        and scales.dtype == torch.float32
+        and scales.dim() == 1
+        and scales.shape[0] == input.shape[axis]
+        and _exact_zero_points(zero_points, input.shape[axis])
+        and target in _FLOATS
+    ):
+        return qd.dequantize_per_channel.default(
+            input, scales, zero_points, axis, quant_min, quant_max, dtype, out_dtype=out_dtype
+        )
+    shape = [1] * input.dim()
+    shape[axis] = input.shape[axis]
+    scratch = input.to(torch.float32)
+    if zero_points is not None:
+        scratch.sub_(zero_points.view(shape))
+    scratch.mul_(scales.view(shape))
+    return scratch if target == torch.float32 else scratch.to(target)
+
+
 def _max_pool_values(
     input: torch.Tensor,
     kernel_size: list[int],
@@ -153,5 +228,6 @@ EAGER: Mapping[Any, Callable[..., torch.Tensor]] = MappingProxyType(
     {
         qd.quantize_per_tensor.default: quantize_per_tensor,
         qd.dequantize_per_tensor.default: dequantize_per_tensor,
+        qd.dequantize_per_channel.default: dequantize_per_channel,
     }
 )

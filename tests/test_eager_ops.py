@@ -6,10 +6,14 @@ self-check verdict; each case is compared with the op itself on the same tensor.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import operator
+from collections.abc import Iterator
 from dataclasses import dataclass
-from types import MappingProxyType
+from types import MappingProxyType, SimpleNamespace
+from typing import Any
+from unittest import mock
 
 import pytest
 import torch
@@ -17,7 +21,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import fx
 
-from qalgebra.eager_ops import EAGER, dequantize_per_tensor, quantize_per_tensor, values_only
+from qalgebra import eager_ops
+from qalgebra.eager_ops import (
+    EAGER,
+    dequantize_per_channel,
+    dequantize_per_tensor,
+    quantize_per_tensor,
+    values_only,
+)
 from qalgebra.ops import quantized_decomposed as qd
 from qalgebra.trial import evaluate
 
@@ -156,9 +167,115 @@ def test_other_dtypes_are_computed_by_the_op() -> None:
     )
 
 
+# --------------------------------------------------------------------------------------------
+# Per-channel dequantize (the weight side of each reference)
+
+
+@contextlib.contextmanager
+def _op_called() -> Iterator[list[int]]:
+    """Count the calls :func:`dequantize_per_channel` hands to the op itself."""
+    calls: list[int] = []
+    op = qd.dequantize_per_channel.default
+
+    def counted(*args: Any, **kwargs: Any) -> torch.Tensor:
+        calls.append(1)
+        return op(*args, **kwargs)
+
+    packet = SimpleNamespace(default=counted)
+    with mock.patch.object(eager_ops, "qd", SimpleNamespace(dequantize_per_channel=packet)):
+        yield calls
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    case=_cases(),
+    axis=st.integers(0, 3),
+    scale_spread=st.sampled_from([1e-6, 1e-2, 1.0, 1e3]),
+    zero_points=st.sampled_from(["none", "zeros", "random", "large"]),
+    zp_dtype=st.sampled_from([torch.int64, torch.int32]),
+    out_dtype=st.sampled_from([None, torch.float32, torch.bfloat16, torch.float16]),
+)
+def test_per_channel_dequantize_is_bit_exact(
+    case: _Case,
+    axis: int,
+    scale_spread: float,
+    zero_points: str,
+    zp_dtype: torch.dtype,
+    out_dtype: torch.dtype | None,
+) -> None:
+    gen = torch.Generator().manual_seed(case.seed)
+    q = torch.randint(case.low, case.high + 1, case.shape, generator=gen).to(case.dtype)
+    q = _laid_out(q, case.layout)
+    channels = q.shape[axis]
+    scales = torch.rand(channels, generator=gen) * scale_spread + 1e-9
+    zps: torch.Tensor | None = {
+        "none": None,
+        "zeros": torch.zeros(channels, dtype=zp_dtype),
+        "random": torch.randint(-200, 201, (channels,), generator=gen, dtype=zp_dtype),
+        # past 2**24 float32 cannot hold the difference exactly: the op computes it
+        "large": torch.full((channels,), 2**24 + 1, dtype=zp_dtype),
+    }[zero_points]
+    args = (scales, zps, axis, case.low, case.high, case.dtype)
+    expected = qd.dequantize_per_channel.default(q, *args, out_dtype=out_dtype)
+    with _op_called() as calls:
+        got = dequantize_per_channel(q, *args, out_dtype=out_dtype)
+    assert got.dtype == expected.dtype
+    assert torch.equal(got, expected)
+    assert _layout(got) == _layout(expected)
+    # else the scratch computed it
+    assert calls == ([1] if zero_points == "large" or q.numel() == 0 else [])
+
+
+def test_per_channel_dequantize_leaves_its_inputs_as_they_were() -> None:
+    q = torch.randint(-128, 128, (4, 3, 2, 2), dtype=torch.int8)
+    scales, zps = torch.rand(4), torch.randint(-5, 5, (4,))
+    before = (q.clone(), scales.clone(), zps.clone())
+    out = dequantize_per_channel(q, scales, zps, 0, -128, 127, torch.int8)
+    assert all(torch.equal(a, b) for a, b in zip((q, scales, zps), before, strict=True))
+    assert out.data_ptr() not in (q.data_ptr(), scales.data_ptr(), zps.data_ptr())
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["float64 scales", "float zero points", "negative axis", "int16"],
+)
+def test_per_channel_cases_outside_the_plain_one_are_the_ops_own(case: str) -> None:
+    q = torch.randint(-100, 100, (3, 4, 2), dtype=torch.int8)
+    scales, zps, axis, dtype, low, high = (
+        torch.rand(3) / 7,
+        torch.arange(3),
+        0,
+        torch.int8,
+        -128,
+        127,
+    )
+    if case == "float64 scales":  # the op multiplies in float64 and rounds once more
+        scales = scales.double()
+    elif case == "float zero points":
+        zps = zps.float() + 0.5
+    elif case == "negative axis":
+        axis = -3
+    else:
+        q, dtype, low, high = q.to(torch.int16) * 300, torch.int16, -32768, 32767
+    args = (scales, zps, axis, low, high, dtype)
+    with _op_called() as calls:
+        got = dequantize_per_channel(q, *args)
+    assert calls == [1]
+    assert torch.equal(got, qd.dequantize_per_channel.default(q, *args))
+
+
+def test_per_channel_errors_are_the_ops_own() -> None:
+    u8 = torch.zeros(2, 3, dtype=torch.uint8)
+    with pytest.raises(AssertionError, match="int8"):
+        dequantize_per_channel(u8, torch.ones(2), None, 0, -128, 127, torch.int8)
+    with pytest.raises(AssertionError, match="axis"):
+        dequantize_per_channel(u8, torch.ones(2), None, 2, 0, 255, torch.uint8)
+
+
 def test_the_table_maps_each_op_to_its_function() -> None:
     assert EAGER[qd.quantize_per_tensor.default] is quantize_per_tensor
     assert EAGER[qd.dequantize_per_tensor.default] is dequantize_per_tensor
+    assert EAGER[qd.dequantize_per_channel.default] is dequantize_per_channel
     assert isinstance(EAGER, MappingProxyType)  # read-only: nobody swaps a reference op
 
 
