@@ -162,14 +162,15 @@ def runs_after(later: fx.Node, earlier: fx.Node) -> bool:
     return False
 
 
-def observable_write(node: fx.Node) -> str | None:
+def observable_write(node: fx.Node, written: fx.Node | None = None) -> str | None:
     """Why the in-place write of ``node`` could be seen by anything but ``node``'s readers.
 
     None when the written storage is a tensor the graph made and, after ``node``, is read only
     through ``node``'s result (or what aliases that result): then ``node`` may be replaced by
-    its functional form.
+    its functional form. ``written``: the tensor ``node`` writes, for an op whose schema does
+    not say so (oneDNN's linear ``sum`` writes into ``other``); else its ``Tensor(a!)``.
     """
-    written = written_input(node)
+    written = written_input(node) if written is None else written
     if written is None:
         return f"{node.name} writes no tensor argument known to the lowering"
     for base in sorted(_bases(written), key=lambda n: n.name):

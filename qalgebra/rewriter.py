@@ -178,13 +178,19 @@ class Rewriter:
         return item
 
     def constant(self, hint: str, value: torch.Tensor) -> fx.Node:
-        """Store ``value`` on the output module and return a ``get_attr`` node reading it."""
+        """Store ``value`` on the output module and return a ``get_attr`` node reading it.
+
+        Stored detached (the same storage): a bias taken from a module's parameter would
+        otherwise make every kernel output require grad, and an accumulator that requires grad
+        cannot be summed into under fake tensors (``torch.compile`` / ``torch.export`` of the
+        lowered module in grad mode).
+        """
         self._begin("constant")
         name = f"_qalgebra_{hint}_{next(_counter)}"
         while hasattr(self.module, name):
             name = f"_qalgebra_{hint}_{next(_counter)}"
         self._undo.append(lambda: delattr(self.module, name))
-        self.module.register_buffer(name, value, persistent=False)
+        self.module.register_buffer(name, value.detach(), persistent=False)
         with self.graph.inserting_before(self._anchor):
             # create_node, not get_attr: get_attr walks the module to warn about unknown names
             node = self.graph.create_node("get_attr", name)

@@ -178,8 +178,9 @@ def test_dynamic_quantization_fuses_with_runtime_qparams(name: str, is_qat: bool
 def test_dynamic_add_relu_is_one_binary_tensor_op() -> None:
     _, lowered, _, _ = _lowered("linear_add_linear_rhs_relu", dynamic=True)
     (binary,) = _calls(lowered, onednn.qlinear_pointwise.binary_tensor)
-    assert binary.args[13:16] == ("add", 1.0, "relu")
-    assert binary.args[10] == torch.float32  # the dynamic graph's add is float
+    # the dynamic graph's add is float32: summed into (a clone of) the residual
+    assert binary.args[13:16] == ("sum", 1.0, "relu")
+    assert binary.args[10] == torch.float32
     assert not _calls(lowered, aten.add.Tensor, aten.relu.default)
 
 
