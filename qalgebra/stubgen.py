@@ -93,7 +93,7 @@ SELECTION: dict[str, tuple[str, ...] | None] = {
         # compute ops
         "bmm", "mm", "addmm", "linear", "conv1d", "conv2d", "conv3d", "convolution",
         "constant_pad_nd", "adaptive_avg_pool2d", "_adaptive_avg_pool2d",
-        "_weight_int8pack_mm", "_int_mm", "max_pool2d", "max_pool2d_with_indices",
+        "_weight_int8pack_mm", "_int_mm", "max_pool2d", "max_pool2d_with_indices", "layer_norm",
         # unary post-ops
         "relu", "relu6", "hardtanh", "hardswish", "hardsigmoid", "silu", "gelu", "leaky_relu",
         "elu", "mish", "tanh", "sigmoid",

@@ -185,3 +185,29 @@ def test_a_3d_residual_that_requires_grad_is_summed_into_in_grad_mode() -> None:
     with torch.enable_grad():
         got = lowered(*inputs)
     _close(got, gm(*inputs))
+
+
+class _OverConvRows(nn.Module):
+    """``y + fc(y)`` over the rows of a conv's output: oneDNN's conv returns it channels last,
+    though the float conv it replaces said contiguous, so the sum must go into a copy."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 1)
+        self.fc = nn.Linear(6, 6)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.conv(x)  # [2, 8, 6, 6]
+        out: Tensor = y + self.fc(y)
+        return out
+
+
+def test_a_conv_output_is_summed_into_a_copy() -> None:
+    torch.manual_seed(3)
+    inputs = (torch.randn(2, 3, 6, 6),)
+    gm, lowered = _lowered(_OverConvRows().eval(), inputs)
+    assert any(n.target is onednn.qconv_pointwise.default for n in lowered.graph.nodes)
+    (binary,) = _binaries(lowered)
+    assert _post_op(binary) == "sum"
+    assert len(_accumulator_clones(lowered)) == 1
+    _close(lowered(*inputs), gm(*inputs))

@@ -16,7 +16,8 @@ What oneDNN does, checked against the ops (see tests/test_lower.py):
   is faster ([512, 1024] x [1024, 256], one thread: 373 us against 448 us): with a float32
   output, qalgebra sums into a contiguous clone of ``other`` (a non-contiguous one is written
   in the wrong order) detached from autograd, which ``ACCUM_CLONE_ELISION`` removes when
-  ``other`` is a contiguous tensor the graph made and nothing reads it afterwards.
+  ``other`` is a row-major tensor the graph made (a linear's or a layer norm's output) and
+  nothing reads it afterwards.
 """
 
 from __future__ import annotations
@@ -356,7 +357,33 @@ def _summed_into_unread(m: Match) -> bool:
     val = source.meta.get("val")
     if not isinstance(val, torch.Tensor) or val.dtype != torch.float32 or not _contiguous(val):
         return False
+    if not _made_row_major(source):
+        return False
     return observable_write(linear, written=source) is None
+
+
+#: Ops whose output is row-major whatever their inputs' layout. The source's ``meta["val"]``
+#: alone is not enough: a rewrite carries the replaced node's value onto the op it emits, and a
+#: oneDNN conv returns channels last where the float conv it replaced said contiguous.
+_ROW_MAJOR = (
+    onednn.qlinear_pointwise.default,
+    onednn.qlinear_pointwise.tensor,
+    onednn.qlinear_pointwise.binary,
+    onednn.qlinear_pointwise.binary_tensor,
+    aten.layer_norm.default,
+)
+#: Views that keep a row-major tensor row-major.
+_ROW_MAJOR_VIEWS = (aten.reshape.default, aten.view.default, aten._unsafe_view.default)
+
+
+def _made_row_major(node: fx.Node) -> bool:
+    """``node`` is (a reshape of) the output of an op that allocates it row-major."""
+    while node.op == "call_function" and node.target in _ROW_MAJOR_VIEWS:
+        source = node.args[0]
+        if not isinstance(source, fx.Node):
+            return False
+        node = source
+    return node.op == "call_function" and node.target in _ROW_MAJOR
 
 
 def _contiguous(val: torch.Tensor) -> bool:
