@@ -187,7 +187,15 @@ def _inline_lifted(
     val_map: dict[fx.Node, fx.Node] = {}
     for item in lifted:
         name = f"_qalgebra_lifted_{item.index}"
-        root.register_buffer(name, item.tensor.detach())
+        if isinstance(item.tensor, torch.nn.Parameter):
+            # A parameter stays one, requiring grad as it did: AOT autograd's decompositions
+            # read it, as in a trace with freezing on. ``matmul`` of a strided 3-D input folds
+            # it into one ``mm`` only when the weight requires grad; otherwise it is a ``bmm``
+            # over the weight expanded, which Inductor's freezing passes cannot prepack.
+            weight = torch.nn.Parameter(item.tensor.detach(), item.tensor.requires_grad)
+            root.register_parameter(name, weight)
+        else:
+            root.register_buffer(name, item.tensor.detach())
         constant = graph.create_node("get_attr", name)
         constant.meta = dict(placeholders[item.index].meta)
         val_map[placeholders[item.index]] = constant

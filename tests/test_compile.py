@@ -348,6 +348,35 @@ def test_backend_by_name_inlines_module_tensors_and_refuses_stale_ones() -> None
         compiled(*inputs)
 
 
+class StridedLinear(torch.nn.Module):
+    """A float linear over a transposed 3-D input, as ``nn.MultiheadAttention``'s in-projection
+    with ``batch_first``: ``matmul`` folds it into one ``mm`` only when the weight requires
+    grad, as a parameter traced with freezing does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(16, 24)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.fc(x.transpose(0, 1))
+        return out
+
+
+def test_backend_by_name_prepacks_a_float_linear_over_a_strided_input_as_freezing_does() -> None:
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(0)
+    model, x = StridedLinear().eval(), torch.randn(4, 3, 16)
+    packed = "mkldnn_linear_weight_pack_matcher_count"
+    before = counters["inductor"][packed]
+    with recording() as reports, torch.no_grad():
+        out = torch.compile(model, backend="qalgebra", options={COST_OPTION: "off"})(x)
+        want = model(x)
+    assert only_report(reports).frozen_inputs == 2  # traced without freezing: inlined
+    assert counters["inductor"][packed] - before == 1  # a bmm over the weight expanded: 0
+    torch.testing.assert_close(out, want)
+
+
 def test_a_conv_qalgebra_refuses_is_not_fused_by_inductor_either() -> None:
     # Full-range uint8 activations on a CPU whose int8 pair sums saturate: qalgebra refuses the
     # convs; Inductor's prepack pattern would fuse them (and compute wrong values there).
