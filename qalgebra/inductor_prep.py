@@ -10,9 +10,11 @@ three fix-ups make the result ordinary input for the rest of Inductor's compile:
   The scales and zero points enter that arithmetic as one-element tensor constants, which
   Inductor's C++ kernels read from memory: kernels that differ only in qparams (the same layer
   repeated, left float) then have one source, compiled once.
-- :func:`functional_clamps`: the in-place range clamps the lowering puts on a tensor it owns
-  (``clamp_max_``...) become their functional ops, which Inductor fuses into C++ kernels
-  (it has no lowering for the in-place ones).
+- :func:`functional_clamps`: an in-place range clamp the lowering puts on a tensor it owns
+  (``clamp_max_``...) becomes its functional op where a C++ kernel Inductor generates reads
+  the result (Inductor fuses it there; it has no lowering for the in-place ones). Between
+  oneDNN calls it stays in place, an ATen call: as a kernel of its own it would cost a C++
+  source to generate and compile per shape.
 - :func:`decompose`: the compile traces with Inductor's decompositions except those of the
   post-ops the catalog fuses (:data:`KEPT_OPS`: ``gelu`` decomposed is ``x * 0.5 * (1 +
   erf(...))``, which no catalog pattern spells); what the catalog did not fuse, and any op it
@@ -258,16 +260,36 @@ def add_constant(gm: fx.GraphModule, stem: str, value: torch.Tensor, *, before: 
 
 
 def functional_clamps(graph: fx.Graph) -> int:
-    """In-place clamps of a tensor nothing else reads become functional; returns how many."""
+    """In-place clamps of a tensor nothing else reads become functional where Inductor could
+    fuse them into a kernel it generates; returns how many.
+
+    A clamp only oneDNN or quantized ops read (the range clamp of a binary conv's int8 output
+    before the next conv, with 7-bit activations) would be a C++ kernel of its own: one source
+    per shape to generate and compile (ResNet-18: seven, about a third of its compile time over
+    Inductor's) to run what ATen's in-place clamp runs as fast. It stays in place, which
+    Inductor calls through its fallback kernel.
+    """
     count = 0
     for node in list(graph.nodes):
         functional = _FUNCTIONAL_CLAMPS.get(node.target) if node.op == "call_function" else None
         source = node.args[0] if node.args else None
         if functional is None or not isinstance(source, fx.Node) or len(source.users) != 1:
             continue
+        if node.users and all(_extern(user) for user in node.users):
+            continue
         node.target = functional
         count += 1
     return count
+
+
+#: Op namespaces Inductor calls as extern kernels (never fused into the C++ it generates).
+_EXTERN_NAMESPACES = frozenset({"onednn", "quantized"})
+
+
+def _extern(node: fx.Node) -> bool:
+    return node.op == "call_function" and getattr(node.target, "namespace", None) in (
+        _EXTERN_NAMESPACES
+    )
 
 
 def convolutions_as_timed(graph: fx.Graph) -> int:

@@ -257,17 +257,30 @@ def test_propagate_vals_converts_a_new_constant_once_for_all_its_readers() -> No
     assert all(isinstance(n.meta.get("val"), FakeTensor) for n in (shifted, doubled, both))
 
 
-def test_in_place_clamps_of_an_owned_tensor_become_functional() -> None:
+def test_in_place_clamps_of_an_owned_tensor_become_functional_where_inductor_fuses_them() -> None:
     graph = fx.Graph()
     x = graph.placeholder("x")
     owned = graph.call_function(aten.mul.Tensor, (x, 2.0))
     clamped = graph.call_function(aten.clamp_max_.default, (owned, 3.0))
     shared = graph.call_function(aten.mul.Tensor, (x, 3.0))
     in_place = graph.call_function(aten.clamp_min_.default, (shared, 0.0))
-    graph.output((clamped, in_place, shared))  # `shared` is read after its clamp: stays
-    assert functional_clamps(graph) == 1
+    # read only by an extern op (a oneDNN call): a kernel of its own, so it stays an ATen call
+    before_pool = graph.call_function(
+        aten.clamp_max_.default, (graph.call_function(aten.mul.Tensor, (x, 4.0)), 5.0)
+    )
+    pooled = graph.call_function(torch.ops.quantized.max_pool2d.default, (before_pool, [2, 2]))
+    # read by an extern op and by arithmetic Inductor generates: functional, fused there
+    mixed = graph.call_function(
+        aten.clamp_max_.default, (graph.call_function(aten.mul.Tensor, (x, 6.0)), 7.0)
+    )
+    pooled_too = graph.call_function(torch.ops.quantized.max_pool2d.default, (mixed, [2, 2]))
+    summed = graph.call_function(aten.add.Tensor, (mixed, 1.0))
+    graph.output((clamped, in_place, shared, pooled, pooled_too, summed))
+    assert functional_clamps(graph) == 2
     assert clamped.target is aten.clamp_max.default
-    assert in_place.target is aten.clamp_min_.default
+    assert in_place.target is aten.clamp_min_.default  # `shared` is read after its clamp
+    assert before_pool.target is aten.clamp_max_.default
+    assert mixed.target is aten.clamp_max.default
 
 
 def test_the_catalog_pass_refuses_to_run_outside_a_freezing_compile() -> None:
@@ -294,6 +307,42 @@ def test_compiled_model_fuses_what_the_eager_lowering_fuses(name: str) -> None:
     report = only_report(compiled.reports)
     assert families(report.lowering) == families(eager) and sum(families(eager).values()) > 0
     assert report.inductor_quant_fusions == {}  # Inductor's own patterns found nothing
+    assert_outputs_close(run(gm, inputs), run(compiled, inputs), quant_step=the_step(gm))
+
+
+class ResidualChain(torch.nn.Module):
+    """A stem conv, then ``blocks`` basic residual blocks (``relu(conv(relu(conv(h))) + h)``)
+    back to back, then a mean: each block's output is read by the next block's convs only."""
+
+    def __init__(self, blocks: int) -> None:
+        super().__init__()
+        self.stem = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.convs = torch.nn.ModuleList(
+            torch.nn.Conv2d(8, 8, 3, padding=1) for _ in range(2 * blocks)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.stem(x))
+        for first, second in zip(self.convs[::2], self.convs[1::2], strict=True):
+            h = torch.relu(second(torch.relu(first(h))) + h)
+        return h.mean((2, 3))
+
+
+def test_a_7_bit_range_clamp_between_onednn_calls_stays_an_in_place_aten_call() -> None:
+    """With 7-bit activations each binary conv's uint8 output is clamped to 127: where only the
+    next block's convs read it, by ATen's in-place clamp, not a C++ kernel of its own; where
+    arithmetic Inductor generates reads it too, in that kernel."""
+    from torch._inductor.utils import run_and_get_code
+
+    torch.manual_seed(0)
+    model, inputs = ResidualChain(3).eval(), (torch.randn(2, 3, 8, 8),)
+    gm = quantize_pt2e(model, inputs, reduce_range=True)
+    compiled, codes = run_and_get_code(lambda: compile(gm, inputs, cost="off"))
+    code = "\n".join(codes)
+    assert only_report(compiled.reports).lowering.fired["qconv_binary"] == 3
+    # the first block's clamp; the second's output is also dequantized (the last block sums in
+    # float, for the mean), and the clamp is fused into that kernel; the third's is float
+    assert code.count("torch.ops.aten.clamp_max_.default(") == 1
     assert_outputs_close(run(gm, inputs), run(compiled, inputs), quant_step=the_step(gm))
 
 
