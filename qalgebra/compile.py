@@ -45,7 +45,7 @@ from qalgebra.costcheck import MODES as COST_MODES
 from qalgebra.costcheck import CostMode
 from qalgebra.errors import LoweringError, UnsupportedGraphError
 from qalgebra.fusions import DEFAULT_FUSIONS, Fusion
-from qalgebra.inductor_prep import compile_decompositions
+from qalgebra.inductor_prep import compile_decompositions, in_place_clamp_lowerings
 from qalgebra.lower import LoweringReport
 
 if TYPE_CHECKING:
@@ -291,7 +291,7 @@ def backend(
         )
     catalog = CatalogPass(fusions, cost=_cost(cost, options))
     before = inductor_quant_fusions()
-    with torch.no_grad():
+    with torch.no_grad(), in_place_clamp_lowerings():
         compiled = compile_fx(
             graph_module,
             cast("list[InputType]", inputs),

@@ -13,8 +13,9 @@ three fix-ups make the result ordinary input for the rest of Inductor's compile:
 - :func:`functional_clamps`: an in-place range clamp the lowering puts on a tensor it owns
   (``clamp_max_``...) becomes its functional op where a C++ kernel Inductor generates reads
   the result (Inductor fuses it there; it has no lowering for the in-place ones). Between
-  oneDNN calls it stays in place, an ATen call: as a kernel of its own it would cost a C++
-  source to generate and compile per shape.
+  oneDNN calls it stays in place, an ATen call (lowered so inside
+  :func:`in_place_clamp_lowerings`): as a kernel of its own it would cost a C++ source to
+  generate and compile per shape.
 - :func:`decompose`: the compile traces with Inductor's decompositions except those of the
   post-ops the catalog fuses (:data:`KEPT_OPS`: ``gelu`` decomposed is ``x * 0.5 * (1 +
   erf(...))``, which no catalog pattern spells); what the catalog did not fuse, and any op it
@@ -28,8 +29,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import unittest.mock
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, cast
 
 import torch
 from torch import fx
@@ -53,6 +54,7 @@ __all__ = [
     "fetch",
     "fresh_name",
     "functional_clamps",
+    "in_place_clamp_lowerings",
     "mark_traced",
     "propagate_vals",
     "respell_unfused",
@@ -280,6 +282,29 @@ def functional_clamps(graph: fx.Graph) -> int:
         node.target = functional
         count += 1
     return count
+
+
+@contextlib.contextmanager
+def in_place_clamp_lowerings() -> Iterator[None]:
+    """Inside the block, Inductor lowers the in-place clamps :func:`functional_clamps` leaves
+    as calls to ATen's kernels.
+
+    Without a lowering of its own, Inductor makes an implicit fallback, which raises wherever
+    the environment sets ``CI`` (GitHub Actions does: a check for PyTorch's own CI that the
+    op has no decomposition) and stays registered for the rest of the process.
+    """
+    from torch._inductor import lowering
+
+    handler = cast("Callable[..., Callable[..., Any]]", lowering.fallback_handler)  # untyped
+    lowerings = lowering.lowerings
+    added = [op for op in _FUNCTIONAL_CLAMPS if op not in lowerings]
+    for op in added:
+        lowerings[op] = handler(op, add_to_fallback_set=False)
+    try:
+        yield
+    finally:
+        for op in added:
+            lowerings.pop(op, None)
 
 
 #: Op namespaces Inductor calls as extern kernels (never fused into the C++ it generates).

@@ -34,7 +34,13 @@ from qalgebra.compile import (
 )
 from qalgebra.errors import LoweringError
 from qalgebra.fusions.conv import QCONV
-from qalgebra.inductor_prep import decompose, fetch, functional_clamps, respell_unfused
+from qalgebra.inductor_prep import (
+    decompose,
+    fetch,
+    functional_clamps,
+    in_place_clamp_lowerings,
+    respell_unfused,
+)
 from qalgebra.lower import LoweringReport, lower_with_report
 from qalgebra.testing.forms import to_decomposed, to_tensor_qparams
 from qalgebra.testing.models import build
@@ -281,6 +287,18 @@ def test_in_place_clamps_of_an_owned_tensor_become_functional_where_inductor_fus
     assert in_place.target is aten.clamp_min_.default  # `shared` is read after its clamp
     assert before_pool.target is aten.clamp_max_.default
     assert mixed.target is aten.clamp_max.default
+
+
+def test_inductor_lowers_the_in_place_clamps_inside_the_block_only() -> None:
+    # (the compile that leaves one in place runs with CI set in .ci/run: an implicit fallback
+    # would raise there)
+    from torch._inductor.lowering import lowerings
+
+    ops = (aten.clamp_max_.default, aten.clamp_min_.default, aten.clamp_.default)
+    before = {op: lowerings.get(op) for op in ops}
+    with in_place_clamp_lowerings():
+        assert all(op in lowerings for op in ops)
+    assert {op: lowerings.get(op) for op in ops} == before
 
 
 def test_the_catalog_pass_refuses_to_run_outside_a_freezing_compile() -> None:
