@@ -38,6 +38,7 @@ from qalgebra.errors import LoweringError, UnsupportedGraphError
 from qalgebra.fusions import DEFAULT_FUSIONS, Fusion
 from qalgebra.isa import cpu_description
 from qalgebra.lower import LoweringReport, lower_with_report
+from qalgebra.ops import calls_kernel_op
 
 if TYPE_CHECKING:
     from qalgebra.compile import CompiledModule
@@ -47,7 +48,6 @@ __all__ = ["FORMAT", "ArtifactInfo", "load", "load_compiled", "load_with_report"
 #: The ``format`` field of the artifact's ``qalgebra.json``.
 FORMAT = "qalgebra-quantized-program/1"
 _META = "qalgebra.json"
-_LOWERED_NAMESPACES = frozenset({"onednn", "quantized"})
 
 PathLike = str | os.PathLike[str]
 
@@ -75,10 +75,7 @@ def _qalgebra_version() -> str:
 
 
 def _is_lowered(gm: fx.GraphModule) -> bool:
-    return any(
-        n.op == "call_function" and getattr(n.target, "namespace", None) in _LOWERED_NAMESPACES
-        for n in gm.graph.nodes
-    )
+    return any(calls_kernel_op(n) for n in gm.graph.nodes)
 
 
 def _program(

@@ -39,6 +39,7 @@ from torch._subclasses.fake_tensor import FakeTensor
 
 from qalgebra.costcheck import AS_TIMED_KEY
 from qalgebra.match import node_dtype
+from qalgebra.ops import calls_kernel_op
 from qalgebra.ops import quantized_decomposed as qd
 from qalgebra.qdq_arithmetic import RESPELLABLE, bound_args, respell_as_arithmetic
 
@@ -277,7 +278,7 @@ def functional_clamps(graph: fx.Graph) -> int:
         source = node.args[0] if node.args else None
         if functional is None or not isinstance(source, fx.Node) or len(source.users) != 1:
             continue
-        if node.users and all(_extern(user) for user in node.users):
+        if node.users and all(calls_kernel_op(user) for user in node.users):
             continue
         node.target = functional
         count += 1
@@ -305,16 +306,6 @@ def in_place_clamp_lowerings() -> Iterator[None]:
     finally:
         for op in added:
             lowerings.pop(op, None)
-
-
-#: Op namespaces Inductor calls as extern kernels (never fused into the C++ it generates).
-_EXTERN_NAMESPACES = frozenset({"onednn", "quantized"})
-
-
-def _extern(node: fx.Node) -> bool:
-    return node.op == "call_function" and getattr(node.target, "namespace", None) in (
-        _EXTERN_NAMESPACES
-    )
 
 
 def convolutions_as_timed(graph: fx.Graph) -> int:

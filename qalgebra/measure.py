@@ -58,12 +58,6 @@ __all__ = [
 StepFn = Callable[[str], AbstractContextManager[None]]
 """``step("resnet: export")`` returns a context manager around one slow step (for progress)."""
 
-_ONEDNN_NAMESPACES = frozenset({"onednn", "quantized"})
-
-
-
-
-
 
 def quiet_third_party() -> None:
     """Silence torchao's import-time library warnings and export/quantizer chatter."""
@@ -189,18 +183,11 @@ def paired_ratio(samples: Mapping[str, Sequence[float]], num: str, den: str) -> 
     return statistics.median(a / b for a, b in zip(samples[num], samples[den], strict=True))
 
 
-def _namespace(target: object) -> str | None:
-    ns = getattr(target, "namespace", None)
-    return ns if isinstance(ns, str) else None
-
-
 def onednn_op_count(gm: fx.GraphModule) -> int:
     """Nodes that call an op of the ``onednn`` or ``quantized`` namespace."""
-    return sum(
-        1
-        for n in gm.graph.nodes
-        if n.op == "call_function" and _namespace(n.target) in _ONEDNN_NAMESPACES
-    )
+    from qalgebra.ops import calls_kernel_op
+
+    return sum(1 for n in gm.graph.nodes if calls_kernel_op(n))
 
 
 def op_histogram(gm: fx.GraphModule) -> Counter[str]:

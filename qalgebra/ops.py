@@ -30,6 +30,7 @@ import torch
 
 # Registers the ``quantized_decomposed`` library (the same one torchao's convert_pt2e produces).
 import torch.ao.quantization.fx._decomposed
+from torch import fx
 
 if TYPE_CHECKING:
     from qalgebra.opstubs import aten as _aten
@@ -38,10 +39,29 @@ if TYPE_CHECKING:
     from qalgebra.opstubs import quantized as _quantized
     from qalgebra.opstubs import quantized_decomposed as _quantized_decomposed
 
-__all__ = ["aten", "onednn", "prims", "quantized", "quantized_decomposed"]
+__all__ = [
+    "KERNEL_NAMESPACES",
+    "aten",
+    "calls_kernel_op",
+    "onednn",
+    "prims",
+    "quantized",
+    "quantized_decomposed",
+]
 
 aten = cast("_aten.Namespace", torch.ops.aten)
 prims = cast("_prims.Namespace", torch.ops.prims)
 quantized_decomposed = cast("_quantized_decomposed.Namespace", torch.ops.quantized_decomposed)
 onednn = cast("_onednn.Namespace", torch.ops.onednn)
 quantized = cast("_quantized.Namespace", torch.ops.quantized)
+
+#: The namespaces of the lowered kernels: oneDNN's fused ops and ATen's quantized ones (a
+#: lowered graph calls them; Inductor calls them as extern kernels, never fused into its C++).
+KERNEL_NAMESPACES = frozenset({"onednn", "quantized"})
+
+
+def calls_kernel_op(node: fx.Node) -> bool:
+    """Whether ``node`` calls an op of :data:`KERNEL_NAMESPACES`."""
+    return node.op == "call_function" and getattr(node.target, "namespace", None) in (
+        KERNEL_NAMESPACES
+    )

@@ -346,6 +346,7 @@ class ResidualChain(torch.nn.Module):
         return h.mean((2, 3))
 
 
+@pytest.mark.usefixtures("pairs_saturate")
 def test_a_7_bit_range_clamp_between_onednn_calls_stays_an_in_place_aten_call() -> None:
     """With 7-bit activations each binary conv's uint8 output is clamped to 127: where only the
     next block's convs read it, by ATen's in-place clamp, not a C++ kernel of its own; where
