@@ -30,7 +30,8 @@ eager lowering pays every left-over quantize/dequantize as its own call, so
 :func:`qalgebra.lower.lower` leaves it ``"off"``.
 
 The decision depends on the machine and on timing: two compiles may choose differently where
-the two sides are close, which is where either choice costs about the same. Tests force the
+the two sides are close (each sample is a few calls in a row, :data:`CALLS_PER_SAMPLE`, so
+that the timing runs in the steady state the compiled model does). Tests force the
 timings (``clock=``, or :func:`wall_clock` replaced).
 
 >>> CostCheck("off", CostStats()).enabled
@@ -135,11 +136,21 @@ MARGIN = 1.25
 #: runs the float op (``resnet_like(8)``'s 16-channel 16x16 convs at batch 1: the float conv
 #: 44-47 us timed, 28-32 us as Inductor's ATen call inside the compiled model).
 MIN_GAIN_SECONDS = 10e-6
-#: Timed calls of each side (the fastest counts), after one warm-up call, when the first
-#: timed call is not :data:`CLEAR_RATIO` apart.
+#: Timed samples of each side (the fastest counts), after one warm-up call, when the first
+#: samples are not :data:`CLEAR_RATIO` apart.
 REPEATS = 7
-#: A first timed call this many times faster on one side decides at once.
+#: A first sample this many times faster on one side decides at once.
 CLEAR_RATIO = 3.0
+#: Each timed sample is the mean of this many calls in a row, as the compiled model runs a
+#: layer between its neighbours' calls, not a lone call after the other side's: alone, each
+#: call paid for the other side's working set in its caches, the float conv's (its im2col
+#: buffer) more than the kernel's. Measured on an AVX2-only EPYC, ``resnet_like(8)``'s
+#: 16-channel 16x16 convs at batch 1, one thread: in the compiled models the float conv ran
+#: in 43 us and the int8 kernel in 76 us; timed a call alone, the kernel/float ratio had a
+#: median of 1.28-1.37 over 20-30 lowerings and fell below :data:`MARGIN` in 5 of 40 and 16
+#: of 60 (so about 1 compile in 4 fused them, and ran 1.3-1.5x as long as with them float);
+#: timed 4 in a row, a median of 1.54 and never below.
+CALLS_PER_SAMPLE = 4
 #: The float side is considered only for layers of at most this many floating-point operations
 #: (2 per multiply-add; counted by ``torch.utils.flop_counter``): where a call's fixed cost
 #: decides. Beyond it, timing one op alone does not predict the compiled model: a layer left
@@ -171,10 +182,11 @@ Clock: TypeAlias = Callable[[Side, Callable[[], object]], float]
 
 
 def wall_clock(side: Side, call: Callable[[], object]) -> float:
-    """The wall time of one ``call``."""
+    """The wall time of one ``call``: the mean of :data:`CALLS_PER_SAMPLE` calls in a row."""
     start = time.perf_counter()
-    call()
-    return time.perf_counter() - start
+    for _ in range(CALLS_PER_SAMPLE):
+        call()
+    return (time.perf_counter() - start) / CALLS_PER_SAMPLE
 
 
 @dataclass(slots=True)

@@ -8,6 +8,7 @@ timing it measured.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -93,6 +94,19 @@ def test_where_the_kernel_is_faster_the_lowering_is_what_it_is_without_the_check
     assert not [r for r in measured.refused if r.cause == "cost"]
     assert measured.cost.measured > 0 and measured.cost.refused == 0
     assert unchecked.cost.mode == "off" and unchecked.cost.measured == 0
+
+
+def test_the_wall_clock_times_calls_in_a_row_and_returns_one_call_s_time(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A call timed alone pays for the other side's working set in its caches (the float conv
+    # more than the kernel): the compiled model runs each layer in a steady stream.
+    ticks = iter([10.0, 10.0 + 8e-6 * costcheck.CALLS_PER_SAMPLE])
+    monkeypatch.setattr(time, "perf_counter", lambda: next(ticks))
+    calls: list[None] = []
+    seconds = costcheck.wall_clock("float", lambda: calls.append(None))
+    assert costcheck.CALLS_PER_SAMPLE > 1 and len(calls) == costcheck.CALLS_PER_SAMPLE
+    assert seconds == pytest.approx(8e-6)
 
 
 def test_a_signature_is_timed_once_then_served_from_the_cache(
