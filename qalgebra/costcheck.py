@@ -143,8 +143,8 @@ REPEATS = 7
 CLEAR_RATIO = 3.0
 #: Each timed sample is the mean of this many calls in a row, as the compiled model runs a
 #: layer between its neighbours' calls, not a lone call after the other side's: alone, each
-#: call paid for the other side's working set in its caches, the float conv's (its im2col
-#: buffer) more than the kernel's. Measured on an AVX2-only EPYC, ``resnet_like(8)``'s
+#: call paid for the other side's working set in its caches, the float conv more than the
+#: kernel (the cause inferred from the numbers below, not traced). Measured on an AVX2-only EPYC, ``resnet_like(8)``'s
 #: 16-channel 16x16 convs at batch 1, one thread: in the compiled models the float conv ran
 #: in 43 us and the int8 kernel in 76 us; timed a call alone, the kernel/float ratio had a
 #: median of 1.28-1.37 over 20-30 lowerings and fell below :data:`MARGIN` in 5 of 40 and 16
