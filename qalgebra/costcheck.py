@@ -141,15 +141,15 @@ MIN_GAIN_SECONDS = 10e-6
 REPEATS = 7
 #: A first sample this many times faster on one side decides at once.
 CLEAR_RATIO = 3.0
-#: Each timed sample is the mean of this many calls in a row, as the compiled model runs a
-#: layer between its neighbours' calls, not a lone call after the other side's: alone, each
-#: call paid for the other side's working set in its caches, the float conv more than the
-#: kernel (the cause inferred from the numbers below, not traced). Measured on an AVX2-only EPYC, ``resnet_like(8)``'s
-#: 16-channel 16x16 convs at batch 1, one thread: in the compiled models the float conv ran
-#: in 43 us and the int8 kernel in 76 us; timed a call alone, the kernel/float ratio had a
-#: median of 1.28-1.37 over 20-30 lowerings and fell below :data:`MARGIN` in 5 of 40 and 16
-#: of 60 (so about 1 compile in 4 fused them, and ran 1.3-1.5x as long as with them float);
-#: timed 4 in a row, a median of 1.54 and never below.
+#: Each timed sample is the mean of this many calls in a row, as the compiled model runs a layer
+#: between its neighbours' calls, not a lone call after the other side's: alone, each call paid for
+#: the other side's working set in its caches, the float conv more than the kernel (the cause
+#: inferred from the numbers below, not traced). Measured on an AVX2-only EPYC, ``resnet_like(8)``'s
+#: 16-channel 16x16 convs at batch 1, one thread: in the compiled models the float conv ran in 43 us
+#: and the int8 kernel in 76 us; timed a call alone, the kernel/float ratio had a median of
+#: 1.28-1.37 over 20-30 lowerings and fell below :data:`MARGIN` in 5 of 40 and 16 of 60 (so about 1
+#: compile in 4 fused them, and ran 1.3-1.5x as long as with them float); timed 4 in a row, a median
+#: of 1.54 and never below.
 CALLS_PER_SAMPLE = 4
 #: The float side is considered only for layers of at most this many floating-point operations
 #: (2 per multiply-add; counted by ``torch.utils.flop_counter``): where a call's fixed cost
