@@ -25,8 +25,8 @@ X86InductorQuantizer) and measures, side by side:
   modules (compiled again in the child: the cost check of that compile decides anew, so the
   runtime table says what the timed qalgebra module fused and left float); with
   ``--runtime-processes N``, N processes each compile and time side by side, and the ratios
-  are their median, with their range (a process's ratio is one sample of the memory layout it
-  happened to get: see :func:`merge_runtimes`);
+  are their median, with their range (a process's ratio is one sample of the state it happened
+  to be in: see :func:`merge_runtimes`);
 - numerics: max |output - reference| of each, the reference being the quantized module run
   eagerly.
 
@@ -438,8 +438,8 @@ def merge_runtimes(first: dict[str, Any], extra: list[dict[str, Any]]) -> dict[s
     Measured on the AMD EPYC: the same compiled module ran in 2.6 ms in one process and 4.8 ms
     in the next, and a ratio moved by several percent between processes (``resnet_like(8)``
     at batch 8: 1.027-1.076x over four), more than within one: one process's ratio is one
-    sample of the layout the allocator happened to give it. The absolute times and numerics
-    shown stay the first process's.
+    sample of whatever state that process happened to be in (the cause was not found). The
+    absolute times and numerics shown stay the first process's.
     """
     if not extra:
         return first
