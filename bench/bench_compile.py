@@ -109,6 +109,13 @@ ZOO_MODELS = (
 DECOMPOSED = " [decomposed]"
 #: The qalgebra backend with the cost check off: every layer the catalog can fuse is fused.
 ALL_FUSED = "qalgebra compiled, cost off"
+#: The runtime ratios a child measures side by side in its process (per-round medians): the
+#: result's key, and the numerator's and denominator's modules, in the table's order.
+RUNTIME_RATIOS: dict[str, tuple[str, str]] = {
+    "qalgebra/Inductor compiled": ("qalgebra compiled", "Inductor compiled"),
+    "all fused/Inductor compiled": (ALL_FUSED, "Inductor compiled"),
+    "qalgebra compiled/eager": ("qalgebra compiled", "qalgebra eager"),
+}
 QUICK_MODELS = ("resnet_like(8)", "ffn_stack(8,3d)", "resnet_like(8)" + DECOMPOSED)
 
 
@@ -375,11 +382,8 @@ def child(
     log(f"{name} batch {batch}: timing {runs} rounds")
     samples = timed_samples(modules, inputs, runs=runs, warmup=warmup)
     result["runtime ms"] = {k: statistics.median(v) * 1e3 for k, v in samples.items()}
-    result["qalgebra/Inductor compiled"] = paired_ratio(
-        samples, "qalgebra compiled", "Inductor compiled"
-    )
-    result["qalgebra compiled/eager"] = paired_ratio(samples, "qalgebra compiled", "qalgebra eager")
-    result["all fused/Inductor compiled"] = paired_ratio(samples, ALL_FUSED, "Inductor compiled")
+    for key, (num, den) in RUNTIME_RATIOS.items():
+        result[key] = paired_ratio(samples, num, den)
     return result
 
 
@@ -422,14 +426,6 @@ def run_one_child(args: Args, name: str, batch: int, compiles: int) -> dict[str,
     except subprocess.TimeoutExpired:
         return {"model": name, "batch": batch, "error": f"timed out after {timeout:.0f} s"}
     return out if isinstance(out, dict) else {"model": name, "batch": batch, "error": out}
-
-
-#: The runtime ratios a child measures, side by side in its process.
-RUNTIME_RATIOS = (
-    "qalgebra/Inductor compiled",
-    "all fused/Inductor compiled",
-    "qalgebra compiled/eager",
-)
 
 
 def merge_runtimes(first: dict[str, Any], extra: list[dict[str, Any]]) -> dict[str, Any]:
