@@ -74,6 +74,10 @@ def random_ints(
     span = high - low + 1
     if span == 256:  # the dtype's whole range: the bytes as they are
         flat = raw.view(dtype)
+    elif span & (span - 1) == 0 and low >= 0:
+        # a power of two (7-bit activations: 128): the low bits, the same values ``remainder_``
+        # gives, 50x faster (it does not vectorize uint8: 3.6 ms for [8, 64, 56, 56])
+        flat = raw.bitwise_and_(span - 1).add_(low).to(dtype)
     elif low >= 0:  # stays within uint8 arithmetic
         flat = raw.remainder_(span).add_(low).to(dtype)
     else:

@@ -306,9 +306,13 @@ def bound_call(
 
 
 def promoted(value: object) -> object:
-    if isinstance(value, torch.Tensor) and value.dtype == torch.bfloat16:
-        return value.float()
-    return torch.float32 if value == torch.bfloat16 else value
+    """``value`` with bf16 widened to float32: a bf16 tensor as a float32 one, the dtype itself
+    as ``torch.float32``; anything else as it is."""
+    if isinstance(value, torch.Tensor):
+        # not ``value == torch.bfloat16`` for a tensor: that goes through the tensor's
+        # ``__eq__`` (about 20 us) to come out False
+        return value.float() if value.dtype == torch.bfloat16 else value
+    return torch.float32 if value is torch.bfloat16 else value
 
 
 def substitute(arg: object, value: Callable[[fx.Node], object], promote: bool) -> Any:

@@ -68,6 +68,20 @@ def test_every_value_of_the_range_is_drawn(dtype: torch.dtype, low: int, high: i
     assert float(counts.min()) > 0.8 * expected and float(counts.max()) < 1.2 * expected
 
 
+@pytest.mark.parametrize(("dtype", "low", "high"), [(torch.uint8, 0, 127), (torch.uint8, 3, 66)])
+def test_a_power_of_two_range_folds_the_seeded_bytes_as_a_remainder_would(
+    dtype: torch.dtype, low: int, high: int
+) -> None:
+    """The low bits taken for a power-of-two span are the values ``bytes % span`` gives."""
+    count = 1000
+    words = torch.empty((count + 7) // 8, dtype=torch.int64)
+    words.random_(-(2**63), None, generator=torch.Generator().manual_seed(3))
+    raw = words.view(torch.uint8)[:count].to(torch.int64)
+    expected = (raw % (high - low + 1) + low).to(dtype)
+    t = random_ints([count], None, low, high, dtype, torch.Generator().manual_seed(3))
+    assert torch.equal(t, expected)
+
+
 def test_draws_are_seeded() -> None:
     def draw(seed: int) -> torch.Tensor:
         return random_ints(

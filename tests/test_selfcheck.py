@@ -40,6 +40,7 @@ from qalgebra.testing.strategies import (
     Returns,
     build_example,
 )
+from qalgebra.trial import promoted
 
 onednn = torch.ops.onednn
 Q = QuantSpec(scale=0.03, zero_point=2, quant_min=0, quant_max=127, dtype=torch.uint8)
@@ -405,3 +406,15 @@ def test_the_cli_takes_the_mode(tmp_path: Path) -> None:
     assert "self-check" not in off.output
     bad = CliRunner().invoke(app, ["lower", str(path), "--selfcheck", "maybe"], env=env)
     assert bad.exit_code == 2 and "--selfcheck must be one of off, on" in bad.output
+
+
+def test_the_reference_widens_bf16_and_only_bf16() -> None:
+    bf16 = torch.tensor([1.5, -2.25], dtype=torch.bfloat16)
+    widened = promoted(bf16)
+    assert isinstance(widened, torch.Tensor) and widened.dtype == torch.float32
+    assert torch.equal(widened, bf16.float())
+    for kept in (torch.tensor([1, 2], dtype=torch.uint8), torch.zeros(2, dtype=torch.float16)):
+        assert promoted(kept) is kept
+    assert promoted(torch.bfloat16) is torch.float32
+    assert promoted(torch.float16) is torch.float16
+    assert promoted(3) == 3
