@@ -432,6 +432,40 @@ def test_full_range_int8_activations_follow_the_saturation_probe(saturating: boo
         assert report.fired["qconv"] == 2 and not report.refused
 
 
+@pytest.mark.parametrize("form", ["op", "decomposed"])
+def test_a_graph_input_s_range_is_known_only_where_its_dequantize_states_it(
+    form: str, pairs_saturate: bool
+) -> None:
+    # Found by a fuzz campaign on an AVX2 EPYC: int8 levels in [-64, 63] from a graph input,
+    # weights up to 67. Shifted to [64, 191] the pair sums fit int16 (2 * 191 * 67 < 32767); a
+    # decomposed dequantize (convert, mul) states no range, so there the input may hold all of
+    # int8 -- [0, 255] shifted, which can overflow -- and a saturating CPU must refuse.
+    spec = StaticLayerSpec(
+        "signed_conv",
+        "conv",
+        (1, 1, 3, 3),
+        1,
+        QuantSpec(0.25, 0, -64, 63, torch.int8),
+        producer="input",
+        kernel=1,
+        weight_max=127,
+        weight_scale=0.03125,
+        seed=6,
+    )
+    ex = build_example(spec, form)
+    weight: object = ex.gm.w
+    assert isinstance(weight, torch.Tensor)
+    weight_max = int(weight.abs().max())
+    assert 2 * 191 * weight_max <= 32767 < 2 * 255 * weight_max
+    refused = pairs_saturate and form == "decomposed"
+    assert ex.expected.fired["qconv"] == int(not refused)
+    outcome = check_example(ex)  # the lowering agrees with the expectation, numerics hold
+    assert outcome.report.fired["qconv"] == int(not refused)
+    assert [r.cause for r in outcome.report.refused] == (
+        ["probe:int8_pairs_saturate"] if refused else []
+    )
+
+
 def test_int8_activations_into_linear_are_taken_as_they_are() -> None:
     gm, inputs = _signed("linear_relu")
     lowered, report = lower_with_report(gm, inputs)

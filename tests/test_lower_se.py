@@ -24,6 +24,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 from typing import Any
+from unittest import mock
 
 import pytest
 import torch
@@ -39,7 +40,13 @@ from qalgebra.match import find_matches
 from qalgebra.testing.forms import FORMS, decompose_compute, to_decomposed
 from qalgebra.testing.properties import check_example
 from qalgebra.testing.quantize import quantize_pt2e
-from qalgebra.testing.reduce_strategies import ReductionExample, reduction_examples
+from qalgebra.testing.reduce_strategies import (
+    MeanSpec,
+    ReductionExample,
+    build_example,
+    reduction_examples,
+)
+from qalgebra.testing.strategies import QuantSpec
 
 aten = torch.ops.aten
 qd = torch.ops.quantized_decomposed
@@ -319,6 +326,45 @@ def test_without_qmean_the_pool_stays_a_float_island() -> None:
 def test_random_reduction_graphs_keep_every_property(example: ReductionExample) -> None:
     note(example.code())
     check_example(example)
+
+
+#: A fuzz campaign's shrunk example (AVX2 EPYC): the lowered mean a step below the reference
+#: at -38.4, |diff| 0.224487 against a bound of one scale step plus 1e-5 of it (0.224486).
+_ONE_STEP_AT_A_LARGE_VALUE = MeanSpec(
+    shape=(2, 3, 4, 2),
+    reduction="mean",
+    output_size=(),
+    dims=(3,),
+    keepdim=False,
+    x_quant=QuantSpec(0.22448396720575253, 80, -128, 127, torch.int8),
+    out_quant=QuantSpec(0.22448396720575253, 80, -128, 127, torch.int8),
+    dequant_also_read=True,
+    returns="dequantized",
+    seed=23436,
+)
+
+
+def test_a_one_step_bound_admits_the_float32_rounding_of_both_values() -> None:
+    example = build_example(_ONE_STEP_AT_A_LARGE_VALUE)
+    oq = _ONE_STEP_AT_A_LARGE_VALUE.out_quant
+    # every two adjacent levels, dequantized in float32 as both graphs do, differ by at most
+    # the bound -- whichever CPU computed which of the two
+    values = (torch.arange(oq.quant_min, oq.quant_max + 1) - oq.zero_point).float() * oq.scale
+    widest = float((values[1:] - values[:-1]).abs().max())
+    bound = example.expected.outputs[0]
+    assert bound.kind == "float" and widest <= bound.atol
+    assert bound.atol < 1.001 * oq.scale  # still one step, not two
+    check_example(example)
+
+
+def test_a_reduction_example_s_code_is_a_script_that_checks_it() -> None:
+    example = build_example(_ONE_STEP_AT_A_LARGE_VALUE)
+    namespace: dict[str, object] = {"__name__": "__main__"}
+    with mock.patch("qalgebra.testing.properties.check_example") as check:
+        exec(compile(example.code(), "<example>", "exec"), namespace)
+    rebuilt = namespace["example"]
+    assert isinstance(rebuilt, ReductionExample) and rebuilt.gm.code == example.gm.code
+    check.assert_called_once_with(rebuilt)
 
 
 # --------------------------------------------------------------------------------------------

@@ -440,19 +440,27 @@ def _static_weight(b: _Build, spec: StaticLayerSpec, cin: int) -> tuple[fx.Node,
     return node, value
 
 
-def _kernel_activation(spec: StaticLayerSpec) -> QuantSpec:
-    """The activation range the kernel multiplies (a conv's int8 input is shifted to uint8)."""
+def _kernel_activation(spec: StaticLayerSpec, form: str) -> QuantSpec:
+    """The activation range the kernel multiplies, as far as the graph says it (a conv's int8
+    input is shifted to uint8).
+
+    A graph input's range is stated only by the dequantize reading it; a decomposed dequantize
+    is arithmetic and states none, so the lowering takes the dtype's whole range there.
+    """
     act = spec.act
+    if spec.producer == "input" and form.split("+")[0].startswith("decomposed"):
+        info = torch.iinfo(act.dtype)
+        act = QuantSpec(act.scale, act.zero_point, int(info.min), int(info.max), act.dtype)
     if spec.kind == "conv" and act.dtype == torch.int8:  # shifted to uint8, range and all
         low, high = act.quant_min + 128, act.quant_max + 128
         act = QuantSpec(act.scale, act.zero_point + 128, low, high, torch.uint8)
     return act
 
 
-def _static_blocker(spec: StaticLayerSpec, w_max: int) -> str | None:
+def _static_blocker(spec: StaticLayerSpec, form: str, w_max: int) -> str | None:
     if spec.weight_per_tensor and spec.weight_zero_point != 0:
         return WEIGHT_ZERO_POINTS
-    return SATURATING if saturates(_kernel_activation(spec), w_max) else None
+    return SATURATING if saturates(_kernel_activation(spec, form), w_max) else None
 
 
 def _build_static(spec: StaticLayerSpec, form: str) -> tuple[fx.GraphModule, Expected, _Build]:
@@ -500,10 +508,10 @@ def _build_static(spec: StaticLayerSpec, form: str) -> tuple[fx.GraphModule, Exp
         outputs.append(returned)
         bounds.append(OutputBound("exact", why="the quantize itself, not lowered"))
     w_max = int(_weight(spec.seed + 1, tuple(wv.shape), spec.weight_max).abs().max())
-    reason = _static_blocker(spec, w_max)
+    reason = _static_blocker(spec, form, w_max)
     fired = _fired(**{"q" + spec.kind: int(reason is None)})
     refusals = () if reason is None else (reason,)
-    if reason is None and _computed_elsewhere(_kernel_activation(spec), w_max):
+    if reason is None and _computed_elsewhere(_kernel_activation(spec, form), w_max):
         bounds = list(_unchecked(bounds))
     expected = Expected(fired, refusals, outputs=tuple(bounds))
     return b.finish(outputs, spec.meta, form), expected, b

@@ -128,13 +128,18 @@ class PointwiseExample(Example):
         return self.recipe or f"<PointwiseExample {self.family} in form {self.form}>"
 
     def code(self) -> str:
-        """How to rebuild the example, and the graph it is (for failure reports)."""
+        """A standalone script: rebuild the example from its recipe, and check every property
+        when run (the graph it is, as comments, for failure reports)."""
         return (
+            "import torch\n\n"
             "from qalgebra.testing.strategies import QuantSpec\n"
-            f"from {type(self).__module__} import *\n"
+            f"from {type(self).__module__} import *\n\n"
             f"example = {self.recipe}\n"
             f"# expected: {self.expected!r}\n"
             + "\n".join(f"# {line}" for line in str(self.gm.graph).splitlines())
+            + "\n\nif __name__ == '__main__':\n"
+            "    from qalgebra.testing.properties import check_example\n\n"
+            "    print(check_example(example).report.summary())  # raises on a failing property\n"
         )
 
 

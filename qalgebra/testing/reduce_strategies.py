@@ -183,7 +183,13 @@ def _expected(spec: MeanSpec) -> Expected:
     elif spec.returns == "quantized":
         main = OutputBound("quantized", steps=1, why="a float-rounding tie moves one step")
     else:
-        main = OutputBound("float", atol=oq.scale * (1 + 1e-5), why="one step of the output")
+        # one step, plus the float32 rounding of the two dequantized values compared: up to
+        # an ulp of the largest level's value (a step at -38.4 measured 0.224487 against a
+        # scale of 0.224484 in a fuzz campaign)
+        rounding = 2 * torch.finfo(torch.float32).eps * oq.max_abs_level * oq.scale
+        main = OutputBound(
+            "float", atol=oq.scale * (1 + 1e-5) + rounding, why="one step of the output"
+        )
     extra = (OutputBound("exact", why="a value the lowering does not replace"),) * (
         int(spec.also_read) + int(spec.dequant_also_read)
     )
