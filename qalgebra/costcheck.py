@@ -42,10 +42,9 @@ False
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
-from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, TypeAlias, get_args
 
@@ -66,6 +65,7 @@ from qalgebra.trial import (
     clone,
     evaluate,
     fetch_attr,
+    intra_op_threads,
     operands,
     random_inputs,
     unique,
@@ -343,7 +343,7 @@ class CostCheck:
         def total(side: Side, calls: Sequence[Callable[[], object]]) -> float:
             return sum(self.clock(side, call) for call in calls)
 
-        with _threads(self.threads), torch.no_grad():
+        with intra_op_threads(self.threads), torch.no_grad():
             flops, outputs = _size(float_side)  # also the float side's warm-up call
             if _beyond(flops, max(inputs, outputs)):
                 return Timing(math.inf, math.inf)  # beyond the fixed-cost regime: not timed
@@ -424,13 +424,3 @@ def _timed(node: fx.Node) -> bool:
     return node.op == "call_function" and (
         getattr(node.target, "namespace", None) != "quantized_decomposed"
     )
-
-
-@contextlib.contextmanager
-def _threads(count: int) -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)

@@ -10,13 +10,18 @@ integer values within the tensor's recorded quantization range -- and refuses th
 outside :func:`agreement`'s bound. The check only reads the graph: it needs nothing from the
 fusion, so it covers user-written fusions too.
 
+Both sides run at the intra-op thread count the caller had when the lowering began -- the
+count the model will run with, so the kernel splits its work as it will there (the lowering
+itself prepacks on one thread).
+
 Verdicts are cached per process by the call's *signature* -- the fusion, each new node's op,
 its input shapes and dtypes, its geometry, post-op and output dtype (floats, such as scales,
-and weight values are left out; zero points only as zero / non-zero): a model whose layers
-repeat a shape pays for one run. What a check cannot evaluate (an unknown shape or dtype, a
-reference that raises on random inputs) is counted as skipped and fused as before. So is every
-kernel while probes are forced to another CPU's answers (:func:`qalgebra.isa.foreign_answers`):
-the lowering then emits what another CPU runs, which this CPU may compute wrongly or crash on.
+and weight values are left out; zero points only as zero / non-zero) -- and thread count: a
+model whose layers repeat a shape pays for one run. What a check cannot evaluate (an unknown
+shape or dtype, a reference that raises on random inputs) is counted as skipped and fused as
+before. So is every kernel while probes are forced to another CPU's answers
+(:func:`qalgebra.isa.foreign_answers`): the lowering then emits what another CPU runs, which
+this CPU may compute wrongly or crash on.
 
 >>> stats = SelfCheckStats()
 >>> SelfCheck("off", stats).enabled
@@ -52,6 +57,7 @@ from qalgebra.trial import (
     ancestors,
     clone,
     evaluate,
+    intra_op_threads,
     operands,
     promoted,
     random_inputs,
@@ -135,12 +141,16 @@ def is_kernel(target: object) -> bool:
 class SelfCheck:
     """Checks each rewrite of one lowering (see the module docstring); counts into ``stats``."""
 
-    def __init__(self, mode: SelfCheckMode, stats: SelfCheckStats) -> None:
+    def __init__(
+        self, mode: SelfCheckMode, stats: SelfCheckStats, threads: int | None = None
+    ) -> None:
         if mode not in MODES:
             raise LoweringError(f"lower: selfcheck must be one of {MODES}, got {mode!r}")
         self.enabled = mode != "off"
         self.sample = mode == "on"
         self.stats = stats
+        #: The intra-op thread count the checks run at: the caller's when the check is made.
+        self.threads = torch.get_num_threads() if threads is None else threads
         stats.mode = mode
         self._constant = ConstantMemo()
 
@@ -167,12 +177,13 @@ class SelfCheck:
 
     def _verdict(self, fusion: str, m: Match, rw: Rewriter, new: fx.Node) -> _Verdict:
         ops = operands(m, rw, new, self._constant)
-        key = (fusion, self.sample, ops.key(rw.module))
+        key = (fusion, self.sample, self.threads, ops.key(rw.module))
         cached = _VERDICTS.get(key)
         if cached is not None:
             self.stats.cached += 1
             return cached
-        verdict = _run_check(m, rw.module, ops, new, sample=self.sample)
+        with intra_op_threads(self.threads), torch.no_grad():
+            verdict = _run_check(m, rw.module, ops, new, sample=self.sample)
         self.stats.ran += 1
         self.stats.sampled += verdict.sampled
         _VERDICTS[key] = verdict

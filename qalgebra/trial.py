@@ -11,9 +11,10 @@ sees without the weights' or scales' values (:func:`signature`).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -43,6 +44,7 @@ __all__ = [
     "evaluate",
     "fetch_attr",
     "int_range",
+    "intra_op_threads",
     "operands",
     "promoted",
     "random_inputs",
@@ -147,6 +149,24 @@ def random_inputs(ops: Operands, module: Any, seed: int = 0) -> dict[fx.Node, ob
     except (RuntimeError, TypeError, ValueError, IndexError) as exc:
         raise Skip(f"a constant raised {type(exc).__name__}") from exc
     return env
+
+
+@contextlib.contextmanager
+def intra_op_threads(count: int) -> Iterator[None]:
+    """Run the block on ``count`` intra-op threads, then restore the caller's setting.
+
+    Both checks run kernels as the model will: at the thread count the caller had when the
+    lowering began (the lowering itself prepacks on one thread).
+    """
+    before = torch.get_num_threads()
+    if before == count:
+        yield
+        return
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def unique(nodes: Iterable[fx.Node]) -> list[fx.Node]:

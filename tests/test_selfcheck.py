@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 from unittest import mock
 
 import pytest
@@ -202,6 +203,28 @@ def test_a_repeated_signature_is_served_from_the_cache() -> None:
     assert checked == sum(first.fired[name] for name in KERNEL_FUSIONS)  # every kernel call
     _, second = lower_with_report(gm, inputs)
     assert (second.selfcheck.ran, second.selfcheck.cached) == (0, checked)
+
+
+def test_kernels_run_at_the_callers_thread_count_and_verdicts_are_kept_per_count() -> None:
+    # the lowering prepacks on one thread; the check runs the kernel as the model will run it
+    gm, inputs = _conv_example(batch=8)
+    seen: list[int] = []
+    real = selfcheck._run_check
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        seen.append(torch.get_num_threads())
+        return real(*args, **kwargs)
+
+    with mock.patch.object(selfcheck, "_run_check", spy):
+        torch.set_num_threads(2)
+        _, two = lower_with_report(gm, inputs)
+        assert torch.get_num_threads() == 2
+        torch.set_num_threads(1)
+        _, one = lower_with_report(gm, inputs)
+        _, again = lower_with_report(gm, inputs)
+    assert seen == [2, 1]  # one run per thread count; the third lowering was served cached
+    assert (two.selfcheck.ran, one.selfcheck.ran, again.selfcheck.cached) == (1, 1, 1)
+    assert two.fired["qconv"] == one.fired["qconv"] == 1
 
 
 def test_weights_and_scales_are_not_part_of_the_signature() -> None:
