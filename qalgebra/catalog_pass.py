@@ -46,6 +46,7 @@ from qalgebra.inductor_prep import (
     mark_traced,
     propagate_vals,
     respell_unfused,
+    scalar_constants_as_vectors,
 )
 from qalgebra.lower import LoweringReport, lower_with_report
 
@@ -164,6 +165,7 @@ class CatalogPass(CustomGraphPass):
             hidden = respell_unfused(lowered)
             functional_clamps(lowered.graph)
             convolutions_as_timed(lowered.graph)
+            scalar_constants_as_vectors(lowered)
         propagate_vals(lowered)  # under the compile's fake mode, as the rest
         decompose(lowered.graph)
         _transplant(graph, lowered)

@@ -1,7 +1,7 @@
 """Hand a graph qalgebra lowered to Inductor in the shape Inductor's later passes expect.
 
 :class:`qalgebra.catalog_pass.CatalogPass` lowers the aten graph AOT autograd traced, then
-three fix-ups make the result ordinary input for the rest of Inductor's compile:
+these fix-ups make the result ordinary input for the rest of Inductor's compile:
 
 - :func:`respell_unfused`: every quantize/dequantize qalgebra left unfused becomes the
   arithmetic it computes (or a constant, for a weight's dequantize). Inductor's quantization
@@ -16,6 +16,11 @@ three fix-ups make the result ordinary input for the rest of Inductor's compile:
   oneDNN calls it stays in place, an ATen call (lowered so inside
   :func:`in_place_clamp_lowerings`): as a kernel of its own it would cost a C++ source to
   generate and compile per shape.
+- :func:`scalar_constants_as_vectors`: a 0-d tensor constant a oneDNN op reads (the zero point
+  of a dynamic linear's ``qlinear_pointwise.tensor``, a static activation scale) gets shape
+  ``[1]``: Inductor lowers a 0-d constant to a number, which its oneDNN lowerings refuse where
+  the op takes a tensor (``x_zp type is Constant, not int``), and reads a ``[1]`` one as the
+  tensor it normalizes to 0-d itself.
 - :func:`decompose`: the compile traces with Inductor's decompositions except those of the
   post-ops the catalog fuses (:data:`KEPT_OPS`: ``gelu`` decomposed is ``x * 0.5 * (1 +
   erf(...))``, which no catalog pattern spells); what the catalog did not fuse, and any op it
@@ -59,6 +64,7 @@ __all__ = [
     "mark_traced",
     "propagate_vals",
     "respell_unfused",
+    "scalar_constants_as_vectors",
 ]
 
 Decompositions = Mapping[Any, Callable[..., Any]]
@@ -329,6 +335,37 @@ def convolutions_as_timed(graph: fx.Graph) -> int:
         graph.erase_node(node)
         count += 1
     return count
+
+
+def scalar_constants_as_vectors(gm: fx.GraphModule) -> int:
+    """Every 0-d tensor constant a oneDNN op reads becomes a ``[1]`` one; returns how many.
+
+    Inductor lowers a 0-d ``get_attr`` to a number (``ir.Constant``), and its oneDNN lowerings
+    take a number only where the op's schema has one: ``qlinear_pointwise.tensor`` asserts its
+    zero point is a tensor or an int (measured: a per-token ``_int_mm`` linear of one row,
+    fused with a 0-d zero point, failed to compile). A ``[1]`` constant is inlined as a
+    tensor, which those lowerings reduce to 0-d themselves; the kernels take either shape.
+    Call with real tensors (outside the compile's fake mode).
+    """
+    made: dict[fx.Node, fx.Node] = {}
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or getattr(node.target, "namespace", None) != "onednn":
+            continue
+        for arg in node.all_input_nodes:
+            if arg.op != "get_attr":
+                continue
+            vector = made.get(arg)
+            if vector is None:
+                value = fetch(gm, str(arg.target))
+                if not isinstance(value, torch.Tensor) or value.dim() != 0:
+                    continue
+                vector = add_constant(gm, "_qalgebra_vector_", value.reshape(1), before=node)
+                made[arg] = vector
+            node.replace_input_with(arg, vector)
+    for old in made:
+        if not old.users:
+            gm.graph.erase_node(old)
+    return len(made)
 
 
 #: ``node.meta`` key: the node's ``"val"`` is AOT autograd's own (see :func:`mark_traced`).

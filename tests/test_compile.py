@@ -40,6 +40,7 @@ from qalgebra.inductor_prep import (
     functional_clamps,
     in_place_clamp_lowerings,
     respell_unfused,
+    scalar_constants_as_vectors,
 )
 from qalgebra.lower import LoweringReport, lower_with_report
 from qalgebra.testing.forms import to_decomposed, to_tensor_qparams
@@ -201,6 +202,41 @@ def test_a_uint8_max_pool_over_many_channels_stays_the_vectorized_aten_call() ->
     assert [n.target for n in gm.graph.nodes if n.op == "call_function"] == [
         torch.ops.quantized.max_pool2d.default
     ]
+
+
+def test_a_0d_constant_a_onednn_op_reads_becomes_a_1_element_vector() -> None:
+    root = torch.nn.Module()
+    root.zp = torch.tensor(3, dtype=torch.int64)
+    root.scale = torch.tensor(0.5)
+    graph = fx.Graph()
+    x = graph.placeholder("x")
+    zp, scale = graph.get_attr("zp"), graph.get_attr("scale")
+    kernel = graph.call_function(torch.ops.onednn.qlinear_pointwise.tensor, (x, scale, zp))
+    other = graph.call_function(aten.mul.Tensor, (x, scale))  # not a oneDNN op: left as it is
+    graph.output((kernel, other))
+    gm = fx.GraphModule(root, graph)
+    assert scalar_constants_as_vectors(gm) == 2
+    scale_arg, zp_arg = kernel.args[1], kernel.args[2]
+    assert isinstance(scale_arg, fx.Node) and isinstance(zp_arg, fx.Node)
+    new_scale, new_zp = fetch(gm, str(scale_arg.target)), fetch(gm, str(zp_arg.target))
+    assert (new_scale.shape, new_zp.shape) == ((1,), (1,))
+    assert (float(new_scale), int(new_zp), new_zp.dtype) == (0.5, 3, torch.int64)
+    assert other.args[1] is scale and zp not in gm.graph.nodes  # the unread 0-d one is gone
+    gm.graph.lint()
+
+
+@pytest.mark.parametrize("static_x_scale", [False, True], ids=["per-token", "static"])
+def test_a_one_row_int_mm_linear_compiles_with_its_scalar_qparams(static_x_scale: bool) -> None:
+    # one row: the per-token scale has one element, so the op takes it with a 0-d zero point;
+    # Inductor's qlinear lowering refused that constant ("x_zp type is Constant, not int")
+    from qalgebra.testing.woq_strategies import int_mm_case
+
+    case = int_mm_case(seed=3, k=16, n=8, rows=1, static_x_scale=static_x_scale)
+    compiled = compile(case.graph, case.inputs, cost="off")
+    assert only_report(compiled.reports).lowering.fired["int_mm_linear"] == 1
+    with torch.no_grad():
+        reference, got = case.graph(*case.inputs), compiled(*case.inputs)
+    assert case.check(reference, got) is None
 
 
 def test_propagate_vals_reruns_new_nodes_and_what_reads_them_only() -> None:
