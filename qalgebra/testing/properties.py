@@ -20,6 +20,10 @@ property            holds when
 ``idempotent``      lowering the lowered module fires nothing and gives the same outputs
 ==================  ======================================================================
 
+:func:`check_compiled` checks what ships through ``torch.compile``: the example compiled with
+the ``qalgebra`` backend (:data:`COMPILED_PROPERTIES`: ``runs``, ``inputs``, ``numerics`` as
+above, and ``inductor``: none of Inductor's own quantization patterns fired).
+
 >>> import torch
 >>> from qalgebra.testing.strategies import GraphSpec, Layer, LinearSpec, QuantSpec, build_example
 >>> q = QuantSpec(scale=0.02, zero_point=3, quant_min=0, quant_max=127, dtype=torch.uint8)
@@ -36,6 +40,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import fx
@@ -52,11 +57,16 @@ from qalgebra.testing.strategies import (
     flat_tensors,
 )
 
+if TYPE_CHECKING:
+    from qalgebra.compile import CompileReport
+
 __all__ = [
+    "COMPILED_PROPERTIES",
     "PROPERTIES",
     "Outcome",
     "PropertyFailure",
     "Snapshot",
+    "check_compiled",
     "check_decisions",
     "check_dtypes",
     "check_example",
@@ -71,6 +81,8 @@ __all__ = [
 
 #: The property names, in the order :func:`check_example` checks them.
 PROPERTIES = ("untouched", "fires", "dtypes", "runs", "inputs", "numerics", "idempotent")
+#: The property names :func:`check_compiled` checks, in order.
+COMPILED_PROPERTIES = ("runs", "inputs", "numerics", "inductor")
 
 
 class PropertyFailure(AssertionError):
@@ -243,6 +255,50 @@ def check_example(example: ExampleLike, *, fusions: Sequence[Fusion] = DEFAULT_F
             return _check_example(example, fusions)
     finally:
         torch._C._set_mkldnn_enabled(enabled)
+
+
+def check_compiled(
+    example: ExampleLike, *, fusions: Sequence[Fusion] = DEFAULT_FUSIONS
+) -> CompileReport:
+    """Compile ``example.gm`` with the ``qalgebra`` backend and ``fusions`` (every layer they
+    can fuse: ``cost="off"``) and check :data:`COMPILED_PROPERTIES` on it; returns the report.
+
+    The reference is the example's graph run eagerly on PyTorch's native kernels, as in
+    :func:`check_example`. Each call compiles a new module: dynamo keeps what it compiled until
+    ``torch._dynamo.reset()``.
+    """
+    from qalgebra.compile import compile as qalgebra_compile
+
+    gm, inputs = example.gm, example.inputs
+    enabled = torch._C._get_mkldnn_enabled()
+    torch._C._set_mkldnn_enabled(False)
+    try:
+        with torch.no_grad():
+            reference = [t.clone() for t in flat_outputs(gm(*_clones(inputs)))]
+    finally:
+        torch._C._set_mkldnn_enabled(enabled)
+    mine = _clones(inputs)
+    try:
+        compiled = qalgebra_compile(gm, _clones(inputs), fusions=fusions, cost="off")
+        with torch.no_grad():
+            outputs = flat_outputs(compiled(*mine))
+    except Exception as exc:
+        raise PropertyFailure("runs", f"{type(exc).__name__}: {exc}") from exc
+    check_inputs(mine, inputs, outputs)
+    check_numerics(example.expected.outputs, reference, outputs)
+    own_check = getattr(example, "check_outputs", None)
+    if callable(own_check):
+        message = own_check(reference, outputs)
+        if message:
+            raise PropertyFailure("numerics", str(message))
+    if not compiled.reports:
+        raise PropertyFailure("runs", "the backend compiled no graph")
+    report = compiled.reports[-1]
+    if report.inductor_quant_fusions:
+        raise PropertyFailure(
+            "inductor", f"Inductor's quantization patterns fired: {report.summary()}"
+        )
+    return report
 
 
 def check_decisions(
