@@ -284,13 +284,7 @@ def check_compiled(
             outputs = flat_outputs(compiled(*mine))
     except Exception as exc:
         raise PropertyFailure("runs", f"{type(exc).__name__}: {exc}") from exc
-    check_inputs(mine, inputs, outputs)
-    check_numerics(example.expected.outputs, reference, outputs)
-    own_check = getattr(example, "check_outputs", None)
-    if callable(own_check):
-        message = own_check(reference, outputs)
-        if message:
-            raise PropertyFailure("numerics", str(message))
+    _check_outputs(example, mine, reference, outputs)
     if not compiled.reports:
         raise PropertyFailure("runs", "the backend compiled no graph")
     report = compiled.reports[-1]
@@ -323,6 +317,22 @@ def _decide(example: ExampleLike, fusions: Sequence[Fusion]) -> tuple[Outcome, l
     return Outcome(report, lowered, report.seconds), reference
 
 
+def _check_outputs(
+    example: ExampleLike,
+    mine: Sequence[torch.Tensor],
+    reference: Sequence[torch.Tensor],
+    outputs: Sequence[torch.Tensor],
+) -> None:
+    """``inputs`` and ``numerics`` of a run on ``mine`` (clones of the example's inputs)."""
+    check_inputs(mine, example.inputs, outputs)
+    check_numerics(example.expected.outputs, reference, outputs)
+    own_check = getattr(example, "check_outputs", None)
+    if callable(own_check):
+        message = own_check(reference, outputs)
+        if message:
+            raise PropertyFailure("numerics", str(message))
+
+
 def _check_example(example: ExampleLike, fusions: Sequence[Fusion]) -> Outcome:
     outcome, reference = _decide(example, fusions)
     lowered, inputs = outcome.lowered, example.inputs
@@ -332,13 +342,7 @@ def _check_example(example: ExampleLike, fusions: Sequence[Fusion]) -> Outcome:
         outputs = flat_outputs(lowered(*mine))
     except Exception as exc:
         raise PropertyFailure("runs", f"{type(exc).__name__}: {exc}") from exc
-    check_inputs(mine, inputs, outputs)
-    check_numerics(example.expected.outputs, reference, outputs)
-    own_check = getattr(example, "check_outputs", None)
-    if callable(own_check):
-        message = own_check(reference, outputs)
-        if message:
-            raise PropertyFailure("numerics", str(message))
+    _check_outputs(example, mine, reference, outputs)
     check_idempotent(lowered, inputs, outputs, fusions=fusions)
     return outcome
 
