@@ -63,6 +63,7 @@ __all__ = [
     "in_place_clamp_lowerings",
     "mark_traced",
     "propagate_vals",
+    "quantize_outside_kernels_typed_wrong",
     "respell_unfused",
     "scalar_constants_as_vectors",
 ]
@@ -141,9 +142,9 @@ def respell_unfused(gm: fx.GraphModule) -> tuple[str, ...]:
     their arithmetic. Returns the names of the nodes replaced; any other quantized_decomposed
     node stays (and Inductor's counters say whether one of its patterns fused it).
     """
-    hidden: list[str] = []
     graph = gm.graph
     qparams = TensorQparams(gm)
+    hidden = quantize_outside_kernels_typed_wrong(gm, qparams)
     for node in list(graph.nodes):
         if node.op != "call_function" or getattr(node.target, "namespace", None) != (
             "quantized_decomposed"
@@ -159,6 +160,67 @@ def respell_unfused(gm: fx.GraphModule) -> tuple[str, ...]:
     graph.eliminate_dead_code()
     gm.recompile()
     return tuple(hidden)
+
+
+#: Arguments of a oneDNN conv/linear that quantize its output inside the kernel.
+_OUTPUT_QPARAMS = ("output_scale", "output_zero_point", "output_dtype")
+
+
+def quantize_outside_kernels_typed_wrong(gm: fx.GraphModule, qparams: TensorQparams) -> list[str]:
+    """Each oneDNN conv/linear quantizing to another 8-bit dtype than its input's returns float,
+    and its output quantize becomes arithmetic after it; returns the kernels' names.
+
+    Inductor (torch 2.13) types a quantized output by the kernel's *input* (its
+    ``QConvPointWisePT2E`` and ``QLinearPointwisePT2E`` take ``x.dtype`` unless the output is
+    float): a conv from uint8 to int8 is recorded as uint8, and the C++ kernel that reads it
+    loads its bytes as uint8 (found compiling a ``qconv_binary`` example with an int8 residual,
+    5 output steps off). A conv accumulating into its ``sum`` operand is typed by that operand,
+    and is left alone. The kernel's own saturation to the dtype's range is the quantize's range.
+    """
+    changed: list[str] = []
+    graph = gm.graph
+    for node in list(graph.nodes):
+        if node.op != "call_function" or getattr(node.target, "namespace", None) != "onednn":
+            continue
+        target = node.target
+        if not isinstance(target, torch._ops.OpOverload):
+            continue
+        names = [a.name for a in target._schema.arguments]
+        if not all(name in names for name in _OUTPUT_QPARAMS) or not node.args:
+            continue
+        b = bound_args(node)
+        dtype, source = b["output_dtype"], node.args[0]
+        if dtype not in (torch.int8, torch.uint8) or not isinstance(source, fx.Node):
+            continue
+        accumulates = "sum" in (b.get("binary_attr"), b.get("binary_post_op"))
+        if node_dtype(source) in (None, dtype) or accumulates:
+            continue
+        info = torch.iinfo(dtype)
+        scale, zero_point = float(b["output_scale"]), int(b["output_zero_point"])
+        with graph.inserting_after(node):
+            quantize = graph.call_function(
+                qd.quantize_per_tensor.default,
+                (node, scale, zero_point, info.min, info.max, dtype),
+            )
+        quantize.meta = {k: v for k, v in node.meta.items() if k != TRACED_KEY}
+        for user in [u for u in node.users if u is not quantize]:
+            user.replace_input_with(node, quantize)
+        for name, value in zip(_OUTPUT_QPARAMS, (1.0, 0, torch.float32), strict=True):
+            position = names.index(name)
+            if name in node.kwargs or position >= len(node.args):
+                node.update_kwarg(name, value)
+            else:
+                node.update_arg(position, value)
+        respelled = respell_as_arithmetic(
+            quantize, torch.float32, drop_zero_zp=False, qparam=qparams.for_input(node)
+        )
+        respelled.meta = dict(quantize.meta)
+        quantize.replace_all_uses_with(respelled)
+        graph.erase_node(quantize)
+        # the kernel's value is float now: propagate_vals recomputes it (the rank stays)
+        node.meta = {k: v for k, v in node.meta.items() if k not in ("val", TRACED_KEY)}
+        changed.append(node.name)
+    return changed
 
 
 def _respelled(node: fx.Node, gm: fx.GraphModule, constants: TensorQparams) -> fx.Node | None:

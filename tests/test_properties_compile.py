@@ -2,10 +2,10 @@
 with the qalgebra backend computes what its graph computes, and the check fails when it does
 not.
 
-Drawing the catalog's examples through it found one-row ``_int_mm`` linears crashing Inductor on
-a 0-d zero point (fixed in 7d102da) and a ``qconv_binary`` example in the ``tensor_qparams_f32``
-form whose compiled output is wrong (docs/findings.md, open): drawn examples are not run here
-until that is fixed.
+A compile takes about two seconds an example on a 2-core machine, so CI draws a few; the eager
+lowering's property tests and ``qalgebra fuzz`` draw thousands. Drawing the catalog's examples
+through the compile path found one-row ``_int_mm`` linears crashing Inductor on a 0-d zero point
+and an int8 conv output that Inductor typed uint8 (docs/findings.md); both are pinned below.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from unittest import mock
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
 from test_selfcheck import OUT_Q, Q, _with_wrong_scale
 
 from qalgebra.fusions.conv import QCONV
@@ -25,11 +26,48 @@ from qalgebra.testing.strategies import (
     ExampleLike,
     GraphSpec,
     Layer,
+    QuantSpec,
+    Residual,
     build_example,
+    examples,
 )
 from qalgebra.testing.woq_strategies import int_mm_case
 
 pytestmark = pytest.mark.usefixtures("one_thread", "fresh_dynamo")
+
+
+@settings(max_examples=16, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(example=examples())
+def test_a_compiled_example_computes_what_its_graph_computes(example: ExampleLike) -> None:
+    check_compiled(example)
+
+
+def test_a_uint8_conv_quantized_to_int8_reads_back_as_int8() -> None:
+    # Two convs read one uint8 input: one left float, one quantized to int8 (zero point -73),
+    # then subtracted. Inductor typed the int8 conv's output uint8 (its input's dtype), and the
+    # C++ kernel reading it loaded the bytes as uint8: 5 output steps off. Shrunk from a drawn
+    # example.
+    conv = ConvSpec(3, 7, (3, 2), stride=(2, 1), dilation=(2, 1))
+    int8 = QuantSpec(scale=0.0122, zero_point=-73, quant_min=-128, quant_max=127, dtype=torch.int8)
+    spec = GraphSpec(
+        "qconv_binary",
+        (4, 3, 8, 2),
+        QuantSpec(scale=0.00156, zero_point=0, quant_min=0, quant_max=127, dtype=torch.uint8),
+        Layer(conv, weight_scale=0.0527, bias_scale=4.69, seed=178),
+        residual=Residual(
+            "layer",
+            "sub",
+            quant=int8,
+            layer=Layer(conv, bias_scale=0.89, seed=10838),
+            float_scale=4.69,
+        ),
+        output_quant=QuantSpec(
+            scale=0.65, zero_point=35, quant_min=0, quant_max=127, dtype=torch.uint8
+        ),
+        returns="dequantized",
+    )
+    report = check_compiled(build_example(spec))
+    assert report.lowering.fired["qconv"] == 2
 
 
 @pytest.mark.parametrize("static_x_scale", [False, True], ids=["per-token", "static"])
