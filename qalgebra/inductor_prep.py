@@ -10,6 +10,9 @@ these fix-ups make the result ordinary input for the rest of Inductor's compile:
   The scales and zero points enter that arithmetic as one-element tensor constants, which
   Inductor's C++ kernels read from memory: kernels that differ only in qparams (the same layer
   repeated, left float) then have one source, compiled once.
+  A oneDNN conv/linear quantizing to another 8-bit dtype than its input's gets its quantize
+  written out too (:func:`quantize_outside_kernels_typed_wrong`): Inductor types such an output
+  by the kernel's input.
 - :func:`functional_clamps`: an in-place range clamp the lowering puts on a tensor it owns
   (``clamp_max_``...) becomes its functional op where a C++ kernel Inductor generates reads
   the result (Inductor fuses it there; it has no lowering for the in-place ones). Between
