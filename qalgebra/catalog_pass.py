@@ -58,7 +58,8 @@ class PassResult:
     """What one run of the pass did."""
 
     lowering: LoweringReport
-    #: Quantize/dequantize nodes left unfused and respelled (see ``respell_unfused``).
+    #: Quantize/dequantize nodes left unfused and respelled, and kernels whose output quantize
+    #: was written out (see ``respell_unfused``).
     hidden: tuple[str, ...]
     #: Wall time of the whole pass (lowering, preparation, transplant).
     seconds: float

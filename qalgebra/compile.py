@@ -73,7 +73,8 @@ class CompileReport:
     #: qalgebra's lowering of the graph: fusions fired, refused, quant/dequant left.
     lowering: LoweringReport
     #: Quantize/dequantize nodes left unfused and respelled as arithmetic (or folded into
-    #: constants) so that Inductor's quantization patterns leave them alone.
+    #: constants) so that Inductor's quantization patterns leave them alone, and oneDNN kernels
+    #: whose output quantize was written out after them (``inductor_prep.respell_unfused``).
     hidden_quant_nodes: tuple[str, ...]
     #: Inductor's own quantization fusions during this compile, by counter (empty: its
     #: patterns found nothing to fuse).

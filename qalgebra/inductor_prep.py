@@ -142,8 +142,10 @@ def respell_unfused(gm: fx.GraphModule) -> tuple[str, ...]:
     A weight ``dequantize_per_channel`` of constants is computed now (by the op itself) and
     becomes a float constant; a per-tensor ``.tensor`` overload with constant qparams becomes
     ``.default`` (the op reads ``scale.item()`` itself); per-tensor ``.default`` nodes become
-    their arithmetic. Returns the names of the nodes replaced; any other quantized_decomposed
-    node stays (and Inductor's counters say whether one of its patterns fused it).
+    their arithmetic; so does the output quantize of a oneDNN kernel Inductor would type wrong
+    (:func:`quantize_outside_kernels_typed_wrong`). Returns the names of the nodes replaced and
+    of those kernels; any other quantized_decomposed node stays (and Inductor's counters say
+    whether one of its patterns fused it).
     """
     graph = gm.graph
     qparams = TensorQparams(gm)

@@ -141,16 +141,14 @@ def is_kernel(target: object) -> bool:
 class SelfCheck:
     """Checks each rewrite of one lowering (see the module docstring); counts into ``stats``."""
 
-    def __init__(
-        self, mode: SelfCheckMode, stats: SelfCheckStats, threads: int | None = None
-    ) -> None:
+    def __init__(self, mode: SelfCheckMode, stats: SelfCheckStats) -> None:
         if mode not in MODES:
             raise LoweringError(f"lower: selfcheck must be one of {MODES}, got {mode!r}")
         self.enabled = mode != "off"
         self.sample = mode == "on"
         self.stats = stats
         #: The intra-op thread count the checks run at: the caller's when the check is made.
-        self.threads = torch.get_num_threads() if threads is None else threads
+        self.threads = torch.get_num_threads()
         stats.mode = mode
         self._constant = ConstantMemo()
 

@@ -223,20 +223,7 @@ def test_a_0d_constant_a_onednn_op_reads_becomes_a_1_element_vector() -> None:
     assert (float(new_scale), int(new_zp), new_zp.dtype) == (0.5, 3, torch.int64)
     assert other.args[1] is scale and zp not in gm.graph.nodes  # the unread 0-d one is gone
     gm.graph.lint()
-
-
-@pytest.mark.parametrize("static_x_scale", [False, True], ids=["per-token", "static"])
-def test_a_one_row_int_mm_linear_compiles_with_its_scalar_qparams(static_x_scale: bool) -> None:
-    # one row: the per-token scale has one element, so the op takes it with a 0-d zero point;
-    # Inductor's qlinear lowering refused that constant ("x_zp type is Constant, not int")
-    from qalgebra.testing.woq_strategies import int_mm_case
-
-    case = int_mm_case(seed=3, k=16, n=8, rows=1, static_x_scale=static_x_scale)
-    compiled = compile(case.graph, case.inputs, cost="off")
-    assert only_report(compiled.reports).lowering.fired["int_mm_linear"] == 1
-    with torch.no_grad():
-        reference, got = case.graph(*case.inputs), compiled(*case.inputs)
-    assert case.check(reference, got) is None
+    # the compile it was for: tests/test_properties_compile.py, one-row int_mm
 
 
 def test_propagate_vals_reruns_new_nodes_and_what_reads_them_only() -> None:

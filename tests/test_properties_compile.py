@@ -10,6 +10,7 @@ problems, open (docs/findings.md, "The catalog's examples through torch.compile"
 
 from __future__ import annotations
 
+from collections import Counter
 from unittest import mock
 
 import pytest
@@ -64,6 +65,8 @@ def test_a_uint8_conv_quantized_to_int8_reads_back_as_int8() -> None:
 
 @pytest.mark.parametrize("static_x_scale", [False, True], ids=["per-token", "static"])
 def test_a_one_row_int_mm_example_holds_compiled(static_x_scale: bool) -> None:
+    # one row: the per-token scale has one element, so the op takes it with a 0-d zero point;
+    # Inductor's qlinear lowering refused that constant ("x_zp type is Constant, not int")
     case = int_mm_case(seed=3, k=16, n=8, rows=1, static_x_scale=static_x_scale)
     report = check_compiled(CaseExample("int_mm", "op", case))
     assert report.lowering.fired["int_mm_linear"] == 1
@@ -86,3 +89,18 @@ def test_a_right_kernel_holds_and_a_wrong_one_fails_numerics() -> None:
         pytest.raises(PropertyFailure, match=r"\[numerics\]"),
     ):
         check_compiled(_conv(), fusions=(_with_wrong_scale(QCONV, 2.0),))
+
+
+def test_an_inductor_quantization_fusion_fails_the_inductor_property() -> None:
+    from qalgebra import compile as qalgebra_compile
+
+    calls = iter(range(2))
+
+    def counted() -> Counter[str]:  # none before the compile, one after
+        return Counter({"qconv_unary_matcher_count": next(calls)})
+
+    with (
+        mock.patch.object(qalgebra_compile, "inductor_quant_fusions", counted),
+        pytest.raises(PropertyFailure, match=r"\[inductor\]"),
+    ):
+        check_compiled(_conv())
