@@ -43,10 +43,12 @@ from qalgebra.inductor_prep import (
     fetch,
     fresh_name,
     functional_clamps,
+    kernels_closed_to_post_op_patterns,
     mark_traced,
     propagate_vals,
     respell_unfused,
     scalar_constants_as_vectors,
+    woq_scales_as_buffers,
 )
 from qalgebra.lower import LoweringReport, lower_with_report
 
@@ -167,6 +169,8 @@ class CatalogPass(CustomGraphPass):
             functional_clamps(lowered.graph)
             convolutions_as_timed(lowered.graph)
             scalar_constants_as_vectors(lowered)
+            woq_scales_as_buffers(lowered)
+            kernels_closed_to_post_op_patterns(lowered.graph)
         propagate_vals(lowered)  # under the compile's fake mode, as the rest
         decompose(lowered.graph)
         _transplant(graph, lowered)

@@ -24,6 +24,15 @@ these fix-ups make the result ordinary input for the rest of Inductor's compile:
   ``[1]``: Inductor lowers a 0-d constant to a number, which its oneDNN lowerings refuse where
   the op takes a tensor (``x_zp type is Constant, not int``), and reads a ``[1]`` one as the
   tensor it normalizes to 0-d itself.
+- :func:`woq_scales_as_buffers`: a weight-only int8 linear (``_weight_int8pack_mm``) of at
+  most 8 output features gets its weight and scales padded to 16 rows, and its output is sliced
+  back: Inductor inlines a 1-d constant of up to 8 elements as computed values, and its lowering
+  of the op hands the scales to the extern kernel unrealized (``AssertionError: Pointwise``).
+- :func:`kernels_closed_to_post_op_patterns`: a oneDNN conv/linear with a float output is read
+  through an identity ``permute`` (a view: free). Inductor's freezing passes fuse the ops after
+  a oneDNN kernel into it (``qlinear_pointwise`` then ``add`` then ``relu``...), and assert
+  that the kernel has no post-op yet: on a kernel the catalog fused, they crashed the compile,
+  and on one it left bare, they overrode its decision.
 - :func:`decompose`: the compile traces with Inductor's decompositions except those of the
   post-ops the catalog fuses (:data:`KEPT_OPS`: ``gelu`` decomposed is ``x * 0.5 * (1 +
   erf(...))``, which no catalog pattern spells); what the catalog did not fuse, and any op it
@@ -52,11 +61,15 @@ from qalgebra.ops import quantized_decomposed as qd
 from qalgebra.qdq_arithmetic import RESPELLABLE, bound_args, respell_as_arithmetic
 
 __all__ = [
+    "CORRECTED_DECOMPOSITIONS",
+    "INLINED_CONSTANT_ELEMENTS",
     "KEPT_OPS",
     "TRACED_KEY",
     "VECTOR_POOL_CHANNELS",
+    "WOQ_PADDED_ROWS",
     "TensorQparams",
     "add_constant",
+    "choose_qparams_with_zero",
     "compile_decompositions",
     "convolutions_as_timed",
     "decompose",
@@ -64,11 +77,13 @@ __all__ = [
     "fresh_name",
     "functional_clamps",
     "in_place_clamp_lowerings",
+    "kernels_closed_to_post_op_patterns",
     "mark_traced",
     "propagate_vals",
     "quantize_outside_kernels_typed_wrong",
     "respell_unfused",
     "scalar_constants_as_vectors",
+    "woq_scales_as_buffers",
 ]
 
 Decompositions = Mapping[Any, Callable[..., Any]]
@@ -96,15 +111,46 @@ _FUNCTIONAL_CLAMPS: Mapping[Any, Any] = {
 }
 
 
+def choose_qparams_with_zero(
+    input: torch.Tensor, quant_min: int, quant_max: int, eps: float, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``quantized_decomposed.choose_qparams.tensor`` decomposed to the values the op computes.
+
+    The op's range always includes zero (``determine_qparams``: ``min(min_val, 0)``,
+    ``max(max_val, 0)``); Inductor's decomposition (torch 2.13) drops that, so wherever a
+    tensor's values all have one sign -- a dynamically quantized activation after a relu --
+    the compiled scale and zero point differ from the op's, and ``torch.compile`` with Inductor
+    alone computes wrong outputs (measured: ``[[0.1, 0.2, 0.3]]`` gets scale 0.2/255 instead of
+    0.3/255; a one-element ``x`` was quantized with the scale ``eps``).
+    """
+    del dtype  # the op takes it for its check only
+    min_val, max_val = torch.aminmax(input)
+    low = torch.clamp(min_val, max=0.0)
+    high = torch.clamp(max_val, min=0.0)
+    scale = (high - low) / float(quant_max - quant_min)
+    scale = torch.maximum(scale, scale.new_full((1,), eps, dtype=torch.float32))
+    zero_point = quant_min - torch.round(low / scale).to(torch.int)
+    zero_point = torch.clamp(zero_point, quant_min, quant_max)
+    return scale.to(torch.float64), zero_point.to(torch.int64)
+
+
+#: Where qalgebra's compile decomposes an op otherwise than Inductor's table does.
+CORRECTED_DECOMPOSITIONS: Mapping[Any, Callable[..., Any]] = {
+    qd.choose_qparams.tensor: choose_qparams_with_zero,
+}
+
+
 @functools.cache
 def _inductor_table() -> Decompositions:
+    """Inductor's decompositions, with :data:`CORRECTED_DECOMPOSITIONS` in place of its own."""
     from torch._inductor.decomposition import select_decomp_table
 
-    return select_decomp_table()
+    return {**select_decomp_table(), **CORRECTED_DECOMPOSITIONS}
 
 
 def compile_decompositions() -> dict[Any, Callable[..., Any]]:
-    """Inductor's decompositions, less those of :data:`KEPT_OPS`: what the compile traces with."""
+    """Inductor's decompositions (corrected: :data:`CORRECTED_DECOMPOSITIONS`), less those of
+    :data:`KEPT_OPS`: what the compile traces with."""
     return {op: fn for op, fn in _inductor_table().items() if op not in KEPT_OPS}
 
 
@@ -198,8 +244,8 @@ def quantize_outside_kernels_typed_wrong(gm: fx.GraphModule, qparams: TensorQpar
         if dtype not in (torch.int8, torch.uint8) or not isinstance(source, fx.Node):
             continue
         accumulates = "sum" in (b.get("binary_attr"), b.get("binary_post_op"))
-        if node_dtype(source) in (None, dtype) or accumulates:
-            continue
+        if _input_dtype(source) == dtype or accumulates:
+            continue  # an unknown input dtype may differ: written out, right either way
         info = torch.iinfo(dtype)
         scale, zero_point = float(b["output_scale"]), int(b["output_zero_point"])
         with graph.inserting_after(node):
@@ -226,6 +272,30 @@ def quantize_outside_kernels_typed_wrong(gm: fx.GraphModule, qparams: TensorQpar
         node.meta = {k: v for k, v in node.meta.items() if k not in ("val", TRACED_KEY)}
         changed.append(node.name)
     return changed
+
+
+#: Ops whose output has their first argument's dtype, which a rewrite may write without one.
+_DTYPE_KEEPING = frozenset(
+    {
+        aten.constant_pad_nd.default,
+        aten.clone.default,
+        aten.contiguous.default,
+        aten.permute.default,
+        aten.view.default,
+        aten.reshape.default,
+    }
+)
+
+
+def _input_dtype(node: fx.Node) -> torch.dtype | None:
+    """``node``'s dtype, looked for through the ops of :data:`_DTYPE_KEEPING` (a conv's
+    activation padded with its zero point is one); None when unknown."""
+    while (dtype := node_dtype(node)) is None and node.target in _DTYPE_KEEPING:
+        arg = node.args[0] if node.args else None
+        if not isinstance(arg, fx.Node):
+            return None
+        node = arg
+    return dtype
 
 
 def _respelled(node: fx.Node, gm: fx.GraphModule, constants: TensorQparams) -> fx.Node | None:
@@ -400,6 +470,114 @@ def convolutions_as_timed(graph: fx.Graph) -> int:
         timed.meta = {k: v for k, v in node.meta.items() if k != TRACED_KEY}
         node.replace_all_uses_with(timed)
         graph.erase_node(node)
+        count += 1
+    return count
+
+
+#: The oneDNN quantized conv/linear ops whose outputs Inductor's post-op patterns extend.
+_POST_OP_EXTENDED = frozenset(
+    {
+        torch.ops.onednn.qconv_pointwise,
+        torch.ops.onednn.qconv2d_pointwise,
+        torch.ops.onednn.qlinear_pointwise,
+    }
+)
+
+
+def kernels_closed_to_post_op_patterns(graph: fx.Graph) -> int:
+    """Each oneDNN quantized conv/linear with a float output and one reader is read through an
+    identity ``permute``; returns how many.
+
+    Inductor's freezing passes (torch 2.13, ``qlinear_post_op_fusion`` and its conv twin) match
+    a kernel followed directly by a unary or binary op (``qlinear_pointwise`` with a float
+    output, then ``add``, then ``relu``) and fuse the ops into it, asserting that the kernel has
+    no post-op yet: found on a drawn ``dequant_promotion`` example whose linear the catalog
+    fused with ``relu6``, the compile failed with an empty ``AssertionError``; on a bare kernel
+    they would override the catalog's decision to leave the ops out. Their patterns need the
+    reader to be the kernel's only one, and the ``permute`` to its own order is a view: it costs
+    nothing, and Inductor's no-op removal (which would drop an ``alias``) runs before them but
+    leaves it. Quantized outputs need no guard: their patterns end in a quantize, which
+    :func:`respell_unfused` writes as arithmetic.
+    """
+    count = 0
+    for node in list(graph.nodes):
+        target = node.target
+        if (
+            node.op != "call_function"
+            or not isinstance(target, torch._ops.OpOverload)
+            or target.overloadpacket not in _POST_OP_EXTENDED
+            or len(node.users) != 1
+        ):
+            continue
+        output_dtype = bound_args(node).get("output_dtype")
+        if output_dtype not in (None, torch.float32, torch.bfloat16, torch.float16):
+            continue
+        rank = _rank(node)
+        if rank is None:
+            continue
+        (reader,) = node.users
+        with graph.inserting_after(node):
+            view = graph.call_function(torch.ops.aten.permute.default, (node, list(range(rank))))
+        reader.replace_input_with(node, view)
+        count += 1
+    return count
+
+
+def _rank(node: fx.Node) -> int | None:
+    """The rank of a kernel's output: its input's (convs and linears keep the rank)."""
+    for candidate in (node.args[0] if node.args else None, node):
+        if isinstance(candidate, fx.Node):
+            val = candidate.meta.get("val")
+            if isinstance(val, torch.Tensor):
+                return val.dim()
+    return None
+
+
+#: Inductor inlines a 1-d constant of at most this many elements (``can_inline_constant``).
+INLINED_CONSTANT_ELEMENTS = 8
+#: The rows a weight-only int8 linear with inlined-size scales is padded to.
+WOQ_PADDED_ROWS = 16
+
+
+def woq_scales_as_buffers(gm: fx.GraphModule) -> int:
+    """Each ``_weight_int8pack_mm`` with at most :data:`INLINED_CONSTANT_ELEMENTS` output
+    features computes :data:`WOQ_PADDED_ROWS` instead (zero weight rows, zero scales) and its
+    output is sliced back to its features; returns how many.
+
+    Inductor (torch 2.13) inlines such a small 1-d constant as computed values, and its
+    lowering of the op binds the scales to the extern kernel without realizing them: the
+    compile failed (``LoweringException: AssertionError: <class 'Pointwise'>``) on 10 of 20
+    drawn ``woq`` examples. Each output column is the same dot product either way; the padding
+    costs at most 16 columns. Call with real tensors (outside the compile's fake mode).
+    """
+    graph = gm.graph
+    count = 0
+    for node in list(graph.find_nodes(op="call_function", target=aten._weight_int8pack_mm.default)):
+        weight_node, scales_node = node.args[1], node.args[2]
+        if not (isinstance(weight_node, fx.Node) and isinstance(scales_node, fx.Node)):
+            continue
+        if weight_node.op != "get_attr" or scales_node.op != "get_attr":
+            continue
+        weight = fetch(gm, str(weight_node.target))
+        scales = fetch(gm, str(scales_node.target))
+        features = scales.shape[0] if scales.dim() == 1 else None
+        if features is None or features > INLINED_CONSTANT_ELEMENTS:
+            continue
+        extra = WOQ_PADDED_ROWS - features
+        padded_weight = torch.cat([weight, weight.new_zeros(extra, weight.shape[1])])
+        padded_scales = torch.cat([scales, scales.new_zeros(extra)])
+        node.update_arg(1, add_constant(gm, "_qalgebra_woq_weight_", padded_weight, before=node))
+        node.update_arg(2, add_constant(gm, "_qalgebra_woq_scales_", padded_scales, before=node))
+        readers = list(node.users)
+        with graph.inserting_after(node):
+            columns = graph.call_function(aten.slice.Tensor, (node, 1, 0, features))
+        for reader in readers:
+            reader.replace_input_with(node, columns)
+        # the kernel's value is wider now: propagate_vals recomputes it
+        node.meta = {k: v for k, v in node.meta.items() if k not in ("val", TRACED_KEY)}
+        for old in (weight_node, scales_node):
+            if not old.users:
+                graph.erase_node(old)
         count += 1
     return count
 

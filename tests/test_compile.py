@@ -20,6 +20,8 @@ from unittest import mock
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import fx
 
 from qalgebra import isa
@@ -35,10 +37,12 @@ from qalgebra.compile import (
 from qalgebra.errors import LoweringError
 from qalgebra.fusions.conv import QCONV
 from qalgebra.inductor_prep import (
+    choose_qparams_with_zero,
     decompose,
     fetch,
     functional_clamps,
     in_place_clamp_lowerings,
+    kernels_closed_to_post_op_patterns,
     respell_unfused,
     scalar_constants_as_vectors,
 )
@@ -224,6 +228,32 @@ def test_a_0d_constant_a_onednn_op_reads_becomes_a_1_element_vector() -> None:
     assert other.args[1] is scale and zp not in gm.graph.nodes  # the unread 0-d one is gone
     gm.graph.lint()
     # the compile it was for: tests/test_properties_compile.py, one-row int_mm
+
+
+def test_a_float_output_kernel_with_one_reader_is_read_through_an_identity_permute() -> None:
+    graph = fx.Graph()
+    x, w = graph.placeholder("x"), graph.placeholder("w")
+    x.meta["val"] = torch.empty(1, 3, 4, 4)
+
+    def qconv(output_dtype: torch.dtype) -> fx.Node:
+        geometry = ([1, 1], [0, 0], [1, 1], 1)
+        return graph.call_function(
+            torch.ops.onednn.qconv_pointwise.default,
+            (x, 1.0, 0, w, w, w, None, *geometry, 1.0, 0, output_dtype, "relu", [], ""),
+        )
+
+    fused = qconv(torch.float32)  # relu inside, then a hardtanh Inductor's patterns would add
+    after = graph.call_function(aten.hardtanh.default, (fused, 0.0, 6.0))
+    quantized = qconv(torch.uint8)  # a uint8 output: its patterns end in a quantize op
+    widened = graph.call_function(aten._to_copy.default, (quantized,), {"dtype": torch.float32})
+    shared = qconv(torch.float32)  # two readers: their patterns need one
+    graph.output((after, widened, shared, graph.call_function(aten.neg.default, (shared,))))
+    assert kernels_closed_to_post_op_patterns(graph) == 1
+    view = after.args[0]
+    assert isinstance(view, fx.Node) and view.target is aten.permute.default
+    assert view.args == (fused, [0, 1, 2, 3]) and list(fused.users) == [view]
+    assert widened.args[0] is quantized and len(shared.users) == 2
+    graph.lint()
 
 
 def test_propagate_vals_reruns_new_nodes_and_what_reads_them_only() -> None:
@@ -493,6 +523,48 @@ def test_every_conv_and_linear_of_the_decomposed_form_fuses() -> None:
     assert (fired["qconv"] + fired["qconv_binary"], fired["qlinear"]) == (convs, linears)
     assert convs > 0 and linears > 0
     assert_outputs_close(run(gm, inputs), run(compiled, inputs), quant_step=the_step(gm))
+
+
+class SigmoidBetweenLinears(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.first, self.second = torch.nn.Linear(16, 32), torch.nn.Linear(32, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.second(torch.sigmoid(self.first(x)))
+        return out
+
+
+def test_a_dynamically_quantized_activation_of_one_sign_gets_the_ops_own_qparams() -> None:
+    # the second linear's activation is > 0: the op's range includes zero, Inductor's
+    # decomposition of choose_qparams did not (scale (max - min) / 255, zero point clamped)
+    torch.manual_seed(0)
+    model, inputs = SigmoidBetweenLinears().eval(), (torch.randn(4, 16),)
+    gm = quantize_pt2e(model, inputs, dynamic=True)
+    compiled = compile(gm, inputs, cost="off")
+    assert only_report(compiled.reports).lowering.fired["qlinear"] == 2
+    assert_outputs_close(run(gm, inputs), run(compiled, inputs), quant_step=None, rtol=1e-4)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    values=st.lists(st.floats(-4, 4, width=32), min_size=1, max_size=40),
+    sign=st.sampled_from([1.0, -1.0, 0.0]),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+    qrange=st.sampled_from([(0, 255), (0, 127), (-128, 127)]),
+)
+def test_choose_qparams_decomposed_computes_what_the_op_computes(
+    values: list[float], sign: float, dtype: torch.dtype, qrange: tuple[int, int]
+) -> None:
+    x = torch.tensor(values).to(dtype)
+    if sign:  # all of one sign, as after a relu
+        x = x.abs() * sign
+    qmin, qmax = qrange
+    qdtype = torch.int8 if qmin < 0 else torch.uint8
+    expected = torch.ops.quantized_decomposed.choose_qparams.tensor(x, qmin, qmax, 2**-12, qdtype)
+    got = choose_qparams_with_zero(x, qmin, qmax, 2**-12, qdtype)
+    for e, g in zip(expected, got, strict=True):
+        assert (e.dtype, e.shape) == (g.dtype, g.shape) and torch.equal(e, g), (e, g)
 
 
 def test_a_symbolic_batch_compiles_once_for_every_batch_size() -> None:

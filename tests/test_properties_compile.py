@@ -2,10 +2,8 @@
 with the qalgebra backend computes what its graph computes, and the check fails when it does
 not.
 
-Drawing the catalog's examples through the compile path found one-row ``_int_mm`` linears
-crashing Inductor on a 0-d zero point and an int8 conv output that Inductor typed uint8; both
-are fixed and pinned below. Drawn examples are not run here yet: the same draws found four more
-problems, open (docs/findings.md, "The catalog's examples through torch.compile").
+Drawing the catalog's examples through the compile path found the problems pinned below, all
+fixed (docs/findings.md, "The catalog's examples through torch.compile").
 """
 
 from __future__ import annotations
@@ -17,6 +15,7 @@ import pytest
 import torch
 from test_selfcheck import OUT_Q, Q, _with_wrong_scale
 
+from qalgebra.combinators import Unary
 from qalgebra.fusions.conv import QCONV
 from qalgebra.selfcheck import SelfCheck
 from qalgebra.testing.properties import PropertyFailure, check_compiled
@@ -26,25 +25,28 @@ from qalgebra.testing.strategies import (
     ExampleLike,
     GraphSpec,
     Layer,
+    LinearSpec,
     QuantSpec,
     Residual,
     build_example,
 )
-from qalgebra.testing.woq_strategies import int_mm_case
+from qalgebra.testing.woq_strategies import int_mm_case, woq_case
 
 pytestmark = pytest.mark.usefixtures("one_thread", "fresh_dynamo")
 
 
-def test_a_uint8_conv_quantized_to_int8_reads_back_as_int8() -> None:
+@pytest.mark.parametrize(("width", "padding"), [(2, 0), (1, 2)], ids=["plain", "padded"])
+def test_a_uint8_conv_quantized_to_int8_reads_back_as_int8(width: int, padding: int) -> None:
     # Two convs read one uint8 input: one left float, one quantized to int8 (zero point -73),
     # then subtracted. Inductor typed the int8 conv's output uint8 (its input's dtype), and the
     # C++ kernel reading it loaded the bytes as uint8: 5 output steps off. Shrunk from a drawn
-    # example.
-    conv = ConvSpec(3, 7, (3, 2), stride=(2, 1), dilation=(2, 1))
+    # example. "padded": windows of padding only, so the conv reads its input padded
+    # explicitly by a node of no recorded dtype, and the fix did not see the dtypes differ.
+    conv = ConvSpec(3, 7, (3, 2), stride=(2, 1), padding=(0, padding), dilation=(2, 1))
     int8 = QuantSpec(scale=0.0122, zero_point=-73, quant_min=-128, quant_max=127, dtype=torch.int8)
     spec = GraphSpec(
         "qconv_binary",
-        (4, 3, 8, 2),
+        (4, 3, 8, width),
         QuantSpec(scale=0.00156, zero_point=0, quant_min=0, quant_max=127, dtype=torch.uint8),
         Layer(conv, weight_scale=0.0527, bias_scale=4.69, seed=178),
         residual=Residual(
@@ -63,6 +65,24 @@ def test_a_uint8_conv_quantized_to_int8_reads_back_as_int8() -> None:
     assert report.lowering.fired["qconv"] == 2
 
 
+def test_a_linear_fused_with_a_post_op_then_added_to_compiles_as_the_catalog_fused_it() -> None:
+    # The catalog fuses relu into the kernel (float output) and leaves the add that follows;
+    # Inductor's freezing patterns then matched kernel + add + relu and asserted the kernel had
+    # no post-op yet: the compile failed with an empty AssertionError (found on a drawn
+    # dequant_promotion example). A conv's twin patterns need the added tensor to be a
+    # dequantize op, which the pass respells: tests/test_compile.py checks its guard.
+    spec = GraphSpec(
+        "qlinear_binary",
+        (4, 16),
+        QuantSpec(scale=0.02, zero_point=3, quant_min=0, quant_max=127, dtype=torch.uint8),
+        Layer(LinearSpec(16, 8), post_op=Unary.RELU, seed=5),
+        residual=Residual("float", "add", relu=True),
+        returns="float",
+    )
+    report = check_compiled(build_example(spec))
+    assert report.lowering.fired["qlinear"] == 1
+
+
 @pytest.mark.parametrize("static_x_scale", [False, True], ids=["per-token", "static"])
 def test_a_one_row_int_mm_example_holds_compiled(static_x_scale: bool) -> None:
     # one row: the per-token scale has one element, so the op takes it with a 0-d zero point;
@@ -70,6 +90,18 @@ def test_a_one_row_int_mm_example_holds_compiled(static_x_scale: bool) -> None:
     case = int_mm_case(seed=3, k=16, n=8, rows=1, static_x_scale=static_x_scale)
     report = check_compiled(CaseExample("int_mm", "op", case))
     assert report.lowering.fired["int_mm_linear"] == 1
+
+
+@pytest.mark.parametrize("out_features", [(8,), (3, 5)], ids=["woq_int8", "concat"])
+def test_a_weight_only_linear_of_few_output_features_compiles_fused(
+    out_features: tuple[int, ...],
+) -> None:
+    # At most 8 outputs: Inductor inlined the 1-d scales as computed values and handed them to
+    # the extern kernel unrealized (LoweringException: AssertionError: Pointwise)
+    case = woq_case(seed=7, dtype=torch.bfloat16, k=32, out_features=out_features, bias=True)
+    report = check_compiled(CaseExample("woq", "op", case))
+    name = "woq_int8" if len(out_features) == 1 else "woq_int8_concat_linear"
+    assert report.lowering.fired[name] == 1
 
 
 def _conv() -> ExampleLike:
