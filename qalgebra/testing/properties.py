@@ -22,7 +22,9 @@ property            holds when
 
 :func:`check_compiled` checks what ships through ``torch.compile``: the example compiled with
 the ``qalgebra`` backend (:data:`COMPILED_PROPERTIES`: ``runs``, ``inputs``, ``numerics`` as
-above, and ``inductor``: none of Inductor's own quantization patterns fired).
+above, except that an output the lowering does not replace -- bit-identical eagerly -- may
+move by Inductor's own float rounding, :func:`compiled_bounds`; and ``inductor``: none of
+Inductor's own quantization patterns fired).
 
 >>> import torch
 >>> from qalgebra.testing.strategies import GraphSpec, Layer, LinearSpec, QuantSpec, build_example
@@ -54,6 +56,7 @@ from qalgebra.testing.strategies import (
     BoundLike,
     ExampleLike,
     ExpectedLike,
+    OutputBound,
     flat_tensors,
 )
 
@@ -62,6 +65,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "COMPILED_PROPERTIES",
+    "COMPILED_ROUNDING_ULPS",
     "PROPERTIES",
     "Outcome",
     "PropertyFailure",
@@ -75,6 +79,7 @@ __all__ = [
     "check_inputs",
     "check_numerics",
     "check_untouched",
+    "compiled_bounds",
     "flat_outputs",
     "snapshot",
 ]
@@ -284,7 +289,8 @@ def check_compiled(
             outputs = flat_outputs(compiled(*mine))
     except Exception as exc:
         raise PropertyFailure("runs", f"{type(exc).__name__}: {exc}") from exc
-    _check_outputs(example, mine, reference, outputs)
+    bounds = compiled_bounds(example.expected.outputs, reference)
+    _check_outputs(example, mine, reference, outputs, bounds=bounds)
     if not compiled.reports:
         raise PropertyFailure("runs", "the backend compiled no graph")
     report = compiled.reports[-1]
@@ -293,6 +299,33 @@ def check_compiled(
             "inductor", f"Inductor's quantization patterns fired: {report.summary()}"
         )
     return report
+
+
+#: How far, in units in the last place of its dtype relative to its largest magnitude, a float
+#: output the lowering does not replace may move under ``torch.compile``: Inductor's generated
+#: code fuses, reorders and vectorizes float arithmetic (and keeps bf16 in float32 between
+#: ops), so it rounds otherwise than the eager reference (measured on drawn examples: 2.4e-7
+#: on a ``qmean`` example's float output, 3e-8 on graphs outside the catalog).
+COMPILED_ROUNDING_ULPS = 16
+
+
+def compiled_bounds(
+    bounds: Sequence[BoundLike], reference: Sequence[torch.Tensor]
+) -> list[BoundLike]:
+    """``bounds`` for a compiled run: each ``"exact"`` float output within
+    :data:`COMPILED_ROUNDING_ULPS` of its largest magnitude; every other bound as it is (an
+    integer output the lowering does not replace must still be bit-identical)."""
+    out: list[BoundLike] = []
+    for bound, ref in zip(bounds, reference, strict=False):
+        if bound.kind != "exact" or not ref.is_floating_point() or ref.numel() == 0:
+            out.append(bound)
+            continue
+        magnitude = float(ref.detach().abs().nan_to_num(0.0, 0.0, 0.0).max())
+        ulp = torch.finfo(ref.dtype).eps * max(magnitude, torch.finfo(ref.dtype).tiny)
+        why = f"{bound.why}; compiled: Inductor's float rounding, {COMPILED_ROUNDING_ULPS} ulps"
+        out.append(OutputBound("float", atol=COMPILED_ROUNDING_ULPS * ulp, why=why))
+    out.extend(bounds[len(out) :])
+    return out
 
 
 def check_decisions(
@@ -322,10 +355,13 @@ def _check_outputs(
     mine: Sequence[torch.Tensor],
     reference: Sequence[torch.Tensor],
     outputs: Sequence[torch.Tensor],
+    *,
+    bounds: Sequence[BoundLike] | None = None,
 ) -> None:
-    """``inputs`` and ``numerics`` of a run on ``mine`` (clones of the example's inputs)."""
+    """``inputs`` and ``numerics`` of a run on ``mine`` (clones of the example's inputs), within
+    ``bounds`` (default: the example's)."""
     check_inputs(mine, example.inputs, outputs)
-    check_numerics(example.expected.outputs, reference, outputs)
+    check_numerics(example.expected.outputs if bounds is None else bounds, reference, outputs)
     own_check = getattr(example, "check_outputs", None)
     if callable(own_check):
         message = own_check(reference, outputs)
