@@ -21,7 +21,8 @@ from test_selfcheck import OUT_Q, Q, _with_wrong_scale
 from qalgebra.combinators import Unary
 from qalgebra.fusions.conv import QCONV
 from qalgebra.selfcheck import SelfCheck
-from qalgebra.testing.properties import PropertyFailure, check_compiled
+from qalgebra.testing.oracle import bound_failure
+from qalgebra.testing.properties import PropertyFailure, check_compiled, compiled_bounds
 from qalgebra.testing.strategies import (
     CaseExample,
     ConvSpec,
@@ -29,6 +30,7 @@ from qalgebra.testing.strategies import (
     GraphSpec,
     Layer,
     LinearSpec,
+    OutputBound,
     QuantSpec,
     Residual,
     build_example,
@@ -43,6 +45,18 @@ pytestmark = pytest.mark.usefixtures("one_thread", "fresh_dynamo")
 @given(example=examples())
 def test_a_compiled_example_computes_what_its_graph_computes(example: ExampleLike) -> None:
     check_compiled(example)
+
+
+def test_under_compile_an_exact_float_output_may_move_by_rounding_an_integer_one_may_not() -> None:
+    exact = OutputBound("exact", why="not lowered")
+    ref = torch.tensor([4.0, -2.0, 0.5])
+    ulp = torch.finfo(torch.float32).eps * 4.0  # of the largest magnitude
+    levels = torch.tensor([3, 7], dtype=torch.uint8)
+    float_bound, int_bound = compiled_bounds([exact, exact], [ref, levels])
+    assert int_bound is exact and float_bound.kind == "float"
+    assert bound_failure(float_bound, ref, ref + 2 * ulp) is None
+    assert bound_failure(float_bound, ref, ref + 100 * ulp) is not None
+    assert bound_failure(exact, ref, ref + 2 * ulp) is not None  # eagerly: bit-identical
 
 
 @pytest.mark.parametrize(("width", "padding"), [(2, 0), (1, 2)], ids=["plain", "padded"])
