@@ -667,11 +667,21 @@ def fuzz(
         ),
     ] = None,
     fusions: FusionsOption = None,
+    compiled: Annotated[
+        bool,
+        typer.Option(
+            "--compiled",
+            help="Compile each example with torch.compile's qalgebra backend and check what "
+            "ships (about 2 s an example; failures under database keys of their own).",
+        ),
+    ] = False,
 ) -> None:
     """Check the lowering's properties on random quantized graphs (exit 1 on any failure).
 
     With ``--fusions``, every example is lowered with your fusions in place: the catalog's
-    families must still hold, and your families (FusionFamily) are drawn too."""
+    families must still hold, and your families (FusionFamily) are drawn too. With
+    ``--compiled``, every example goes through ``torch.compile`` instead of the eager
+    lowering."""
     quiet_third_party()
     from qalgebra.errors import ExampleDatabaseError
     from qalgebra.fuzz import run_campaign
@@ -682,7 +692,7 @@ def fuzz(
     try:
         summary = run_campaign(
             max_examples, minutes, seed, names or None, out, workers=workers, database=db,
-            fusions=chosen,
+            fusions=chosen, compiled=compiled,
         )  # fmt: skip
     except KeyError as exc:
         raise _fail(err, str(exc.args[0]) if exc.args else str(exc), code=2) from None

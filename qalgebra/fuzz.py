@@ -111,6 +111,7 @@ def run_campaign(
     console: Console | None = None,
     quiet: bool = False,
     fusions: Sequence[Fusion] = DEFAULT_FUSIONS,
+    compiled: bool = False,
 ) -> CampaignSummary:
     """Check the lowering properties on ``max_examples`` examples or for ``minutes``.
 
@@ -122,6 +123,9 @@ def run_campaign(
     written to ``out_dir``; the summary's ``exit_code`` is non-zero when any example failed.
     ``fusions`` is the catalog the examples are lowered with (a user's fusions in place:
     :func:`qalgebra.catalog.with_fusions`); its failures are kept under keys of their own.
+    ``compiled``: each example goes through ``torch.compile`` with the ``qalgebra`` backend
+    instead (:func:`qalgebra.testing.properties.check_compiled`, about 2 s an example), its
+    failures under keys of their own too.
     """
     if max_examples is None and minutes is None:
         max_examples = 100
@@ -148,7 +152,7 @@ def run_campaign(
         _preload(names, forms)
         campaign = _Supervisor(
             jobs(max_examples, names, base_seed), workers, out_dir, database, forms, deadline,
-            show, fusions=tuple(fusions),
+            show, fusions=tuple(fusions), compiled=compiled,
         )  # fmt: skip
         summary = campaign.run()
     summary.seed = seed
@@ -156,7 +160,7 @@ def run_campaign(
     summary.seconds = time.monotonic() - start
     summary.database = redacted(database or os.environ.get(DB_ENV) or DEFAULT_DB)
     if not quiet:
-        _report(console, summary, out_dir)
+        _report(console, summary, out_dir, compiled=compiled)
     return summary
 
 
@@ -169,7 +173,11 @@ def _family_names(chosen: Sequence[str] | None) -> Sequence[str]:
     return names
 
 
-def _report(console: Console, summary: CampaignSummary, out_dir: Path) -> None:
+def _report(
+    console: Console, summary: CampaignSummary, out_dir: Path, *, compiled: bool = False
+) -> None:
+    if compiled:
+        console.print("checked through torch.compile (the qalgebra backend)", highlight=False)
     for failure in summary.failures:
         console.print(f"[red]FAILED[/red] [{failure.prop}] {failure.message}")
         if failure.replayed:
@@ -236,6 +244,7 @@ class _Supervisor:
     deadline: float | None
     show: _Show
     fusions: tuple[Fusion, ...] = DEFAULT_FUSIONS
+    compiled: bool = False
     summary: CampaignSummary = field(default_factory=CampaignSummary)
     _retry: deque[Job] = field(default_factory=deque)
     _spawned: int = 0
@@ -285,7 +294,7 @@ class _Supervisor:
             target=serve,
             args=(
                 ident, tasks, writer, self.out_dir, self._flights / f"{ident}.json",
-                self.database, self.forms, self.deadline, self.fusions,
+                self.database, self.forms, self.deadline, self.fusions, self.compiled,
             ),
             daemon=True,
         )  # fmt: skip
@@ -350,12 +359,14 @@ class _Supervisor:
         code = worker.process.exitcode
         how = _signal_name(code)
         flight = read_in_flight(self._flights / f"{worker.ident}.json")
+        checking = flight is not None and bool(flight.code)
         if flight is None or not flight.code:  # between examples: drawing one, or Hypothesis
             note = f"# no example was being checked ({job.family}, job seed {job.seed})\n"
             flight = InFlight(job.family, "", flight.checked if flight else 0, note)
         failure = write_failure(
             self.out_dir, f"w{worker.ident}_crash", None, None, code=flight.code,
             family=flight.family, form=flight.form, signal=how,
+            compiled=self.compiled and checking,
         )  # fmt: skip
         self.summary.examples += 1
         self.summary.by_family[flight.family] += 1
@@ -413,6 +424,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=None, help="default: default_workers()")
     parser.add_argument("--out", type=Path, default=Path("fuzz-failures"))
     parser.add_argument("--db", default=None, help="a directory or a Redis URL")
+    parser.add_argument("--compiled", action="store_true", help="through torch.compile")
     parser.add_argument("families", nargs="*", help=f"default: all of {sorted(families())}")
     args = parser.parse_args(argv)
     summary = run_campaign(
@@ -423,6 +435,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.out,
         workers=args.workers,
         database=args.db,
+        compiled=args.compiled,
     )
     return summary.exit_code
 

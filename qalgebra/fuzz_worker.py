@@ -23,7 +23,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from hypothesis import HealthCheck, Phase, Verbosity, settings
@@ -34,6 +34,7 @@ from qalgebra.fuzz_summary import CampaignSummary, Failure
 from qalgebra.lower import DEFAULT_FUSIONS
 from qalgebra.testing.campaign import (
     catalog_variant,
+    compiled_script,
     database_key,
     family_test,
     use_pytest_key,
@@ -41,6 +42,9 @@ from qalgebra.testing.campaign import (
 from qalgebra.testing.database import CpuTaggedDatabase, example_database
 from qalgebra.testing.properties import Outcome, PropertyFailure
 from qalgebra.testing.strategies import ExampleLike
+
+if TYPE_CHECKING:
+    from qalgebra.compile import CompileReport
 
 __all__ = ["InFlight", "Job", "Stop", "read_in_flight", "run_job", "write_in_flight"]
 
@@ -110,7 +114,9 @@ class _Observer:
             raise Stop
         write_in_flight(self.in_flight, ex, self.checked)
 
-    def after(self, ex: ExampleLike, outcome: Outcome | None, error: BaseException | None) -> None:
+    def after(
+        self, ex: ExampleLike, outcome: Outcome | CompileReport | None, error: BaseException | None
+    ) -> None:
         if error is not None:
             self.last = (ex, error)
             if self.failed_at is None:  # the first failing example counts; its shrinks do not
@@ -121,7 +127,8 @@ class _Observer:
                 self.summary.by_family[ex.family] += 1
         elif self.failed_at is None and outcome is not None:
             self.checked += 1
-            self.summary.record(ex, outcome.report.fired, bool(outcome.report.refused))
+            report = outcome.report if isinstance(outcome, Outcome) else outcome.lowering
+            self.summary.record(ex, report.fired, bool(report.refused))
         # checked: a crash from here on is not its own
         self.in_flight.write_text(json.dumps({"family": ex.family, "checked": self.checked}))
         self.show(self.checked, f"{ex.family} / {ex.form}")
@@ -138,15 +145,17 @@ def run_job(
     deadline: float | None = None,
     show: Progress = lambda done, what: None,
     fusions: Sequence[Fusion] = DEFAULT_FUSIONS,
+    compiled: bool = False,
 ) -> tuple[CampaignSummary, int]:
     """Run ``job`` here; its summary, and how many of its examples it checked (fewer than
-    asked when a failure ended it, or ``deadline``, a ``time.time()``, passed)."""
+    asked when a failure ended it, or ``deadline``, a ``time.time()``, passed). ``compiled``:
+    the examples go through ``torch.compile`` (``properties.check_compiled``)."""
     summary = CampaignSummary()
     observer = _Observer(summary, in_flight, deadline, show)
-    test = family_test(observer, forms=forms, fusions=fusions)
+    test = family_test(observer, forms=forms, fusions=fusions, compiled=compiled)
     variant = catalog_variant(fusions)
-    use_pytest_key(test, job.family, variant)
-    key = database_key(job.family, variant)
+    use_pytest_key(test, job.family, variant, compiled=compiled)
+    key = database_key(job.family, variant, compiled=compiled)
     recorded = sum(1 for _ in database.fetch(key)) if job.replay else 0
     replays_before = len(database.replays)
     phases = [Phase.reuse] if job.replay else []
@@ -179,7 +188,7 @@ def run_job(
         summary.add_failure(
             write_failure(
                 out_dir, name, ex, error, replayed=observer.failed_index < recorded,
-                found_on=found_on,
+                found_on=found_on, compiled=compiled,
             )
         )  # fmt: skip
     for replay in database.replays[replays_before:]:
@@ -200,12 +209,15 @@ def write_failure(
     signal: str = "",
     replayed: bool = False,
     found_on: tuple[str, ...] = (),
+    compiled: bool = False,
 ) -> Failure:
     """Write a failing example's reproduction script into ``out_dir``: an example that raised
     ``error``, or (``signal`` set) the recorded ``code`` of one that killed its process (empty
-    when it died between examples)."""
+    when it died between examples); ``compiled``: a script that checks it compiled."""
     if ex is not None:
         family, form, code = ex.family, ex.form, ex.code()
+    if compiled and code:
+        code = compiled_script(code)
     if signal:
         prop, message = "crash", f"the process checking it was killed by {signal}"
         header = f"# qalgebra fuzz: checking this example killed the process ({signal})"
@@ -239,10 +251,12 @@ def serve(
     forms: Sequence[str] | None,
     deadline: float | None,
     fusions: Sequence[Fusion] = DEFAULT_FUSIONS,
+    compiled: bool = False,
 ) -> None:
     """The worker loop: take a job from ``tasks`` (None: stop), report on ``results``.
 
-    Workers are forked: ``fusions`` (a user's included) are the parent's objects, not pickled."""
+    Workers are forked: ``fusions`` (a user's included) are the parent's objects, not pickled.
+    Compiling, Inductor compiles its C++ in the worker itself (one process per core already)."""
     last = [0.0]
 
     def show(done: int, what: str) -> None:
@@ -252,13 +266,17 @@ def serve(
             results.send((index, "progress", (done, what)))
 
     torch.set_num_threads(1)  # one process per core; and no oneDNN thread pool after a fork
+    if compiled:
+        from torch._inductor import config as inductor_config
+
+        inductor_config.compile_threads = 1
     try:
         db = example_database(database)
         number = 0
         while (job := tasks.get()) is not None:
             part, checked = run_job(
                 job, db, out_dir, f"w{index}_{number:03d}", in_flight,
-                forms=forms, deadline=deadline, show=show, fusions=fusions,
+                forms=forms, deadline=deadline, show=show, fusions=fusions, compiled=compiled,
             )  # fmt: skip
             number += len(part.failures)
             results.send((index, "done", (part, checked)))

@@ -150,6 +150,22 @@ def test_fuzz_shares_the_examples_between_the_default_workers(tmp_path: Path) ->
     assert "no failures" in result.output
 
 
+def test_fuzz_compiled_checks_the_examples_through_torch_compile(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def eager(ex: object, *, fusions: object = None) -> object:
+        raise PropertyFailure("numerics", "the eager check ran")
+
+    monkeypatch.setattr(campaign, "check_example", eager)  # forked workers inherit it
+    result = invoke(
+        "fuzz", "--compiled", "--max-examples", "2", "--seed", "4", "--families", "qlinear",
+        "--workers", "1", "--out", str(tmp_path / "out"), "--db", str(tmp_path / "db"),
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "checked through torch.compile" in result.output
+    assert campaign_row(result.output)[:2] == ["2", "0"]
+
+
 @pytest.mark.parametrize("workers", [1, 2])
 def test_fuzz_workers_report_every_failure_and_exit_1(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, workers: int

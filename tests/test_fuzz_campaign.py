@@ -35,7 +35,7 @@ from qalgebra.cli import app
 from qalgebra.errors import ExampleDatabaseError
 from qalgebra.fuzz import CampaignSummary, run_campaign
 from qalgebra.testing import strategies
-from qalgebra.testing.campaign import database_key
+from qalgebra.testing.campaign import compiled_script, database_key
 from qalgebra.testing.database import CpuTag, CpuTaggedDatabase, example_database
 from qalgebra.testing.strategies import Expected, OutputBound
 
@@ -312,3 +312,39 @@ def test_hypofuzz_collects_one_hypothesis_test_per_family() -> None:
     assert done.returncode == 0, done.stdout[-3000:]
     items = {line.split("::")[1] for line in done.stdout.splitlines() if "::test_family[" in line}
     assert items == {f"test_family[{name}]" for name in strategies.families()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Through torch.compile
+
+
+def test_a_compiled_campaign_keeps_its_failures_apart_with_scripts_that_compile(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    register(monkeypatch, "from_1000", from_1000)
+    database = str(tmp_path / "db")
+    tmp_path.mkdir(exist_ok=True)
+    found = run_campaign(
+        4, None, 1, ["from_1000"], tmp_path / "out", workers=1, database=database,
+        quiet=True, compiled=True,
+    )  # fmt: skip
+    failure = found.failures[0]  # each job ends at its first failure, the next goes on
+    assert found.exit_code == 1 and "k=1000 " in failure.message  # shrunk, as eagerly
+    script = failure.path.read_text()
+    assert "check_compiled(example)" in script
+    directory = DirectoryBasedExampleDatabase(database)
+    assert list(directory.fetch(database_key("from_1000", compiled=True)))
+    assert not list(directory.fetch(database_key("from_1000")))  # the eager key: untouched
+
+
+def test_a_compiled_script_checks_the_example_compiled_and_runs() -> None:
+    q = strategies.QuantSpec(scale=0.02, zero_point=3, quant_min=0, quant_max=127,
+                             dtype=torch.uint8)  # fmt: skip
+    layer = strategies.Layer(strategies.LinearSpec(16, 8))
+    example = strategies.build_example(strategies.GraphSpec("qlinear", (4, 16), q, layer))
+    script = compiled_script(example.code())
+    assert "check_example" not in script and "check_compiled(example).summary()" in script
+    namespace: dict[str, object] = {"__name__": "__main__"}
+    torch._dynamo.reset()
+    exec(compile(script, "<script>", "exec"), namespace)  # raises on a failing property
+    assert namespace["example"] is not None

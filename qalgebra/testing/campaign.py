@@ -9,6 +9,10 @@ still grows); ``qalgebra fuzz`` (:mod:`qalgebra.fuzz`) runs the same test, famil
 worker processes with its own settings, under the database key pytest and HypoFuzz give it
 (:func:`use_pytest_key`), so that every driver replays every other's failures.
 
+With ``compiled=True`` the same test compiles each example with the ``qalgebra`` backend
+instead (:func:`qalgebra.testing.properties.check_compiled`), under a database key of its own:
+``qalgebra fuzz --compiled``.
+
 >>> from hypothesis import settings
 >>> test = family_test()
 >>> settings(max_examples=2, database=None, deadline=None)(test)(family="qlinear")  # passes
@@ -18,8 +22,9 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Sequence
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
+import torch
 from hypothesis import given, note
 from hypothesis import strategies as st
 from hypothesis.internal.reflection import function_digest
@@ -27,13 +32,17 @@ from hypothesis.internal.reflection import function_digest
 from qalgebra.fusion import Fusion
 from qalgebra.lower import DEFAULT_FUSIONS
 from qalgebra.lower import _single_thread as single_thread
-from qalgebra.testing.properties import Outcome, check_example
+from qalgebra.testing.properties import Outcome, check_compiled, check_example
 from qalgebra.testing.strategies import ExampleLike, examples, families
+
+if TYPE_CHECKING:
+    from qalgebra.compile import CompileReport
 
 __all__ = [
     "FAMILY_TEST_NODEID",
     "Observer",
     "catalog_variant",
+    "compiled_script",
     "database_key",
     "family_test",
     "use_pytest_key",
@@ -50,8 +59,11 @@ class Observer(Protocol):
     def before(self, ex: ExampleLike) -> None:
         """Called before checking ``ex``; may raise to end the run."""
 
-    def after(self, ex: ExampleLike, outcome: Outcome | None, error: BaseException | None) -> None:
-        """Called after checking ``ex``: its outcome, or the error it raised."""
+    def after(
+        self, ex: ExampleLike, outcome: Outcome | CompileReport | None, error: BaseException | None
+    ) -> None:
+        """Called after checking ``ex``: its outcome (a compile's report, compiled), or the
+        error it raised."""
 
 
 def family_test(
@@ -59,6 +71,7 @@ def family_test(
     *,
     forms: Sequence[str] | None = None,
     fusions: Sequence[Fusion] = DEFAULT_FUSIONS,
+    compiled: bool = False,
 ) -> Callable[..., None]:
     """A new Hypothesis test ``test(family, data)``: one example of ``family``, every property.
 
@@ -67,6 +80,8 @@ def family_test(
     example. ``forms`` restricts the forms drawn (see :func:`~.strategies.examples`).
     ``fusions`` is the catalog the examples are lowered with: the catalog's families must
     still hold with a fusion of yours in place (:func:`qalgebra.catalog.with_fusions`).
+    ``compiled``: check :func:`~.properties.check_compiled` instead (dynamo is reset before
+    each example, so a long campaign does not keep every compiled graph).
     """
 
     @given(data=st.data())
@@ -75,13 +90,19 @@ def family_test(
         ex = data.draw(_examples(family, chosen, families().get(family)), "example")
         if observer is not None:
             observer.before(ex)
+        outcome: Outcome | CompileReport
         try:
             with single_thread():  # campaigns run a process per core
-                outcome = check_example(ex, fusions=fusions)
+                if compiled:
+                    torch._dynamo.reset()
+                    outcome = check_compiled(ex, fusions=fusions)
+                else:
+                    outcome = check_example(ex, fusions=fusions)
         except BaseException as exc:
             variant = catalog_variant(fusions)
             lowered_with = f" (lowered with the fusions {variant}: pass them as fusions=)"
-            note(f"reproduction script{lowered_with if variant else ''}:\n{ex.code()}")
+            script = compiled_script(ex.code()) if compiled else ex.code()
+            note(f"reproduction script{lowered_with if variant else ''}:\n{script}")
             if observer is not None:
                 observer.after(ex, None, exc)
             raise
@@ -89,6 +110,28 @@ def family_test(
             observer.after(ex, outcome, None)
 
     return test_family
+
+
+#: What an example's script (:meth:`~.strategies.Example.code`) runs, and what it runs compiled.
+_EAGER_CHECK = ("import check_example", "check_example(example).report.summary()")
+_COMPILED_CHECK = ("import check_compiled", "check_compiled(example).summary()")
+
+
+def compiled_script(code: str) -> str:
+    """An example's reproduction script (:meth:`ExampleLike.code`) checking it compiled.
+
+    Scripts that check the eager lowering the catalog's way have their check swapped; any
+    other gets the compiled check appended, on the ``example`` it defines."""
+    if all(part in code for part in _EAGER_CHECK):
+        for eager, compiled in zip(_EAGER_CHECK, _COMPILED_CHECK, strict=True):
+            code = code.replace(eager, compiled)
+        return code
+    return (
+        f"{code.rstrip()}\n\n"
+        "if __name__ == '__main__':  # qalgebra fuzz --compiled: the check that failed\n"
+        "    from qalgebra.testing.properties import check_compiled\n\n"
+        "    print(check_compiled(example).summary())\n"
+    )
 
 
 @functools.cache
@@ -107,16 +150,16 @@ def catalog_variant(fusions: Sequence[Fusion]) -> str:
     return ",".join(f.name for f in fusions)
 
 
-def use_pytest_key(test: Any, family: str, variant: str = "") -> None:
+def use_pytest_key(test: Any, family: str, variant: str = "", *, compiled: bool = False) -> None:
     """Key ``test``'s database entries as pytest and HypoFuzz key ``test_family[family]``
-    (with a :func:`catalog_variant`, a key of its own)."""
+    (with a :func:`catalog_variant`, or ``compiled``, a key of its own)."""
     inner = test.hypothesis.inner_test
     key = FAMILY_TEST_NODEID.format(family=family) + (f"+fusions={variant}" if variant else "")
-    inner._hypothesis_internal_add_digest = key.encode()
+    inner._hypothesis_internal_add_digest = (key + ("+compiled" if compiled else "")).encode()
 
 
-def database_key(family: str, variant: str = "") -> bytes:
+def database_key(family: str, variant: str = "", *, compiled: bool = False) -> bytes:
     """The database key of ``family``'s failures (the same for every driver)."""
     test: Any = family_test()
-    use_pytest_key(test, family, variant)
+    use_pytest_key(test, family, variant, compiled=compiled)
     return function_digest(test.hypothesis.inner_test)
