@@ -58,7 +58,12 @@ from qalgebra.costcheck import AS_TIMED_KEY
 from qalgebra.match import node_dtype
 from qalgebra.ops import calls_kernel_op
 from qalgebra.ops import quantized_decomposed as qd
-from qalgebra.qdq_arithmetic import RESPELLABLE, bound_args, respell_as_arithmetic
+from qalgebra.qdq_arithmetic import (
+    RESPELLABLE,
+    bound_args,
+    respell_as_arithmetic,
+    respell_runtime_as_arithmetic,
+)
 
 __all__ = [
     "CORRECTED_DECOMPOSITIONS",
@@ -188,7 +193,10 @@ def respell_unfused(gm: fx.GraphModule) -> tuple[str, ...]:
     A weight ``dequantize_per_channel`` of constants is computed now (by the op itself) and
     becomes a float constant; a per-tensor ``.tensor`` overload with constant qparams becomes
     ``.default`` (the op reads ``scale.item()`` itself); per-tensor ``.default`` nodes become
-    their arithmetic; so does the output quantize of a oneDNN kernel Inductor would type wrong
+    their arithmetic; so do ``.tensor`` nodes whose qparams are computed while the graph runs
+    (a dynamic quantization the catalog left: Inductor's dequant promotion duplicated its
+    dequantize), by :func:`~qalgebra.qdq_arithmetic.respell_runtime_as_arithmetic`; and the
+    output quantize of a oneDNN kernel Inductor would type wrong
     (:func:`quantize_outside_kernels_typed_wrong`). Returns the names of the nodes replaced and
     of those kernels; any other quantized_decomposed node stays (and Inductor's counters say
     whether one of its patterns fused it).
@@ -305,8 +313,9 @@ def _respelled(node: fx.Node, gm: fx.GraphModule, constants: TensorQparams) -> f
     if node.target in (qd.quantize_per_tensor.tensor, qd.dequantize_per_tensor.tensor):
         b = bound_args(node)
         scale, zero_point = _constant(b["scale"], gm), _constant(b["zero_point"], gm)
-        if scale is None or zero_point is None:
-            return None
+        if scale is None or zero_point is None:  # computed while the graph runs (dynamic)
+            rank = _value_rank(b["input"])
+            return None if not rank else respell_runtime_as_arithmetic(node, rank)
         default = (
             qd.quantize_per_tensor.default
             if node.target is qd.quantize_per_tensor.tensor
@@ -526,11 +535,15 @@ def kernels_closed_to_post_op_patterns(graph: fx.Graph) -> int:
 def _rank(node: fx.Node) -> int | None:
     """The rank of a kernel's output: its input's (convs and linears keep the rank)."""
     for candidate in (node.args[0] if node.args else None, node):
-        if isinstance(candidate, fx.Node):
-            val = candidate.meta.get("val")
-            if isinstance(val, torch.Tensor):
-                return val.dim()
+        if (rank := _value_rank(candidate)) is not None:
+            return rank
     return None
+
+
+def _value_rank(value: object) -> int | None:
+    """The rank of a node's traced value; None when unknown."""
+    val = value.meta.get("val") if isinstance(value, fx.Node) else None
+    return val.dim() if isinstance(val, torch.Tensor) else None
 
 
 #: Inductor inlines a 1-d constant of at most this many elements (``can_inline_constant``).

@@ -32,10 +32,21 @@ from torch import fx
 from qalgebra.ops import aten, prims
 from qalgebra.ops import quantized_decomposed as qd
 
-__all__ = ["RESPELLABLE", "bound_args", "respell_as_arithmetic"]
+__all__ = [
+    "RESPELLABLE",
+    "RUNTIME_RESPELLABLE",
+    "bound_args",
+    "respell_as_arithmetic",
+    "respell_runtime_as_arithmetic",
+]
 
 #: The overloads :func:`respell_as_arithmetic` writes as arithmetic.
 RESPELLABLE = frozenset({qd.quantize_per_tensor.default, qd.dequantize_per_tensor.default})
+
+
+#: The overloads whose qparams are tensors, computed while the graph runs (``choose_qparams``):
+#: :func:`respell_runtime_as_arithmetic`.
+RUNTIME_RESPELLABLE = frozenset({qd.quantize_per_tensor.tensor, qd.dequantize_per_tensor.tensor})
 
 
 def bound_args(node: fx.Node) -> dict[str, Any]:
@@ -102,3 +113,42 @@ def respell_as_arithmetic(
         if zp != 0 or not drop_zero_zp:
             y = graph.call_function(aten.sub.Tensor, (y, operand(zp, out_dtype)))
         return graph.call_function(aten.mul.Tensor, (y, operand(scale, out_dtype)))
+
+
+def respell_runtime_as_arithmetic(node: fx.Node, input_rank: int) -> fx.Node:
+    """Insert the arithmetic a ``.tensor`` quantize/dequantize computes from qparams read
+    while the graph runs; return the node holding the result (``node`` is left in place).
+
+    The op reads its one-element ``scale`` and ``zero_point`` as Python numbers and runs the
+    per-tensor op; the float32 arithmetic then takes them as float32: the reciprocal of the
+    scale is taken in float64, then rounded (a quantize), the scale rounded (a dequantize). A
+    dequantize to bf16/fp16 computes in float32 and rounds once, as the op does (``q - zp``
+    is an integer both hold exactly). ``input_rank`` (at least 1) is the input's: the
+    one-element qparams broadcast over it.
+    """
+    if node.op != "call_function" or node.target not in RUNTIME_RESPELLABLE:
+        raise ValueError(f"{node.name}: not a per-tensor .tensor quantize/dequantize")
+    if input_rank < 1:
+        raise ValueError(f"{node.name}: a 0-d input would take the qparams' shape [1]")
+    graph = node.graph
+    b = bound_args(node)
+    f32, convert = torch.float32, prims.convert_element_type.default
+    with graph.inserting_before(node):
+        zero_point = graph.call_function(convert, (b["zero_point"], f32))
+        scale64 = graph.call_function(convert, (b["scale"], torch.float64))
+        if node.target is qd.quantize_per_tensor.tensor:
+            x = graph.call_function(convert, (b["input"], f32))
+            inverse = graph.call_function(torch.ops.aten.reciprocal.default, (scale64,))
+            y = graph.call_function(
+                aten.mul.Tensor, (x, graph.call_function(convert, (inverse, f32)))
+            )
+            y = graph.call_function(aten.round.default, (y,))
+            y = graph.call_function(aten.add.Tensor, (y, zero_point))
+            y = graph.call_function(aten.clamp_min.default, (y, b["quant_min"]))
+            y = graph.call_function(aten.clamp_max.default, (y, b["quant_max"]))
+            return graph.call_function(convert, (y, b["dtype"]))
+        y = graph.call_function(convert, (b["input"], f32))
+        y = graph.call_function(aten.sub.Tensor, (y, zero_point))
+        y = graph.call_function(aten.mul.Tensor, (y, graph.call_function(convert, (scale64, f32))))
+        out_dtype = b.get("out_dtype") or f32
+        return y if out_dtype == f32 else graph.call_function(convert, (y, out_dtype))

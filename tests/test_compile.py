@@ -26,6 +26,7 @@ from torch import fx
 
 from qalgebra import isa
 from qalgebra.catalog_pass import CatalogPass
+from qalgebra.combinators import Unary
 from qalgebra.compile import (
     COST_OPTION,
     CompileReport,
@@ -47,9 +48,13 @@ from qalgebra.inductor_prep import (
     scalar_constants_as_vectors,
 )
 from qalgebra.lower import LoweringReport, lower_with_report
+from qalgebra.qdq_arithmetic import respell_runtime_as_arithmetic
+from qalgebra.testing.config_strategies import DynamicLinearSpec
+from qalgebra.testing.config_strategies import build_example as build_config_example
 from qalgebra.testing.forms import to_decomposed, to_tensor_qparams
 from qalgebra.testing.models import build
 from qalgebra.testing.oracle import BF16_RTOL, assert_outputs_close, output_quant_steps
+from qalgebra.testing.properties import check_compiled
 from qalgebra.testing.quantize import quantize_pt2e
 
 aten = torch.ops.aten
@@ -565,6 +570,60 @@ def test_choose_qparams_decomposed_computes_what_the_op_computes(
     got = choose_qparams_with_zero(x, qmin, qmax, 2**-12, qdtype)
     for e, g in zip(expected, got, strict=True):
         assert (e.dtype, e.shape) == (g.dtype, g.shape) and torch.equal(e, g), (e, g)
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    levels=st.lists(st.integers(-300, 300), min_size=1, max_size=40),
+    fraction=st.sampled_from([0.0, 0.5, -0.5, 0.25, 0.4999]),  # ties round to even
+    scale=st.floats(1e-4, 2.0),
+    zero_point=st.integers(0, 255),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+    out_dtype=st.sampled_from([None, torch.float32, torch.bfloat16]),
+    rows=st.integers(1, 3),
+)
+def test_dynamic_quantize_and_dequantize_respelled_compute_what_the_ops_compute(
+    levels: list[int],
+    fraction: float,
+    scale: float,
+    zero_point: int,
+    dtype: torch.dtype,
+    out_dtype: torch.dtype | None,
+    rows: int,
+) -> None:
+    # qparams as choose_qparams returns them (float64, int64, one element), values on and
+    # around the quantize's rounding boundaries
+    qd = torch.ops.quantized_decomposed
+    x = ((torch.tensor(levels) + fraction) * scale).repeat(rows, 1).to(dtype)
+    qparams = (torch.tensor([scale], dtype=torch.float64), torch.tensor([zero_point]))
+    graph = fx.Graph()
+    node, s_node, zp_node = (graph.placeholder(name) for name in ("x", "scale", "zero_point"))
+    qparam_args = (s_node, zp_node, 0, 255, torch.uint8)
+    q = graph.call_function(qd.quantize_per_tensor.tensor, (node, *qparam_args))
+    dequantize = qd.dequantize_per_tensor.tensor
+    dq = graph.call_function(dequantize, (q, *qparam_args), {"out_dtype": out_dtype})
+    graph.output((q, dq))
+    expected = fx.GraphModule(torch.nn.Module(), graph)(x, *qparams)
+    for op in (q, dq):
+        op.replace_all_uses_with(respell_runtime_as_arithmetic(op, x.dim()))
+        graph.erase_node(op)
+    assert {getattr(n.target, "namespace", "") for n in graph.nodes} <= {"", "aten", "prims"}
+    got = fx.GraphModule(torch.nn.Module(), graph)(x, *qparams)
+    for e, g in zip(expected, got, strict=True):
+        assert e.dtype == g.dtype and torch.equal(e, g), (e, g)
+
+
+def test_a_dynamic_quantize_left_unfused_is_respelled_so_no_inductor_pattern_fires() -> None:
+    # refused linears (saturating int8 pairs, 8-bit activations) leave the dynamic quantize
+    # and its dequantize of two readers: Inductor's dequant promotion duplicated it
+    spec = DynamicLinearSpec(
+        (4, 32), (8, 8), (Unary.NONE, Unary.NONE), bias=False, combine="add",
+        share_dequant=False, quant_max=255, weight_max=127,
+    )  # fmt: skip
+    with isa.forced(int8_pairs_saturate=True):
+        report = check_compiled(build_config_example(spec))
+    assert not report.lowering.fired["qlinear"] and report.lowering.refused
+    assert report.inductor_quant_fusions == {}
 
 
 def test_a_symbolic_batch_compiles_once_for_every_batch_size() -> None:
