@@ -22,7 +22,14 @@ from qalgebra.combinators import Unary
 from qalgebra.fusions.conv import QCONV
 from qalgebra.selfcheck import SelfCheck
 from qalgebra.testing.oracle import bound_failure
-from qalgebra.testing.properties import PropertyFailure, check_compiled, compiled_bounds
+from qalgebra.testing.pointwise_strategies import MaxPoolSpec
+from qalgebra.testing.pointwise_strategies import build_example as build_pointwise_example
+from qalgebra.testing.properties import (
+    PropertyFailure,
+    check_compiled,
+    check_example,
+    compiled_bounds,
+)
 from qalgebra.testing.strategies import (
     CaseExample,
     ConvSpec,
@@ -44,6 +51,22 @@ pytestmark = pytest.mark.usefixtures("one_thread", "fresh_dynamo")
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(example=examples())
 def test_a_compiled_example_computes_what_its_graph_computes(example: ExampleLike) -> None:
+    check_compiled(example)
+
+
+def test_a_max_pool_index_of_a_window_of_padding_only_may_be_anything() -> None:
+    # a dilated window (rows -1 and 1 of a 1-row input) reads padding only: eager writes index
+    # 1 there, Inductor -1 (found by qalgebra fuzz --compiled); the value itself agrees
+    q = QuantSpec(scale=0.25, zero_point=0, quant_min=0, quant_max=255, dtype=torch.uint8)
+    spec = MaxPoolSpec(
+        shape=(1, 1, 1, 2), kernel=(2, 1), stride=(), padding=(1, 0), dilation=(2, 1),
+        ceil_mode=False, spelling="with_indices", source="dequant", x_quant=q, out_quant=q,
+        indices_read=True, also_read=True, returns="quantized", seed=0,
+    )  # fmt: skip
+    example = build_pointwise_example(spec)
+    bound = example.expected.outputs[1]
+    assert bound.kind == "quantized" and bound.interval is not None
+    check_example(example)
     check_compiled(example)
 
 

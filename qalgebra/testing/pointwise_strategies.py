@@ -117,6 +117,10 @@ INDICES_READ = "reads the indices"
 
 #: Every output of a pointwise example: int8 values moved or selected, so bit-identical.
 EXACT = OutputBound("exact", why="the pointwise family moves or selects int8 values: exact")
+#: Why a max pool's index output may hold anything where a window reads padding only.
+PADDING_ONLY = (
+    "exact, but a window of padding only has no index (eager writes one, Inductor -1)"
+)
 
 
 @dataclass(frozen=True, eq=False)
@@ -326,8 +330,31 @@ def _build_max_pool(spec: MaxPoolSpec) -> tuple[fx.GraphModule, Expected]:
         refusals.append(INDICES_READ)
     fusion = "qmaxpool2d" if spec.source == "dequant" else "quant_lift_up_max_pool"
     fired = _fired(**{fusion: int(matches and not refusals)})
-    outputs = (EXACT,) * (1 + len(extra))
-    return gm, Expected(fired, tuple(refusals), outputs=outputs)
+    outputs = [EXACT] * (1 + len(extra))
+    if indices:
+        outputs[1] = _indices_bound(spec, gm, b.inputs)
+    return gm, Expected(fired, tuple(refusals), outputs=tuple(outputs))
+
+
+def _indices_bound(
+    spec: MaxPoolSpec, gm: fx.GraphModule, inputs: Sequence[torch.Tensor]
+) -> OutputBound:
+    """The index output's bound: exact where a window reads an element of the input; any
+    value where it reads padding only (a dilated window can step over the input), which
+    PyTorch leaves to the kernel (found by ``qalgebra fuzz --compiled``)."""
+    stride = spec.stride or spec.kernel
+    args = (spec.kernel, stride, spec.padding, spec.dilation, spec.ceil_mode)
+    padding_only = torch.nn.functional.max_pool2d(torch.ones(spec.shape), *args) == -math.inf
+    if not bool(padding_only.any()):
+        return EXACT
+    with torch.no_grad():
+        reference = gm(*inputs)[1].double()
+    anything = torch.full_like(reference, 2.0**40)
+    interval = (
+        torch.where(padding_only, -anything, reference),
+        torch.where(padding_only, anything, reference),
+    )
+    return OutputBound("quantized", interval=interval, why=PADDING_ONLY)
 
 
 def _build_cat(spec: CatSpec) -> tuple[fx.GraphModule, Expected]:
