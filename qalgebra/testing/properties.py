@@ -50,7 +50,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from qalgebra.fusion import Fusion
 from qalgebra.lower import DEFAULT_FUSIONS, LoweringReport, lower_with_report
-from qalgebra.testing.oracle import bound_failure
+from qalgebra.testing.oracle import bound_failure, output_quant_steps
 from qalgebra.testing.strategies import (
     TRACKED_FUSIONS,
     BoundLike,
@@ -289,7 +289,7 @@ def check_compiled(
             outputs = flat_outputs(compiled(*mine))
     except Exception as exc:
         raise PropertyFailure("runs", f"{type(exc).__name__}: {exc}") from exc
-    bounds = compiled_bounds(example.expected.outputs, reference)
+    bounds = compiled_bounds(example.expected.outputs, reference, output_quant_steps(gm))
     _check_outputs(example, mine, reference, outputs, bounds=bounds)
     if not compiled.reports:
         raise PropertyFailure("runs", "the backend compiled no graph")
@@ -310,20 +310,29 @@ COMPILED_ROUNDING_ULPS = 16
 
 
 def compiled_bounds(
-    bounds: Sequence[BoundLike], reference: Sequence[torch.Tensor]
+    bounds: Sequence[BoundLike],
+    reference: Sequence[torch.Tensor],
+    steps: Sequence[float | None] = (),
 ) -> list[BoundLike]:
     """``bounds`` for a compiled run: each ``"exact"`` float output within
-    :data:`COMPILED_ROUNDING_ULPS` of its largest magnitude; every other bound as it is (an
-    integer output the lowering does not replace must still be bit-identical)."""
+    :data:`COMPILED_ROUNDING_ULPS` of its largest magnitude, plus one quantization step where
+    ``steps`` (:func:`~qalgebra.testing.oracle.output_quant_steps`) says it is dequantized: a
+    float value Inductor computes otherwise before a quantize can land one level off (a
+    ``conv_transpose`` outside the catalog, which Inductor's freezing runs through oneDNN).
+    Every other bound stays as it is: an integer output must still be bit-identical."""
     out: list[BoundLike] = []
-    for bound, ref in zip(bounds, reference, strict=False):
+    for i, (bound, ref) in enumerate(zip(bounds, reference, strict=False)):
         if bound.kind != "exact" or not ref.is_floating_point() or ref.numel() == 0:
             out.append(bound)
             continue
         magnitude = float(ref.detach().abs().nan_to_num(0.0, 0.0, 0.0).max())
         ulp = torch.finfo(ref.dtype).eps * max(magnitude, torch.finfo(ref.dtype).tiny)
+        step = steps[i] if i < len(steps) else None
         why = f"{bound.why}; compiled: Inductor's float rounding, {COMPILED_ROUNDING_ULPS} ulps"
-        out.append(OutputBound("float", atol=COMPILED_ROUNDING_ULPS * ulp, why=why))
+        if step is not None:
+            why += " and one quantization step"
+        atol = COMPILED_ROUNDING_ULPS * ulp + (step or 0.0)
+        out.append(OutputBound("float", atol=atol, why=why))
     out.extend(bounds[len(out) :])
     return out
 
