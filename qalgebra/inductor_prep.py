@@ -123,10 +123,11 @@ def choose_qparams_with_zero(
 
     The op's range always includes zero (``determine_qparams``: ``min(min_val, 0)``,
     ``max(max_val, 0)``); Inductor's decomposition (torch 2.13) drops that, so wherever a
-    tensor's values all have one sign -- a dynamically quantized activation after a relu --
-    the compiled scale and zero point differ from the op's, and ``torch.compile`` with Inductor
-    alone computes wrong outputs (measured: ``[[0.1, 0.2, 0.3]]`` gets scale 0.2/255 instead of
-    0.3/255; a one-element ``x`` was quantized with the scale ``eps``).
+    tensor's values all have one sign and none is zero -- a dynamically quantized activation
+    after a sigmoid, a one-element row -- the compiled scale and zero point differ from the
+    op's, and ``torch.compile`` with Inductor alone computes wrong outputs (measured:
+    ``[[0.1, 0.2, 0.3]]`` gets scale 0.2/255 instead of 0.3/255; a one-element ``x`` was
+    quantized with the scale ``eps``). A relu's output mostly holds zeros, which hides it.
     """
     del dtype  # the op takes it for its check only
     min_val, max_val = torch.aminmax(input)

@@ -22,9 +22,10 @@ property            holds when
 
 :func:`check_compiled` checks what ships through ``torch.compile``: the example compiled with
 the ``qalgebra`` backend (:data:`COMPILED_PROPERTIES`: ``runs``, ``inputs``, ``numerics`` as
-above, except that an output the lowering does not replace -- bit-identical eagerly -- may
-move by Inductor's own float rounding, :func:`compiled_bounds`; and ``inductor``: none of
-Inductor's own quantization patterns fired).
+above, except that a float output bounded as bit-identical eagerly (a value the lowering does
+not replace, or int8 values a pointwise family moves, dequantized) may move by Inductor's own
+float rounding, :func:`compiled_bounds`; and ``inductor``: none of Inductor's own quantization
+patterns fired).
 
 >>> import torch
 >>> from qalgebra.testing.strategies import GraphSpec, Layer, LinearSpec, QuantSpec, build_example
