@@ -64,6 +64,7 @@ from qalgebra.qdq_arithmetic import (
     respell_as_arithmetic,
     respell_runtime_as_arithmetic,
 )
+from qalgebra.shapes import known_shape
 
 __all__ = [
     "CORRECTED_DECOMPOSITIONS",
@@ -542,9 +543,9 @@ def _rank(node: fx.Node) -> int | None:
 
 
 def _value_rank(value: object) -> int | None:
-    """The rank of a node's traced value; None when unknown."""
-    val = value.meta.get("val") if isinstance(value, fx.Node) else None
-    return val.dim() if isinstance(val, torch.Tensor) else None
+    """The rank of a node's value (:func:`~qalgebra.shapes.known_shape`); None when unknown."""
+    shape = known_shape(value) if isinstance(value, fx.Node) else None
+    return None if shape is None else len(shape)
 
 
 #: Inductor inlines a 1-d constant of at most this many elements (``can_inline_constant``).

@@ -545,7 +545,8 @@ def test_a_dynamically_quantized_activation_of_one_sign_gets_the_ops_own_qparams
     # decomposition of choose_qparams did not (scale (max - min) / 255, zero point clamped)
     torch.manual_seed(0)
     model, inputs = SigmoidBetweenLinears().eval(), (torch.randn(4, 16),)
-    gm = quantize_pt2e(model, inputs, dynamic=True)
+    # 7-bit activations: exact on every CPU, whatever its int8 pairs do
+    gm = quantize_pt2e(model, inputs, dynamic=True, reduce_range=True)
     compiled = compile(gm, inputs, cost="off")
     assert only_report(compiled.reports).lowering.fired["qlinear"] == 2
     assert_outputs_close(run(gm, inputs), run(compiled, inputs), quant_step=None, rtol=1e-4)
