@@ -1,7 +1,8 @@
 """qalgebra under torch.compile vs Inductor's own quantization path, side by side.
 
     python bench/bench_compile.py [--quick] [--models a,b] [--batches 1,8] [--compiles N]
-                                  [--runtime-processes N] [--same-process-compiles] [--out FILE]
+                                  [--runtime-processes N] [--same-process-compiles]
+                                  [--selfcheck-off] [--out FILE]
 
 Per model and batch, one child process quantizes the model (torchao's PT2E flow,
 X86InductorQuantizer) and measures, side by side:
@@ -16,7 +17,9 @@ X86InductorQuantizer) and measures, side by side:
   (pattern registration, pattern validation). Each timed compile runs in a process of its own,
   a first compile of the model as a user's is (see :func:`compile_in_fresh_process`);
   ``--same-process-compiles`` times them one after the other in the child instead (faster,
-  and biased towards whichever graph fits Inductor's process-wide caches);
+  and biased towards whichever graph fits Inductor's process-wide caches); ``--selfcheck-off``
+  also times the backend with ``selfcheck="off"`` (compile time only: the graph it compiles is
+  the self-checked one wherever every kernel passes its check);
 - fused oneDNN conv/linear calls in the code each generated, and the quantization fusions
   Inductor itself made under the qalgebra backend (0 when its patterns found nothing);
 - steady-state runtime (median of ``--runs`` calls after ``--warmup``, the modules taking
@@ -109,6 +112,8 @@ ZOO_MODELS = (
 DECOMPOSED = " [decomposed]"
 #: The qalgebra backend with the cost check off: every layer the catalog can fuse is fused.
 ALL_FUSED = "qalgebra compiled, cost off"
+#: The qalgebra backend with the self-check off (``--selfcheck-off``; compile time only).
+UNCHECKED = "qalgebra compiled, self-check off"
 #: The runtime ratios a child measures side by side in its process (per-round medians): the
 #: result's key, and the numerator's and denominator's modules, in the table's order.
 RUNTIME_RATIOS: dict[str, tuple[str, str]] = {
@@ -254,15 +259,19 @@ def quantized(name: str, batch: int) -> tuple[nn.Module, fx.GraphModule, tuple[T
     return model, gm, inputs
 
 
-def backends() -> list[tuple[str, str | Callable[..., Any]]]:
-    """The compiled columns, each with what ``torch.compile`` is given as its backend."""
+def backends(unchecked: bool = False) -> list[tuple[str, str | Callable[..., Any]]]:
+    """The compiled columns, each with what ``torch.compile`` is given as its backend;
+    ``unchecked``: with the self-check off too (its compile time only)."""
     from qalgebra.compile import backend as qalgebra_backend
 
-    return [
+    chosen: list[tuple[str, str | Callable[..., Any]]] = [
         ("Inductor compiled", "inductor"),
         ("qalgebra compiled", "qalgebra"),
         (ALL_FUSED, functools.partial(qalgebra_backend, cost="off")),
     ]
+    if unchecked:
+        chosen.append((UNCHECKED, functools.partial(qalgebra_backend, selfcheck="off")))
+    return chosen
 
 
 def compile_child(name: str, batch: int, who: str) -> dict[str, Any]:
@@ -270,7 +279,7 @@ def compile_child(name: str, batch: int, who: str) -> dict[str, Any]:
     quiet_third_party()
     _, gm, inputs = quantized(name, batch)
     warm_up()
-    done = compile_once(gm, inputs, dict(backends())[who])
+    done = compile_once(gm, inputs, dict(backends(unchecked=True))[who])
     return {k: v for k, v in done.items() if k not in ("out", "module")}
 
 
@@ -322,6 +331,7 @@ def child(
     *,
     same_process: bool = False,
     timeout: float = 1800,
+    unchecked: bool = False,
 ) -> dict[str, Any]:
     from qalgebra.lower import lower
     from qalgebra.testing.quantize import torchao_lower
@@ -339,9 +349,10 @@ def child(
         except Exception as exc:  # a crash is a result, recorded
             result[f"{who} error"] = f"{type(exc).__name__}: {exc}"[:300]
     compiled = backends()
-    rounds: dict[str, list[dict[str, Any]]] = {who: [] for who, _ in compiled}
+    timed = backends(unchecked)
+    rounds: dict[str, list[dict[str, Any]]] = {who: [] for who, _ in timed}
     if not same_process:
-        for round_, (who, _) in rotated(compiled, compiles):
+        for round_, (who, _) in rotated(timed, compiles):
             log(f"{name} batch {batch}: compiling with {who} ({round_ + 1}/{compiles})")
             try:
                 rounds[who].append(compile_in_fresh_process(name, batch, who, timeout))
@@ -349,7 +360,8 @@ def child(
                 result[f"{who} error"] = f"{type(exc).__name__}: {exc}"[:300]
     warm_up()
     # the modules timed below; with --same-process-compiles, also the timed compiles
-    for _, (who, backend) in rotated(compiled, compiles if same_process else 1):
+    in_child = (timed, compiles) if same_process else (compiled, 1)
+    for _, (who, backend) in rotated(*in_child):
         if not same_process and f"{who} error" in result:
             continue
         log(f"{name} batch {batch}: compiling with {who} in this process")
@@ -358,7 +370,7 @@ def child(
         except Exception as exc:
             result[f"{who} error"] = f"{type(exc).__name__}: {exc}"[:300]
             continue
-        if who not in modules:  # the module timed below: its own decisions, for the table
+        if who not in modules and who != UNCHECKED:  # timed below: its own decisions
             modules[who] = done.pop("module")
             result.setdefault("timed", {})[who] = {k: done[k] for k in ("fused", "left_float")}
         if same_process:
@@ -366,7 +378,7 @@ def child(
     for who, done_rounds in rounds.items():
         if done_rounds:
             result[who] = summarize_compiles(done_rounds)
-    for who in ("qalgebra compiled", ALL_FUSED):
+    for who in ("qalgebra compiled", ALL_FUSED, UNCHECKED):
         ours, theirs = rounds[who], rounds["Inductor compiled"]
         if ours and len(ours) == len(theirs):
             result[f"{who} compile ratios"] = [
@@ -403,6 +415,7 @@ class Args:
     out: Path | None
     same_process: bool = False
     runtime_processes: int = 1
+    unchecked: bool = False
 
 
 def run_child(args: Args, name: str, batch: int) -> dict[str, Any]:
@@ -419,8 +432,11 @@ def run_one_child(args: Args, name: str, batch: int, compiles: int) -> dict[str,
     cmd += ["--compiles", str(compiles), "--timeout", str(args.timeout)]
     if args.same_process:
         cmd.append("--same-process-compiles")
+    if args.unchecked:
+        cmd.append("--selfcheck-off")
     # the child runs its timed compiles in processes of their own, each given --timeout
-    timeout = args.timeout * (1 + (0 if args.same_process else len(backends()) * compiles))
+    per_round = len(backends(args.unchecked))
+    timeout = args.timeout * (1 + (0 if args.same_process else per_round * compiles))
     try:
         out = run_for_json(cmd, timeout)
     except subprocess.TimeoutExpired:
@@ -465,22 +481,31 @@ def compile_ratio(result: dict[str, Any], who: str) -> str:
 
 
 def compile_table(results: list[dict[str, Any]]) -> list[str]:
+    unchecked = any(UNCHECKED in r for r in results)
     lines = [
         "| model | batch | Inductor compile | qalgebra compile (its pass) | qalgebra / Inductor "
-        "| cost off: compile, / Inductor | fused oneDNN conv/linear: Inductor "
+        "| cost off: compile, / Inductor "
+        + ("| self-check off: compile (its pass), / Inductor " if unchecked else "")
+        + "| fused oneDNN conv/linear: Inductor "
         "| qalgebra (+ left float by the cost check) | qalgebra, cost off "
         "| Inductor's quant. fusions under qalgebra |",
-        "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+        "|---|--:|--:|--:|--:|--:|" + ("--:|" if unchecked else "") + "--:|--:|--:|--:|",
     ]
     for r in results:
         ind, qa = r.get("Inductor compiled", {}), r.get("qalgebra compiled", {})
-        off = r.get(ALL_FUSED, {})
+        off, un = r.get(ALL_FUSED, {}), r.get(UNCHECKED, {})
+        no_check = (
+            f"| {fmt(un.get('seconds'), ' s')} ({fmt(un.get('pass_seconds'), ' s')}), "
+            f"{compile_ratio(r, UNCHECKED)} "
+            if unchecked
+            else ""
+        )
         lines.append(
             f"| {r['model']} | {r['batch']} | {fmt(ind.get('seconds'), ' s')} "
             f"| {fmt(qa.get('seconds'), ' s')} ({fmt(qa.get('pass_seconds'), ' s')}) "
             f"| {compile_ratio(r, 'qalgebra compiled')} "
             f"| {fmt(off.get('seconds'), ' s')}, {compile_ratio(r, ALL_FUSED)} "
-            f"| {ind.get('fused', 'n/a')} | {qa.get('fused', 'n/a')} "
+            f"{no_check}| {ind.get('fused', 'n/a')} | {qa.get('fused', 'n/a')} "
             f"(+{qa.get('left_float', 'n/a')}) | {off.get('fused', 'n/a')} "
             f"| {qa.get('inductor_quant_fusions', 'n/a')} |"
         )
@@ -637,6 +662,11 @@ def parse_args(argv: list[str] | None) -> tuple[Args, str | tuple[str, str] | No
         help="time the compiles in the child that times the runtime, one after the other "
         "(faster; later compiles of the model find its index analysis cached)",
     )
+    parser.add_argument(
+        "--selfcheck-off",
+        action="store_true",
+        help="also time the compile of the backend with selfcheck='off' (a column of its own)",
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--compile-child", help=argparse.SUPPRESS)
     parser.add_argument("--backend", help=argparse.SUPPRESS)
@@ -666,6 +696,7 @@ def parse_args(argv: list[str] | None) -> tuple[Args, str | tuple[str, str] | No
         ns.out,
         ns.same_process_compiles,
         ns.runtime_processes,
+        ns.selfcheck_off,
     )
     if ns.compile_child is not None:
         return args, (ns.compile_child, ns.backend)
@@ -688,6 +719,7 @@ def main(argv: list[str] | None = None) -> int:
             args.compiles,
             same_process=args.same_process,
             timeout=args.timeout,
+            unchecked=args.unchecked,
         )
         print(json.dumps(result))
         return 0

@@ -50,7 +50,8 @@ from qalgebra.inductor_prep import (
     scalar_constants_as_vectors,
     woq_scales_as_buffers,
 )
-from qalgebra.lower import LoweringReport, lower_with_report
+from qalgebra.lower import DEFAULT_SELFCHECK, LoweringReport, lower_with_report
+from qalgebra.selfcheck import SelfCheckMode
 
 __all__ = ["CatalogPass", "PassResult"]
 
@@ -131,12 +132,20 @@ class CatalogPass(CustomGraphPass):
 
     Only valid inside a freezing inference compile (the parameters' values come from the
     tracing context). ``cost``: whether layers faster in float stay float
-    (:mod:`qalgebra.costcheck`). ``result`` holds what the last call did.
+    (:mod:`qalgebra.costcheck`); ``selfcheck``: how each new kernel is checked against the
+    subgraph it replaces (:mod:`qalgebra.selfcheck`). ``result`` holds what the last call did.
     """
 
-    def __init__(self, fusions: Sequence[Fusion], *, cost: CostMode = "measure") -> None:
+    def __init__(
+        self,
+        fusions: Sequence[Fusion],
+        *,
+        cost: CostMode = "measure",
+        selfcheck: SelfCheckMode = DEFAULT_SELFCHECK,
+    ) -> None:
         self.fusions = tuple(fusions)
         self.cost: CostMode = cost
+        self.selfcheck: SelfCheckMode = selfcheck
         self.result: PassResult | None = None
 
     def uuid(self) -> None:
@@ -164,6 +173,7 @@ class CatalogPass(CustomGraphPass):
                 (),
                 fusions=self.fusions,
                 cost=self.cost,
+                selfcheck=self.selfcheck,
             )
             hidden = respell_unfused(lowered)
             functional_clamps(lowered.graph)

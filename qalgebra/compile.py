@@ -46,13 +46,16 @@ from qalgebra.costcheck import CostMode
 from qalgebra.errors import LoweringError, UnsupportedGraphError
 from qalgebra.fusions import DEFAULT_FUSIONS, Fusion
 from qalgebra.inductor_prep import compile_decompositions, in_place_clamp_lowerings
-from qalgebra.lower import LoweringReport
+from qalgebra.lower import DEFAULT_SELFCHECK, LoweringReport
+from qalgebra.selfcheck import MODES as SELFCHECK_MODES
+from qalgebra.selfcheck import SelfCheckMode
 
 if TYPE_CHECKING:
     from torch._inductor.utils import InputType
 
 __all__ = [
     "COST_OPTION",
+    "SELFCHECK_OPTION",
     "CompileReport",
     "CompiledModule",
     "backend",
@@ -228,17 +231,31 @@ def _checking_lifted(
 
 
 #: The key of ``torch.compile(..., options=)`` that sets the backend's ``cost`` (the other
-#: keys are Inductor's config patches).
+#: keys are Inductor's config patches, but for :data:`SELFCHECK_OPTION`).
 COST_OPTION = "qalgebra.cost"
+#: The key of ``torch.compile(..., options=)`` that sets the backend's ``selfcheck``.
+SELFCHECK_OPTION = "qalgebra.selfcheck"
+_OPTIONS = (COST_OPTION, SELFCHECK_OPTION)
 
 
 def _cost(cost: CostMode, options: Mapping[str, Any] | None) -> CostMode:
-    chosen = (options or {}).get(COST_OPTION, cost)
-    if chosen not in COST_MODES:
+    return cast(CostMode, _chosen(COST_OPTION, cost, COST_MODES, options))
+
+
+def _selfcheck(selfcheck: SelfCheckMode, options: Mapping[str, Any] | None) -> SelfCheckMode:
+    return cast(SelfCheckMode, _chosen(SELFCHECK_OPTION, selfcheck, SELFCHECK_MODES, options))
+
+
+def _chosen(
+    key: str, given: str, modes: Sequence[str], options: Mapping[str, Any] | None
+) -> object:
+    """``options[key]`` if set, else ``given``; one of ``modes`` or a clear error."""
+    chosen = (options or {}).get(key, given)
+    if chosen not in modes:
         raise UnsupportedGraphError(
-            f"qalgebra: {COST_OPTION} must be one of {COST_MODES}, got {chosen!r}"
+            f"qalgebra: {key} must be one of {tuple(modes)}, got {chosen!r}"
         )
-    return cast(CostMode, chosen)
+    return chosen
 
 
 def _config_patches(
@@ -249,7 +266,7 @@ def _config_patches(
         from torch._inductor import list_mode_options
 
         patches.update(list_mode_options(mode))
-    patches.update({k: v for k, v in (options or {}).items() if k != COST_OPTION})
+    patches.update({k: v for k, v in (options or {}).items() if k not in _OPTIONS})
     theirs = get_custom_graph_passes(patches.get("joint_custom_pre_pass"))
     patches["joint_custom_pre_pass"] = (catalog, *theirs)
     patches["freezing"] = True
@@ -272,14 +289,19 @@ def backend(
     options: Mapping[str, Any] | None = None,
     reports: list[CompileReport] | None = None,
     cost: CostMode = "measure",
+    selfcheck: SelfCheckMode = DEFAULT_SELFCHECK,
 ) -> Callable[..., Any]:
     """The ``qalgebra`` dynamo backend: qalgebra's ``fusions``, then Inductor with freezing.
 
     ``mode`` and ``options`` are Inductor's (``torch.compile(..., mode=, options=)`` passes
     them here); ``freezing`` is always on. ``cost`` (or ``options["qalgebra.cost"]``):
     ``"measure"`` leaves in float each layer that runs faster there than its fused int8 kernel
-    on this machine (:mod:`qalgebra.costcheck`), ``"off"`` fuses every layer it can. The report
-    of this graph goes to ``reports`` (if given) and to every :func:`recording` block open.
+    on this machine (:mod:`qalgebra.costcheck`), ``"off"`` fuses every layer it can.
+    ``selfcheck`` (or ``options["qalgebra.selfcheck"]``): as :func:`qalgebra.lower.lower`'s;
+    ``"off"`` saves the compile the time of running each new kernel once at the model's shapes
+    (on ResNet-18 at batch 8, about a tenth of the compile) and trusts the CPU probes alone. The
+    report of this graph goes to ``reports`` (if given) and to every :func:`recording` block
+    open.
     """
     from torch._inductor.compile_fx import compile_fx
 
@@ -290,7 +312,9 @@ def backend(
             "qalgebra compiles inference graphs: an input requires grad (call the model under "
             "torch.no_grad(), or detach the input)"
         )
-    catalog = CatalogPass(fusions, cost=_cost(cost, options))
+    catalog = CatalogPass(
+        fusions, cost=_cost(cost, options), selfcheck=_selfcheck(selfcheck, options)
+    )
     before = inductor_quant_fusions()
     with torch.no_grad(), in_place_clamp_lowerings():
         compiled = compile_fx(
@@ -353,19 +377,22 @@ def compile(
     *,
     fusions: Sequence[Fusion] = DEFAULT_FUSIONS,
     cost: CostMode = "measure",
+    selfcheck: SelfCheckMode = DEFAULT_SELFCHECK,
     **compile_options: Any,
 ) -> CompiledModule:
     """``torch.compile(model, backend=qalgebra)`` with ``fusions``, compiled now.
 
-    ``cost``: see :func:`backend`. ``compile_options`` go to ``torch.compile`` (``dynamic=``,
-    ``mode=``, ``options=``, ``fullgraph=``...). The first call, on ``example_inputs``, traces
-    with Inductor's freezing on (module tensors become constants under dynamo's guards) and
-    under ``no_grad``.
+    ``cost``, ``selfcheck``: see :func:`backend`. ``compile_options`` go to ``torch.compile``
+    (``dynamic=``, ``mode=``, ``options=``, ``fullgraph=``...). The first call, on
+    ``example_inputs``, traces with Inductor's freezing on (module tensors become constants
+    under dynamo's guards) and under ``no_grad``.
     """
     if "backend" in compile_options:
         raise TypeError("qalgebra.compile.compile: the backend is qalgebra's")
     reports: list[CompileReport] = []
-    chosen = functools.partial(backend, fusions=tuple(fusions), reports=reports, cost=cost)
+    chosen = functools.partial(
+        backend, fusions=tuple(fusions), reports=reports, cost=cost, selfcheck=selfcheck
+    )
     compiled = torch.compile(model, backend=chosen, **compile_options)
     start = time.perf_counter()
     with torch.no_grad(), inductor_config.patch(freezing=True):

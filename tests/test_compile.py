@@ -24,18 +24,19 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import fx
 
-from qalgebra import isa
+from qalgebra import isa, selfcheck
 from qalgebra.catalog_pass import CatalogPass
 from qalgebra.combinators import Unary
 from qalgebra.compile import (
     COST_OPTION,
+    SELFCHECK_OPTION,
     CompileReport,
     backend,
     compile,
     inductor_quant_fusions,
     recording,
 )
-from qalgebra.errors import LoweringError
+from qalgebra.errors import LoweringError, UnsupportedGraphError
 from qalgebra.fusions.conv import QCONV
 from qalgebra.inductor_prep import (
     choose_qparams_with_zero,
@@ -486,6 +487,28 @@ class StridedLinear(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out: torch.Tensor = self.fc(x.transpose(0, 1))
         return out
+
+
+def test_the_self_check_is_the_callers_choice_under_compile() -> None:
+    """On by default, as in the eager lowering; ``selfcheck="off"`` (or the option through
+    ``torch.compile``) runs no kernel before Inductor compiles, and fuses the same."""
+    model, inputs = build("conv2d_relu")
+    gm = quantize_pt2e(model, inputs)
+    selfcheck.clear_cache()
+    checked = only_report(compile(gm, inputs, cost="off").reports).lowering
+    assert (checked.selfcheck.mode, checked.fired["qconv"]) == ("on", 2)
+    assert checked.selfcheck.ran > 0
+    torch._dynamo.reset()
+    selfcheck.clear_cache()
+    options: dict[str, Any] = {COST_OPTION: "off", SELFCHECK_OPTION: "off"}
+    with recording() as reports, torch.no_grad():
+        out = torch.compile(copy.deepcopy(gm), backend="qalgebra", options=options)(*inputs)
+    trusted = only_report(reports).lowering
+    assert (trusted.selfcheck.mode, trusted.selfcheck.ran) == ("off", 0)
+    assert trusted.fired == checked.fired
+    assert_outputs_close(run(gm, inputs), out, quant_step=the_step(gm))
+    with pytest.raises(UnsupportedGraphError, match=SELFCHECK_OPTION):
+        backend(gm, list(inputs), options={SELFCHECK_OPTION: "fast"})
 
 
 def test_backend_by_name_prepacks_a_float_linear_over_a_strided_input_as_freezing_does() -> None:
