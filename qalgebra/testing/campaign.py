@@ -33,7 +33,7 @@ from qalgebra.fusion import Fusion
 from qalgebra.lower import DEFAULT_FUSIONS
 from qalgebra.lower import _single_thread as single_thread
 from qalgebra.testing.properties import Outcome, check_compiled, check_example
-from qalgebra.testing.strategies import ExampleLike, examples, families
+from qalgebra.testing.strategies import SCRIPT_CHECK, ExampleLike, examples, families
 
 if TYPE_CHECKING:
     from qalgebra.compile import CompileReport
@@ -112,9 +112,11 @@ def family_test(
     return test_family
 
 
-#: What an example's script (:meth:`~.strategies.Example.code`) runs, and what it runs compiled.
-_EAGER_CHECK = ("import check_example", "check_example(example).report.summary()")
-_COMPILED_CHECK = ("import check_compiled", "check_compiled(example).summary()")
+#: What an example's script runs compiled, in place of :data:`~.strategies.SCRIPT_CHECK`.
+_COMPILED_CHECK = (
+    "from qalgebra.testing.properties import check_compiled",
+    "print(check_compiled(example).summary())",
+)
 
 
 def compiled_script(code: str) -> str:
@@ -122,15 +124,15 @@ def compiled_script(code: str) -> str:
 
     Scripts that check the eager lowering the catalog's way have their check swapped; any
     other gets the compiled check appended, on the ``example`` it defines."""
-    if all(part in code for part in _EAGER_CHECK):
-        for eager, compiled in zip(_EAGER_CHECK, _COMPILED_CHECK, strict=True):
+    if all(part in code for part in SCRIPT_CHECK):
+        for eager, compiled in zip(SCRIPT_CHECK, _COMPILED_CHECK, strict=True):
             code = code.replace(eager, compiled)
         return code
     return (
         f"{code.rstrip()}\n\n"
         "if __name__ == '__main__':  # qalgebra fuzz --compiled: the check that failed\n"
-        "    from qalgebra.testing.properties import check_compiled\n\n"
-        "    print(check_compiled(example).summary())\n"
+        f"    {_COMPILED_CHECK[0]}\n\n"
+        f"    {_COMPILED_CHECK[1]}\n"
     )
 
 

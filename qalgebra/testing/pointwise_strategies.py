@@ -55,6 +55,7 @@ from qalgebra.fusions.pointwise import LOW_MEMORY_MAX_POOL
 from qalgebra.testing import forms as _forms
 from qalgebra.testing.strategies import (
     PRIMARY_FORMS,
+    SCRIPT_CHECK,
     Example,
     Expected,
     Modifier,
@@ -142,8 +143,8 @@ class PointwiseExample(Example):
             f"# expected: {self.expected!r}\n"
             + "\n".join(f"# {line}" for line in str(self.gm.graph).splitlines())
             + "\n\nif __name__ == '__main__':\n"
-            "    from qalgebra.testing.properties import check_example\n\n"
-            "    print(check_example(example).report.summary())  # raises on a failing property\n"
+            f"    {SCRIPT_CHECK[0]}\n\n"
+            f"    {SCRIPT_CHECK[1]}  # raises on a failing property\n"
         )
 
 

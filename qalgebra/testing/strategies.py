@@ -96,6 +96,7 @@ __all__ = [
     "MODIFIERS",
     "PLUGIN_MODULES",
     "PRIMARY_FORMS",
+    "SCRIPT_CHECK",
     "TRACKED_FUSIONS",
     "BoundLike",
     "CaseExample",
@@ -555,6 +556,15 @@ class ExampleLike(Protocol):
     @property
     def expected(self) -> ExpectedLike: ...
     def code(self) -> str: ...
+
+
+#: The check an example's :meth:`~ExampleLike.code` runs when executed (under
+#: ``if __name__ == '__main__':``, on the ``example`` it defines): its import and its call.
+#: ``qalgebra fuzz --compiled`` swaps both for the compiled check (``campaign.compiled_script``).
+SCRIPT_CHECK = (
+    "from qalgebra.testing.properties import check_example",
+    "print(check_example(example).report.summary())",
+)
 
 
 # --------------------------------------------------------------------------------------------
@@ -1605,12 +1615,12 @@ def graph_code(
             "if __name__ == '__main__':",
             "    from types import MappingProxyType",
             "",
-            "    from qalgebra.testing.properties import check_example",
+            f"    {SCRIPT_CHECK[0]}",
             "    from qalgebra.testing.strategies import Example, Expected, OutputBound",
             "",
             f"    expected = {expected!r}",
             f"    example = Example({family!r}, {form!r}, gm, inputs, expected)",
-            "    print(check_example(example).report.summary())  # raises on a failing property",
+            f"    {SCRIPT_CHECK[1]}  # raises on a failing property",
         ]
     else:
         lines += [
