@@ -3,8 +3,9 @@
 Two ways in, one pipeline:
 
 - ``torch.compile(model, backend="qalgebra")``: the dynamo backend :func:`backend`, registered
-  through the ``torch_dynamo_backends`` entry point (``options=`` are Inductor config patches,
-  ``mode=`` an Inductor mode); ``with recording() as reports:`` collects what it did.
+  through the ``torch_dynamo_backends`` entry point (``options=`` are Inductor config patches
+  but for :data:`COST_OPTION` and :data:`SELFCHECK_OPTION`, ``mode=`` an Inductor mode);
+  ``with recording() as reports:`` collects what it did.
 - ``compile(model, example_inputs, fusions=...)``: compiles at once (tracing with Inductor's
   freezing on) and returns a :class:`CompiledModule` whose ``reports`` say what fired.
 
